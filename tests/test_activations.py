@@ -5,6 +5,9 @@ in the schemas of pile-uncopyrighted and lmsys-chat-1m."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,3 +238,69 @@ def test_streaming_buffer_serves_distinct_fresh_tokens(world):
     for _ in range(5):
         next(it3)
     torch.testing.assert_close(next(it2), next(it3))
+
+
+# ---------------------------------------------------------------------------- sharded extraction
+_CRASHING_RANK = """
+import json, sys
+import torch.distributed as dist
+from crosscoder.activations import ModelPairConfig
+from crosscoder.cache import CacheConfig, build_activation_cache
+from crosscoder.textdata import DataConfig
+
+dist.init_process_group("gloo")
+blob = json.load(open(sys.argv[1]))
+# rank 1 dies after writing its first shard; torchrun then stops rank 0 too
+build_activation_cache(ModelPairConfig.from_dict(blob["pair"]), DataConfig.from_dict(blob["data"]),
+                       CacheConfig.from_dict(blob["cache"]), sys.argv[2], progress=False,
+                       _fail_after_shards=1 if dist.get_rank() == 1 else None)
+"""
+
+
+def _cli(*args: str, nproc: int = 0) -> list[str]:
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    return [sys.executable, *launch, *args]
+
+
+def _cache_files(root) -> dict[str, str]:
+    """sha256 of every file (shards, manifest, held-out sequences) of the one cache folder under root."""
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    return {p.name: ckpt.sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_two_rank_extraction_equals_one_rank_and_resumes_across_world_sizes(world, tmp_path):
+    dirs, data = world
+    p, d = _pair_cfg(dirs), _data_cfg(data)
+    # 6 train, 2 held-out and 1 norm shard: both ranks get shards of every split but norm
+    c = CacheConfig(n_train_sequences=48, n_heldout_sequences=16, n_norm_sequences=8, sequences_per_shard=8,
+                    forward_batch=8)
+    cfg = tmp_path / "extract.json"
+    cfg.write_text(json.dumps({"pair": p.to_dict(), "data": d.to_dict(), "cache": c.to_dict()}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def run(cmd):
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    extract = ("-m", "crosscoder.cli", "extract", "--configs", str(cfg), "--quiet", "--root")
+    one = run(_cli(*extract, str(tmp_path / "w1")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(_cli(*extract, str(tmp_path / "w2"), nproc=2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout.strip().splitlines()[-1])["world_size"] == 2
+    ref = _cache_files(tmp_path / "w1")
+    assert {n for n in ref if n.startswith("train-")} == {f"train-{i:05d}.safetensors" for i in range(6)}
+    assert _cache_files(tmp_path / "w2") == ref  # every shard and the manifest, byte for byte
+
+    # a 2-rank run dies (rank 1 after its first shard), a 1-rank run finishes it
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASHING_RANK)
+    crashed = run(_cli(str(script), str(cfg), str(tmp_path / "w3"), nproc=2))
+    assert crashed.returncode != 0
+    (folder,) = [q for q in (tmp_path / "w3").iterdir() if q.is_dir()]
+    assert (folder / ".progress-rank1.json").exists()
+    kept = folder / "train-00001.safetensors"  # rank 1's first shard, recorded only in its progress file
+    before = kept.stat().st_mtime_ns
+    again = run(_cli(*extract, str(tmp_path / "w3")))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert kept.stat().st_mtime_ns == before  # not re-extracted
+    assert _cache_files(tmp_path / "w3") == ref  # no progress file left, nothing lost or duplicated

@@ -48,7 +48,9 @@ class ModelPairConfig(_DictMixin):
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            # the current CUDA device: under torchrun each rank has set its own (cuda:LOCAL_RANK)
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
         return torch.device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:

@@ -12,6 +12,13 @@ Extraction is resumable: the manifest is rewritten atomically after every shard;
 the finished shards' checksums, keeps the good ones, and re-extracts missing, truncated or corrupted
 ones (the data stream is deterministic, so shard i always holds the same sequences). Readers verify
 checksums too and refuse a bad shard with one clear message.
+
+Under ``torch.distributed`` (``torchrun ... -m crosscoder.cli extract``) shard i of every split is
+extracted by rank ``i % world_size``: each rank runs the models on its own slice of the data and writes
+its own shards, recording them in ``.progress-rank<r>.json`` after each one; at the end of every split
+the ranks exchange their shard lists and rank 0 alone writes the merged ``manifest.json``. Every rank
+reads the (cheap, deterministic) token stream to find its slice, so the cache is byte-identical
+whatever the world size, and a run interrupted under one world size resumes under any other.
 """
 
 from __future__ import annotations
@@ -153,10 +160,15 @@ def build_activation_cache(
 ) -> ActivationCache:
     """Extract (or finish extracting, or just open) the cache for these configs under ``root``.
 
+    Inside a ``torch.distributed`` process group every rank must call it with the same arguments;
+    each extracts the shards ``i % world_size == rank`` (see the module docstring).
     ``_fail_after_shards`` simulates a crash for the resume tests.
     """
+    rank, world = _rank_world()
     folder = Path(root) / cache_key(pair_cfg, data_cfg, cache_cfg)
-    ckpt.ensure_writable_dir(folder)
+    if rank == 0:
+        ckpt.ensure_writable_dir(folder)
+    _barrier(world)  # the other ranks write into the folder rank 0 checked
     mpath = folder / "manifest.json"
     manifest: dict[str, Any] = json.loads(mpath.read_text()) if mpath.exists() else {}
     if manifest and all(manifest["splits"][s]["complete"] for s in SPLITS):
@@ -185,6 +197,11 @@ def build_activation_cache(
         }
     dtype = CACHE_DTYPES[cache_cfg.dtype]
     written = 0
+    # Shards finished by any earlier run, under any world size: the manifest plus the per-rank
+    # progress files of an interrupted distributed run (each entry is checked against its sha256).
+    earlier = _progress_entries(folder)
+    progress_path = folder / f".progress-rank{rank}.json"
+    mine_all: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for split in SPLITS:
         info = manifest["splits"][split]
         n_seq, sps = cache_cfg.n_sequences(split), cache_cfg.sequences_per_shard
@@ -194,9 +211,11 @@ def build_activation_cache(
         if split == "norm":
             for _ in range(cache_cfg.n_heldout_sequences):
                 next(stream, None)
-        known = {sh["file"]: sh for sh in info["shards"]}
-        shards, held_items = [], []
-        bar = tqdm(total=n_shards, desc=f"extract {split}", disable=not progress, unit="shard")
+        known = {sh["file"]: sh for sh in earlier.get(split, [])}
+        known.update({sh["file"]: sh for sh in info["shards"]})
+        mine, held_items = mine_all[split], []
+        n_mine = len(range(rank, n_shards, world))
+        bar = tqdm(total=n_mine, desc=f"extract {split}", disable=not progress or rank != 0, unit="shard")
         for i in range(n_shards):
             items = [x for _, x in zip(range(min(sps, n_seq - i * sps)), stream)]
             if not items:
@@ -204,9 +223,11 @@ def build_activation_cache(
                                   f"n_{split}_sequences or add data")
             if split == "heldout":
                 held_items += items
+            if i % world != rank:  # another rank's slice
+                continue
             name = f"{split}-{i:05d}.safetensors"
             if name in known and _verify(folder, known[name]):
-                shards.append(known[name])
+                mine.append(known[name])
                 bar.update(1)
                 continue
             rows: dict[str, list[Tensor]] = {"acts": [], "token": [], "seq": [], "pos": []}
@@ -218,27 +239,70 @@ def build_activation_cache(
                     rows[k].append(v)
             tensors = {k: torch.cat(v) for k, v in rows.items()}
             digest = _atomic_save(tensors, folder, name)
-            shards.append({"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
-                           "seq_start": i * sps, "seq_end": i * sps + len(items)})
-            redone = {sh["file"] for sh in shards}
-            info["shards"] = shards + [sh for sh in info["shards"] if sh["file"] not in redone]
-            ckpt.atomic_write_json(mpath, manifest)
+            mine.append({"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
+                         "seq_start": i * sps, "seq_end": i * sps + len(items)})
+            if world == 1:
+                redone = {sh["file"] for sh in mine}
+                info["shards"] = mine + [sh for sh in info["shards"] if sh["file"] not in redone]
+                ckpt.atomic_write_json(mpath, manifest)
+            else:  # only rank 0 writes the manifest; the others record their progress here
+                ckpt.atomic_write_json(progress_path, mine_all)
             written += 1
             bar.update(1)
             if _fail_after_shards is not None and written >= _fail_after_shards:
                 raise RuntimeError("simulated crash during extraction")
         bar.close()
+        shards = _gather_shards(mine, world)
         info["shards"] = shards
         info["n_tokens"] = sum(sh["n_tokens"] for sh in shards)
         info["n_sequences"] = n_seq
         info["complete"] = True
-        if split == "heldout":
+        if split == "heldout" and rank == 0:
             seqs = batch_sequences(held_items, pair.tokenizer.pad_token_id)
             manifest["files"]["heldout_sequences.safetensors"] = _atomic_save(
                 {"input_ids": seqs.input_ids_NT, "attention_mask": seqs.attention_mask_NT,
                  "is_chat": seqs.is_chat_N.to(torch.uint8)}, folder, "heldout_sequences.safetensors")
-        ckpt.atomic_write_json(mpath, manifest)
+        if rank == 0:
+            ckpt.atomic_write_json(mpath, manifest)
+    if rank == 0:
+        for p in folder.glob(".progress-rank*.json"):  # everything is in the manifest now
+            p.unlink()
+    _barrier(world)  # the other ranks open the manifest rank 0 has just written
     return ActivationCache(folder)
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _gather_shards(mine: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    """Every rank's shard entries of a split, merged in shard order."""
+    if world == 1:
+        return sorted(mine, key=lambda sh: sh["file"])
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return sorted((sh for part in parts for sh in part), key=lambda sh: sh["file"])
+
+
+def _progress_entries(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Shard entries recorded by the ranks of an interrupted distributed extraction."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for p in sorted(folder.glob(".progress-rank*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:  # written atomically, so only a foreign file lands here
+            continue
+        for split in SPLITS:
+            out[split] += rec.get(split, [])
+    return out
 
 
 def _atomic_save(tensors: dict[str, Tensor], folder: Path, name: str) -> str:

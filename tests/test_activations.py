@@ -240,6 +240,24 @@ def test_streaming_buffer_serves_distinct_fresh_tokens(world):
     torch.testing.assert_close(next(it2), next(it3))
 
 
+
+def test_streaming_buffer_ranks_take_disjoint_slices(world):
+    dirs, data = world
+    pair = load_pair(_pair_cfg(dirs))
+    served = []
+    for rank in (0, 1):
+        sb = StreamingBuffer(pair, _data_cfg(data), batch_size=64, buffer_tokens=128, forward_batch=8,
+                             track_ids=True, rank=rank, world=2)
+        it = sb.batches()
+        for _ in range(10):
+            assert next(it).shape == (32, 2, 32)  # each rank serves its half of the global batch
+        ids = torch.cat(sb.served_ids)
+        assert ((ids[:, 0] // 8) % 2 == rank).all()  # only its own forward batches of the stream
+        served.append({tuple(r) for r in ids.tolist()})
+    assert not served[0] & served[1]
+    with pytest.raises(ConfigError, match="split evenly"):
+        StreamingBuffer(pair, _data_cfg(data), batch_size=63, rank=0, world=2)
+
 # ---------------------------------------------------------------------------- sharded extraction
 _CRASHING_RANK = """
 import json, sys

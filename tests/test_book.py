@@ -329,3 +329,28 @@ def test_save_figure_writes_png_svg_and_sidecar_deterministically(tmp_path):
     with pytest.raises(ValueError, match="not finite"):
         plotting.save_figure(fig, tmp_path / "z", {"loss": float("nan")})
     plt.close(fig)
+
+
+def test_cli_profile_commands_name_the_notebooks_artifacts(smoke_book):
+    """`crosscoder.cli extract/train --profile` (the torchrun entry points of the Gemma profile)
+    resolve a run's parameters exactly as its notebook did: they find the notebook's cache and its
+    finished crosscoder instead of extracting or training again (2 ranks for the extraction)."""
+    project = smoke_book.project
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    caches = {p: p.stat().st_mtime_ns for p in (project / "cache" / "activations").glob("*/manifest.json")}
+    ex = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         "-m", "crosscoder.cli", "extract", "--profile", "smoke", "--quiet"],
+                        cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert ex.returncode == 0, ex.stderr[-3000:]
+    folder = Path(json.loads(ex.stdout.strip().splitlines()[-1])["cache"])
+    assert (project / folder / "manifest.json").resolve() in {p.resolve() for p in caches}
+    weights = project / "artifacts" / "smoke" / "l1" / "crosscoder" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    tr = subprocess.run([sys.executable, "-m", "crosscoder.cli", "train", "--profile", "smoke", "--run", "train_l1",
+                         "--quiet"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    out = json.loads(tr.stdout.strip().splitlines()[-1])
+    assert Path(out["model_dir"]) == Path("artifacts/smoke/l1/crosscoder")
+    assert out["resumed_from"] == 60  # the smoke profile's n_steps: found finished, not retrained
+    assert weights.stat().st_mtime_ns == before
+    assert {p: p.stat().st_mtime_ns for p in caches} == caches  # no cache rewritten

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from crosscoder.config import ConfigError, _DictMixin
+from crosscoder.config import ConfigError, _DictMixin, resolve_device
 from crosscoder.evaluation import decoder_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,11 +47,7 @@ class ModelPairConfig(_DictMixin):
             raise ConfigError(f"dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            # the current CUDA device: under torchrun each rank has set its own (cuda:LOCAL_RANK)
-            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-                else torch.device("cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

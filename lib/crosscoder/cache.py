@@ -23,8 +23,8 @@ whatever the world size, and a run interrupted under one world size resumes unde
 
 from __future__ import annotations
 
+import itertools
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -319,11 +319,22 @@ class StreamingBuffer:
     data stream (never recycling tokens; when the stream is exhausted it raises, or starts a new
     pass over the data if ``epochs`` allows), and serves shuffled batches. ``batches(start)``
     replays the stream deterministically, so a resumed run sees the same batches.
+
+    Data parallel (``rank``/``world``, by default those of the torch.distributed group): rank r runs
+    the models only on forward batches j with j % world == r, keeps its own buffer and serves its
+    share, ``batch_size / world`` rows per step, so the ranks together see ``batch_size`` fresh
+    tokens per step and never the same sequence.
     """
 
     def __init__(self, pair: ModelPair, data_cfg: DataConfig, batch_size: int, *, buffer_tokens: int = 65536,
                  forward_batch: int = 16, seed: int = 0, epochs: int = 1, track_ids: bool = False,
-                 layers: list[int] | None = None):
+                 layers: list[int] | None = None, rank: int | None = None, world: int | None = None):
+        if rank is None or world is None:
+            rank, world = _rank_world()
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ConfigError(f"batch_size {batch_size} must split evenly over world size {world} (rank {rank})")
+        self.rank, self.world = rank, world
+        batch_size //= world  # this rank's share of every global batch
         if buffer_tokens < 2 * batch_size:
             raise ConfigError("buffer_tokens must hold at least two batches")
         self.pair, self.data_cfg, self.batch_size = pair, data_cfg, batch_size
@@ -336,10 +347,13 @@ class StreamingBuffer:
         seq_base = 0
         for epoch in range(self.epochs):
             stream = iter_sequences(self.data_cfg, self.pair.tokenizer)
-            while True:
+            for j in itertools.count():
                 items = [x for _, x in zip(range(self.forward_batch), stream)]
                 if not items:
                     break
+                if j % self.world != self.rank:  # another rank's forward batch
+                    seq_base += len(items)
+                    continue
                 seqs = batch_sequences(items, self.pair.tokenizer.pad_token_id)
                 acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers).cpu()
                 r = _rows(seqs, acts, seq_base, torch.float32)
@@ -348,7 +362,7 @@ class StreamingBuffer:
         return
 
     def batches(self, start_step: int = 0) -> Iterator[Tensor]:
-        rng = torch.Generator().manual_seed(self.seed)
+        rng = torch.Generator().manual_seed(self.seed + 7919 * self.rank)
         rows = self._rows()
         buf_a: Tensor | None = None
         buf_i: Tensor | None = None

@@ -10,8 +10,10 @@ parameters, overridable with ``--set key=value``) and writes the cache the noteb
 are relative to the folder of runs.yaml. ``--configs`` takes a JSON file
 ``{"pair": ModelPairConfig, "data": DataConfig, "cache": CacheConfig}``. Rerunning resumes.
 
-Train a crosscoder, data parallel::
+Train a crosscoder, data parallel, either a training run of a profile (same configs, cache and output
+folder as its notebook, which then finds the finished run), or on an activations file::
 
+    torchrun --standalone --nproc_per_node 8 -m crosscoder.cli train --profile gemma-2-2b --run train_l1
     torchrun --nproc_per_node 2 -m crosscoder.cli train --run-config run.json \\
         --acts acts.safetensors --out runs/cc
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.config import ConfigError, RunConfig, resolve_device
 from crosscoder.model import Crosscoder
 from crosscoder.normalise import estimate_input_scale
 from crosscoder.train import TensorBatches, train
@@ -51,7 +53,43 @@ def _init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def cmd_train_profile(args: argparse.Namespace) -> int:
+    """The training run of a runs.yaml profile, data parallel: the same configs, cache and output
+    folder as its notebook, which then finds the finished run instead of training it."""
+    from crosscoder import pipeline
+
+    params = _profile_parameters(args)
+    for need in ("run_name", "artifacts_dir", "sparsity", "n_steps"):
+        if need not in params:
+            raise ConfigError(f"run {args.run!r} is not a training run (it has no {need!r} parameter)")
+    exp_cfg = _experiment(params)
+    rank, world = _init_distributed()
+    exp = _resolve_on_ranks(exp_cfg, rank, world, args.quiet)
+    pair = pipeline.model_pair(exp)
+    splits = pipeline.load_splits(pipeline.activation_cache(exp, pair=pair, progress=rank == 0 and not args.quiet))
+    keys = ("sparsity", "n_latents", "l1_coeff", "k", "n_steps", "batch_size", "lr", "seed")
+    cc_cfg, tcfg = pipeline.run_configs(splits.heldout.shape[-1], **{k: params[k] for k in keys if k in params})
+    out = f"{params['artifacts_dir']}/{params['run_name']}"
+    progress = rank == 0 and not args.quiet
+    if params.get("stream_training"):
+        res = pipeline.train_crosscoder_streaming(exp, pair, splits, cc_cfg, tcfg, out, progress=progress,
+                                                  device=args.device)
+    else:
+        res = pipeline.train_crosscoder(splits, cc_cfg, tcfg, out, progress=progress, device=args.device)
+    if rank == 0:
+        print(json.dumps({"model_dir": str(res.model_dir), "world_size": world,
+                          "resumed_from": res.resumed_from, "heldout": res.metrics.get("heldout", {})},
+                         default=str))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.profile:
+        return cmd_train_profile(args)
+    if not (args.run_config and args.acts and args.out):
+        raise ConfigError("train needs --profile, or all of --run-config, --acts and --out")
     run_cfg_path = Path(args.run_config)
     if not run_cfg_path.exists():
         raise ConfigError(f"--run-config {run_cfg_path} does not exist")
@@ -68,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = Crosscoder(run_cfg.model, generator=torch.Generator().manual_seed(run_cfg.train.seed))
     if norm is not None:
         model.input_scale_S.copy_(estimate_input_scale(norm))
+    model.to(resolve_device(args.device))  # NCCL all-reduces GPU tensors: one GPU per rank
     data = TensorBatches(tensors["train"], run_cfg.train.batch_size, seed=run_cfg.train.seed,
                          rank=rank, world=world)
     res = train(model, data, run_cfg.train, args.out, heldout_raw_NSD=heldout,
@@ -80,31 +119,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment_from_profile(args: argparse.Namespace):
-    """The ExperimentConfig of a runs.yaml profile's extraction run, with --set overrides."""
-    import dataclasses
-
+def _profile_parameters(args: argparse.Namespace) -> dict:
+    """All parameters of run ``args.run`` under ``args.profile`` (the notebook's defaults, then
+    runs.yaml, then --set overrides), type-checked like the runner does; then cd to runs.yaml's
+    folder, where the notebooks run, so relative paths (and cache keys) agree with theirs."""
     import yaml
 
-    from crosscoder.pipeline import ExperimentConfig
-    from crosscoder.runs import RunsConfigError, load_config
+    from crosscoder.runs import RunsConfigError, inspect_parameters, load_config, type_problem, validate
 
     try:
         runs = load_config(args.runs)
-        resolved = {r.name: r for r in runs.resolve(args.profile)}
+        resolved = {r.name: r for r in validate(runs, args.profile)}
+        if args.run not in resolved:
+            raise ConfigError(f"--run {args.run!r} is not a run of {args.runs} (runs: {sorted(resolved)})")
+        declared = inspect_parameters(resolved[args.run].notebook)
     except RunsConfigError as err:
         raise ConfigError(str(err)) from None
-    if args.run not in resolved:
-        raise ConfigError(f"--run {args.run!r} is not a run of {args.runs} (runs: {sorted(resolved)})")
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    params = {k: v for k, v in resolved[args.run].given.items() if k in names}
+    params = {name: p.default for name, p in declared.items()}
+    params.update(resolved[args.run].given)
     for item in args.set or []:
         key, sep, value = item.partition("=")
-        if not sep or key not in names:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
+        if not sep or key not in declared:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY a parameter of run "
+                              f"{args.run!r}: {sorted(declared)}")
         params[key] = yaml.safe_load(value)  # typed like runs.yaml: 100, 0.5, true, text
-    os.chdir(runs.root)  # the notebooks run there, so relative paths (and cache keys) agree
-    return ExperimentConfig.from_dict(params)
+        problem = type_problem(params[key], declared[key])
+        if problem:
+            raise ConfigError(f"--set {item!r}: {problem}")
+    os.chdir(runs.root)
+    return params
+
+
+def _experiment(params: dict):
+    import dataclasses
+
+    from crosscoder.pipeline import ExperimentConfig
+
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    return ExperimentConfig.from_dict({k: v for k, v in params.items() if k in names})
+
+
+def _resolve_on_ranks(exp_cfg, rank: int, world: int, quiet: bool):
+    """Rank 0 builds the organism (when the profile uses one) before the other ranks read it."""
+    from crosscoder.pipeline import resolve
+
+    exp = resolve(exp_cfg, progress=not quiet) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    return exp if exp is not None else resolve(exp_cfg, progress=False)
+
+
+def _add_profile_args(p: argparse.ArgumentParser, run: str | None) -> None:
+    p.add_argument("--runs", default="runs.yaml", help="runs.yaml for --profile (default ./runs.yaml)")
+    p.add_argument("--run", default=run, help=f"the run whose parameters to take (default {run})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter of that run")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -124,19 +192,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         pair_cfg, data_cfg = ModelPairConfig.from_dict(blob["pair"]), DataConfig.from_dict(blob["data"])
         cache_cfg, root, exp_cfg = CacheConfig.from_dict(blob["cache"]), args.root or "cache/activations", None
     else:
-        exp_cfg = _experiment_from_profile(args)
+        exp_cfg = _experiment(_profile_parameters(args))
         root = args.root or exp_cfg.cache_root
     rank, world = _init_distributed()
     if exp_cfg is not None:
-        from crosscoder.pipeline import resolve
-
-        # rank 0 builds the organism (when the profile uses one) before the others read it
-        if rank == 0:
-            exp = resolve(exp_cfg, progress=not args.quiet)
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            exp = resolve(exp_cfg, progress=False)
+        exp = _resolve_on_ranks(exp_cfg, rank, world, args.quiet)
         pair_cfg, data_cfg, cache_cfg = exp.pair_cfg, exp.data_cfg, exp.cache_cfg
     cache = build_activation_cache(pair_cfg, data_cfg, cache_cfg, root, progress=rank == 0 and not args.quiet)
     if rank == 0:
@@ -154,15 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--profile", help="take the experiment of this runs.yaml profile")
     src.add_argument("--configs", help="JSON {'pair': ..., 'data': ..., 'cache': ...}")
-    e.add_argument("--runs", default="runs.yaml", help="runs.yaml for --profile (default ./runs.yaml)")
-    e.add_argument("--run", default="models_and_activations", help="the run whose parameters to take")
-    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment parameter")
+    _add_profile_args(e, "models_and_activations")
     e.add_argument("--root", help="cache root (default: the experiment's cache_root, or cache/activations)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     t = sub.add_parser("train", help="train a crosscoder (data parallel under torchrun)")
-    t.add_argument("--run-config", required=True, help="JSON of RunConfig: {'model': {...}, 'train': {...}}")
-    t.add_argument("--acts", required=True, help="safetensors with 'train' [N,S,D] (+ 'heldout', 'norm')")
-    t.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    t.add_argument("--profile", help="train run --run of this runs.yaml profile, as its notebook would")
+    _add_profile_args(t, "train_l1")
+    t.add_argument("--run-config", help="JSON of RunConfig: {'model': {...}, 'train': {...}}")
+    t.add_argument("--acts", help="safetensors with 'train' [N,S,D] (+ 'heldout', 'norm')")
+    t.add_argument("--out", help="run folder (resumed if it holds a checkpoint)")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (this rank's GPU if any)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:

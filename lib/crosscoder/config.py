@@ -14,8 +14,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T", bound="_DictMixin")
 
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto": the current CUDA device when there is one (under torchrun each rank has set its own,
+    cuda:LOCAL_RANK), else the CPU; anything else as torch.device reads it."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    return torch.device(device)
 
 class ConfigError(ValueError):
     """A configuration or input is invalid. The message names the problem and the fix."""

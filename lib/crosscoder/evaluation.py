@@ -90,7 +90,8 @@ def ce_recovered(
         raise ValueError(f"got {len(lms)} language models for a {S}-source crosscoder")
     names = list(source_names or crosscoder.cfg.source_names)
     dev = next(lms[0].parameters()).device
-    sums = {n: {k: torch.zeros((), dtype=torch.float64) for k in
+    cc_dev = crosscoder.W_dec_FSD.device  # may differ from the LMs' (e.g. LMs on GPU, crosscoder on CPU)
+    sums = {n: {k: torch.zeros((), dtype=torch.float64, device=dev) for k in
                 ("clean", "splice", "zero", "mean", "kl_splice", "kl_zero", "n")} for n in names}
     was = crosscoder.training
     crosscoder.eval()
@@ -109,7 +110,7 @@ def ce_recovered(
         body = am.clone()
         body[:, 0] = False  # BOS (and padding) keep their clean residual
         x = acts_BTSD[body]  # [n, S, D] raw
-        recon = crosscoder.denormalise(crosscoder(crosscoder.normalise(x)).recon_BSD)
+        recon = crosscoder.denormalise(crosscoder(crosscoder.normalise(x.to(cc_dev))).recon_BSD).to(dev)
         for s, (lm, name) in enumerate(zip(lms, names)):
             base_resid = acts_BTSD[:, :, s]
             mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)

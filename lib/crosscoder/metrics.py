@@ -64,31 +64,30 @@ def evaluate(
     else:
         batches = acts_raw_NSD
     S, F = model.cfg.n_sources, model.cfg.n_latents
-    sse_S = torch.zeros(S, dtype=torch.float64)
-    sum_SD = torch.zeros(S, model.cfg.d_model, dtype=torch.float64)
-    sumsq_S = torch.zeros(S, dtype=torch.float64)
-    count_F = torch.zeros(F, dtype=torch.float64)
+    dev = model.W_dec_FSD.device  # held-out sets stay on the host; each batch goes to the model
+    sse_S = torch.zeros(S, dtype=torch.float64, device=dev)
+    sum_SD = torch.zeros(S, model.cfg.d_model, dtype=torch.float64, device=dev)
+    sumsq_S = torch.zeros(S, dtype=torch.float64, device=dev)
+    count_F = torch.zeros(F, dtype=torch.float64, device=dev)
     n = 0
-    active_total = 0.0
     if use_threshold is None and model.cfg.sparsity == "batchtopk":
         use_threshold = float(model.threshold) >= 0
     for raw in batches:
         model.check_input(raw)
-        x = model.normalise(raw.float())
+        x = model.normalise(raw.to(dev, non_blocking=True).float())
         recon, f = model(x, use_threshold=use_threshold)
         sse_S += (recon - x).double().pow(2).sum(dim=(0, 2))
         sum_SD += x.double().sum(0)
         sumsq_S += x.double().pow(2).sum(dim=(0, 2))
-        act = f > 0
-        count_F += act.sum(0).double()
-        active_total += float(act.sum())
+        count_F += (f > 0).sum(0).double()
         n += x.shape[0]
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got no activations; pass a non-empty held-out set")
+    active_total = float(count_F.sum())  # one host sync, not one per batch
     var_S = sumsq_S - sum_SD.pow(2).sum(-1) / n
     fvu = (sse_S / var_S).tolist()
-    freq_F = (count_F / n).float()
+    freq_F = (count_F / n).float().cpu()
     return EvalMetrics(
         n_tokens=n,
         l0=active_total / n,

@@ -15,7 +15,7 @@ import torch
 
 from crosscoder.activations import ModelPair, ModelPairConfig, load_pair
 from crosscoder.cache import ActivationCache, CacheConfig, build_activation_cache
-from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin
+from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin, resolve_device
 from crosscoder.model import Crosscoder
 from crosscoder.normalise import estimate_input_scale
 from crosscoder.textdata import DataConfig
@@ -120,17 +120,30 @@ def load_splits(cache: ActivationCache) -> Splits:
     return Splits(cache.load("train"), cache.load("heldout").float(), estimate_input_scale(norm))
 
 
+def run_configs(d_model: int, *, sparsity: str = "l1", n_latents: int = 2048, l1_coeff: float = 2.0,
+                k: int = 32, n_steps: int = 1500, batch_size: int = 1024, lr: float = 5e-4,
+                seed: int = 0) -> tuple[CrosscoderConfig, TrainConfig]:
+    """The crosscoder and training configs of a training run's flat parameters (the training
+    notebook and ``crosscoder.cli train --profile`` both use this, so they name the same run)."""
+    cc_cfg = CrosscoderConfig(d_model=d_model, n_latents=n_latents, sparsity=sparsity, k=k)
+    tcfg = TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, seed=seed,
+                       log_every=50, eval_every=max(1, n_steps // 10), checkpoint_every=max(1, n_steps // 4))
+    return cc_cfg, tcfg
+
+
 def train_crosscoder(splits: Splits, cc_cfg: CrosscoderConfig, tcfg: TrainConfig, out_dir: str | Path, *,
-                     progress: bool = True) -> TrainResult:
-    """Train (or load the finished / resume the interrupted) crosscoder on the cached splits."""
+                     progress: bool = True, device: str = "auto") -> TrainResult:
+    """Train (or load the finished / resume the interrupted) crosscoder on the cached splits, on
+    ``device`` ("auto": the GPU when there is one; the model stays there)."""
     model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
     model.input_scale_S.copy_(splits.scale_S)
+    model.to(resolve_device(device))
     return train(model, TensorBatches(splits.train, tcfg.batch_size, seed=tcfg.seed), tcfg, out_dir,
                  heldout_raw_NSD=splits.heldout, progress=progress)
 
 
 __all__ = ["ExperimentConfig", "Experiment", "resolve", "model_pair", "activation_cache", "load_splits",
-           "train_crosscoder", "train_many", "Splits"]
+           "run_configs", "train_crosscoder", "train_many", "Splits"]
 
 
 @torch.no_grad()
@@ -144,9 +157,9 @@ def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, 
     J = torch.arange(model.cfg.n_latents) if latents is None else torch.as_tensor(latents, dtype=torch.long)
     for i in range(0, input_ids_NT.shape[0], batch):
         ids, am = input_ids_NT[i : i + batch], attention_mask_NT[i : i + batch].long()
-        acts = extract_pair(pair, ids, am).float().cpu()  # [B, T, S, D]
+        acts = extract_pair(pair, ids, am).float().to(model.W_dec_FSD.device)  # [B, T, S, D]
         B, T = ids.shape
-        f = model.encode(model.normalise(acts.reshape(B * T, *acts.shape[2:])))[:, J].view(B, T, -1)
+        f = model.encode(model.normalise(acts.reshape(B * T, *acts.shape[2:])))[:, J].view(B, T, -1).cpu()
         body = am.bool().clone()
         body[:, 0] = False
         out.append(f * body[..., None])
@@ -191,13 +204,14 @@ def ground_truth_table(f_NTJ: torch.Tensor, eval_set, latents: torch.Tensor, beh
 
 def train_crosscoder_streaming(exp: Experiment, pair: ModelPair, splits: Splits, cc_cfg: CrosscoderConfig,
                                tcfg: TrainConfig, out_dir: str | Path, *, buffer_tokens: int = 1 << 20,
-                               progress: bool = True) -> TrainResult:
+                               progress: bool = True, device: str = "auto") -> TrainResult:
     """Train on activations extracted on the fly from fresh sequences (the Gemma-scale path: the
     cache holds only the held-out and norm splits). Resume replays the stream deterministically."""
     from crosscoder.cache import StreamingBuffer
 
     model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
     model.input_scale_S.copy_(splits.scale_S)
+    model.to(resolve_device(device))
     data = StreamingBuffer(pair, exp.data_cfg, tcfg.batch_size, buffer_tokens=max(buffer_tokens, 4 * tcfg.batch_size),
                            forward_batch=exp.cache_cfg.forward_batch, seed=tcfg.seed)
     return train(model, data, tcfg, out_dir, heldout_raw_NSD=splits.heldout, progress=progress)

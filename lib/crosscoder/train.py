@@ -42,9 +42,13 @@ class TensorBatches:
     The permutation of epoch e depends only on (seed, e), so any step can be produced directly.
     With ``world > 1`` (data parallel), rank r yields only its contiguous 1/world slice of each
     global batch of ``batch_size`` tokens, so the ranks together see exactly the 1-rank batches.
+    ``rank``/``world`` default to those of the torch.distributed group (0 and 1 without one).
     """
 
-    def __init__(self, acts_NSD: Tensor, batch_size: int, seed: int = 0, *, rank: int = 0, world: int = 1):
+    def __init__(self, acts_NSD: Tensor, batch_size: int, seed: int = 0, *, rank: int | None = None,
+                 world: int | None = None):
+        if rank is None or world is None:
+            rank, world = _world()
         if acts_NSD.ndim != 3:
             raise ConfigError(f"acts must be [N, S, D], got shape {tuple(acts_NSD.shape)}")
         if acts_NSD.shape[0] < batch_size:
@@ -154,7 +158,9 @@ def load_checkpoint(run_dir: Path, model, opt, run_cfg: RunConfig) -> tuple[int,
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     params = dict(model.named_parameters())
     for name, p in params.items():
-        entry = {k.split(".")[-1]: v for k, v in state.items() if k.startswith(f"optim.{name}.")}
+        # Adam keeps "step" on the host and its moments beside the parameter
+        entry = {k.split(".")[-1]: v if k.endswith(".step") else v.to(p.device)
+                 for k, v in state.items() if k.startswith(f"optim.{name}.")}
         if entry:
             opt.state[p] = entry
     torch.set_rng_state(state["rng.torch"])
@@ -246,6 +252,9 @@ class Trainer:
             self.step_idx = tcfg.n_steps
             return
         self.params = list(model.parameters())
+        # Train where the model is (a GPU under torchrun/NCCL: cuda:LOCAL_RANK); batches come from
+        # the host and are moved per step, accumulators live beside the weights (no per-step sync).
+        self.device = model.W_dec_FSD.device
         self.opt = torch.optim.Adam(self.params, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
         self.acc = {
             "loss": torch.zeros((), dtype=torch.float64),
@@ -263,6 +272,7 @@ class Trainer:
             _truncate_log(self.log_path, self.start)
         elif self.log_path.exists():
             self.log_path.unlink()
+        self.acc = {k: v.to(self.device) for k, v in self.acc.items()}
         self.step_idx = self.start
         self.t0 = time.perf_counter()
 
@@ -287,7 +297,7 @@ class Trainer:
                     f"the data yields batches of {raw.shape[0]} tokens but TrainConfig.batch_size "
                     f"is {tcfg.batch_size} over {self.world} rank(s); make them agree"
                 )
-        x = model.normalise(raw.float())
+        x = model.normalise(raw.to(self.device, non_blocking=True).float())
         acc["nonfinite"] += (~torch.isfinite(x)).any()
         for g in self.opt.param_groups:
             g["lr"] = tcfg.lr_at(step)

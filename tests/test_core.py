@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from crosscoder import checkpoint as ckpt
 from crosscoder.config import ConfigError, CrosscoderConfig, RunConfig, TrainConfig
 from crosscoder.formats import load_dictionary_learning, load_kissane
-from crosscoder.kernels import select_batch_topk, training_step
+from crosscoder.kernels import auxk_loss, select_batch_topk, training_step
 from crosscoder.metrics import classify_latents, diff_geometry, evaluate
 from crosscoder.model import Crosscoder
 from crosscoder.normalise import estimate_input_scale
@@ -97,6 +97,69 @@ def test_batch_topk_keeps_exactly_k_times_batch():
     per_token = (f > 0).sum(1)
     assert per_token.min() != per_token.max()
 
+
+
+def naive_auxk(m: Crosscoder, x_BSD, residual_BSD, dead_F, k_aux):
+    """AuxK written per token: the k_aux largest ReLU pre-activations among dead latents decode
+    (no bias) the residual; squared error averaged over tokens, over the residual's variance."""
+    dead = [i for i in range(m.cfg.n_latents) if dead_F[i]]
+    sq = []
+    for b in range(x_BSD.shape[0]):
+        pre = [torch.relu((x_BSD[b] * m.W_enc_SDF[:, :, i]).sum() + m.b_enc_F[i]) for i in dead]
+        order = sorted(range(len(dead)), key=lambda j: -float(pre[j].detach()))[:k_aux]
+        e_hat = sum(pre[j] * m.W_dec_FSD[dead[j]] for j in order)
+        sq.append((residual_BSD[b] - e_hat).pow(2).sum())
+    e = residual_BSD.reshape(x_BSD.shape[0], -1)
+    return torch.stack(sq).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
+
+
+def test_auxk_matches_naive_loop_and_trains_only_dead_latents():
+    m = _model("batchtopk", F=40, k=4)
+    x = torch.randn(24, 2, 12) * 2
+    dead_F = torch.zeros(40, dtype=torch.bool)
+    dead_F[torch.randperm(40, generator=torch.Generator().manual_seed(1))[:15]] = True
+    residual = torch.randn(24, 2, 12)
+    for k_aux in (3, 15, 50):  # k_aux above the number of dead latents uses them all
+        got = auxk_loss(m, x, residual, dead_F, k_aux)
+        grads = torch.autograd.grad(got, [m.W_enc_SDF, m.b_enc_F, m.W_dec_FSD])
+        ref = naive_auxk(m, x, residual, dead_F, k_aux)
+        ref_grads = torch.autograd.grad(ref, [m.W_enc_SDF, m.b_enc_F, m.W_dec_FSD])
+        torch.testing.assert_close(got, ref)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+        assert grads[0][:, :, ~dead_F].abs().max() == 0 and grads[2][~dead_F].abs().max() == 0
+    assert float(auxk_loss(m, x, residual, torch.zeros(40, dtype=torch.bool), 6)) == 0.0
+    # in the step: no dead latents -> the plain BatchTopK loss; some -> plus alpha * AuxK
+    plain = training_step(m, x, 0.0)
+    none_dead = training_step(m, x, 0.0, dead_F=torch.zeros(40, dtype=torch.bool), auxk_alpha=0.5)
+    assert torch.equal(plain.loss, none_dead.loss)
+    with_aux = training_step(m, x, 0.0, dead_F=dead_F, k_aux=5, auxk_alpha=0.5)
+    recon = m.decode(m.encode(x, use_threshold=False))
+    torch.testing.assert_close(with_aux.aux_loss, naive_auxk(m, x, (x - recon).detach(), dead_F, 5).detach())
+    torch.testing.assert_close(with_aux.loss, plain.loss + 0.5 * with_aux.aux_loss)
+
+
+def test_auxk_revives_dead_latents(tmp_path):
+    """Half the latents of a BatchTopK crosscoder start with encoder columns 100x too small: their
+    positive scores never reach the batch top-k, so the main loss never trains them. AuxK is the
+    only gradient they get, and it brings them back."""
+    sc = SyntheticConfig(d_model=16, n_shared=24, n_base_only=4, n_chat_only=4)
+    acts, ho = sample(sc, 16384).acts_NSD, sample(sc, 2048, seed_offset=1).acts_NSD
+    dead_frac, fvu = {}, {}
+    for alpha in (0.0, 0.25):
+        m = Crosscoder(CrosscoderConfig(d_model=16, n_latents=64, sparsity="batchtopk", k=4),
+                       generator=torch.Generator().manual_seed(0))
+        m.input_scale_S.copy_(estimate_input_scale(ho))
+        with torch.no_grad():
+            m.W_enc_SDF[:, :, 32:] *= 0.01  # half the dictionary starts out-competed
+        tc = TrainConfig(n_steps=300, batch_size=256, lr=5e-3, log_every=50, eval_every=300,
+                         auxk_alpha=alpha, auxk_dead_tokens=1024)
+        res = train(m, TensorBatches(acts, 256), tc, tmp_path / f"a{alpha}", heldout_raw_NSD=ho, progress=False)
+        dead_frac[alpha] = res.metrics["heldout"]["dead_frac"]
+        fvu[alpha] = res.metrics["heldout"]["fvu_base"]
+    assert dead_frac[0.0] >= 0.5, dead_frac  # without AuxK nothing moves them
+    assert dead_frac[0.25] <= 0.35, dead_frac
+    assert fvu[0.25] <= fvu[0.0] * 1.1, fvu  # and reviving them costs no reconstruction
 
 def test_fast_selection_equals_topk():
     g = torch.Generator().manual_seed(3)
@@ -298,9 +361,11 @@ def test_resume_is_bit_identical(tmp_path, sparsity):
     sc = SyntheticConfig(d_model=16, n_shared=20, n_base_only=4, n_chat_only=4)
     acts = sample(sc, 8192).acts_NSD
     ho = sample(sc, 1024, seed_offset=1).acts_NSD
-    cfg = CrosscoderConfig(d_model=16, n_latents=48, sparsity=sparsity, k=3)
+    # BatchTopK: enough latents that some go dead, and a short AuxK dead window, so the resumed
+    # run must restore each latent's tokens-since-fired
+    cfg = CrosscoderConfig(d_model=16, n_latents=96 if sparsity == "batchtopk" else 48, sparsity=sparsity, k=3)
     tc = TrainConfig(n_steps=40, batch_size=256, lr=3e-3, l1_coeff=0.5, log_every=5,
-                     checkpoint_every=10, eval_every=20)
+                     checkpoint_every=10, eval_every=20, auxk_dead_tokens=512)
 
     def fresh():
         m = Crosscoder(cfg, generator=torch.Generator().manual_seed(0))
@@ -319,6 +384,9 @@ def test_resume_is_bit_identical(tmp_path, sparsity):
     log_ref = (tmp_path / "ref" / "log.jsonl").read_text()
     log_run = (tmp_path / "run" / "log.jsonl").read_text()
     assert log_ref == log_run
+    if sparsity == "batchtopk":  # the AuxK term was live across the resume point
+        recs = [json.loads(line) for line in log_ref.splitlines() if '"train"' in line]
+        assert any(r["dead_latents"] > 0 and r["aux_loss"] > 0 for r in recs if r["step"] > 20)
     # a finished run is returned from disk, not retrained
     again = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "run", heldout_raw_NSD=ho, progress=False)
     assert again.resumed_from == tc.n_steps

@@ -67,7 +67,8 @@ def cmd_train_profile(args: argparse.Namespace) -> int:
     exp = _resolve_on_ranks(exp_cfg, rank, world, args.quiet)
     pair = pipeline.model_pair(exp)
     splits = pipeline.load_splits(pipeline.activation_cache(exp, pair=pair, progress=rank == 0 and not args.quiet))
-    keys = ("sparsity", "n_latents", "l1_coeff", "k", "n_steps", "batch_size", "lr", "seed")
+    keys = ("sparsity", "n_latents", "l1_coeff", "k", "n_steps", "batch_size", "lr", "seed", "auxk_alpha",
+            "auxk_dead_tokens")
     cc_cfg, tcfg = pipeline.run_configs(splits.heldout.shape[-1], **{k: params[k] for k in keys if k in params})
     out = f"{params['artifacts_dir']}/{params['run_name']}"
     progress = rank == 0 and not args.quiet

@@ -155,6 +155,13 @@ class TrainConfig(_DictMixin):
     """Max global gradient norm (0 disables clipping)."""
     threshold_momentum: float = 0.99
     """BatchTopK: EMA momentum of the inference threshold (min selected score per batch)."""
+    auxk_alpha: float = 1 / 32
+    """BatchTopK: weight of the AuxK loss that lets dead latents reconstruct the residual error
+    (Gao et al. 2024; 1/32 as in dictionary_learning's BatchTopK trainers); 0 disables it."""
+    auxk_dead_tokens: int = 10_000_000
+    """BatchTopK: a latent inactive for this many training tokens is dead and enters the AuxK loss."""
+    auxk_k: int = 0
+    """BatchTopK: dead latents per token in the AuxK reconstruction (0 = d_model // 2, Gao et al.)."""
     eval_every: int = 200
     """Evaluate on held-out activations every N steps (and at the end)."""
     log_every: int = 50
@@ -177,6 +184,9 @@ class TrainConfig(_DictMixin):
         _check_float("l1_warmup_frac", self.l1_warmup_frac, 0.0, 1.0)
         _check_float("grad_clip", self.grad_clip, 0.0)
         _check_float("threshold_momentum", self.threshold_momentum, 0.0, 1.0)
+        _check_float("auxk_alpha", self.auxk_alpha, 0.0)
+        _check_int("auxk_dead_tokens", self.auxk_dead_tokens, 1)
+        _check_int("auxk_k", self.auxk_k, 0)
         _check_int("eval_every", self.eval_every, 1)
         _check_int("log_every", self.log_every, 1)
         _check_int("checkpoint_every", self.checkpoint_every, 0)

@@ -39,6 +39,8 @@ class StepLoss(NamedTuple):
     """BatchTopK: smallest selected ranking score in the batch (for the inference threshold)."""
     n_active_F: Tensor
     """How many tokens of the batch activated each latent (int64 [F])."""
+    aux_loss: Tensor
+    """BatchTopK: the AuxK loss before its weight (0 without dead latents, and for L1)."""
 
 
 class _FusedL1(torch.autograd.Function):
@@ -85,7 +87,8 @@ def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float) -> StepLoss:
     active_BF = f_BF > 0
     n_active_F = active_BF.sum(0)
     l0 = n_active_F.sum() / B
-    return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, l0.new_zeros(()), n_active_F)
+    zero = l0.new_zeros(())
+    return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, zero, n_active_F, zero)
 
 
 def select_batch_topk(score_BF: Tensor, n_keep: int) -> Tensor:
@@ -180,8 +183,31 @@ class _SparseEncode(torch.autograd.Function):
         return dW_enc_FK.t(), db_enc, None, None, None
 
 
-def batchtopk_step(model: Crosscoder, x_BSD: Tensor) -> StepLoss:
-    """Loss of a BatchTopK crosscoder on a batch, decoding only the k*B active latents."""
+def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int) -> Tensor:
+    """Gao et al. (2024)'s AuxK loss: each token's ``k_aux`` largest ReLU pre-activations among the
+    dead latents, decoded without the decoder bias, should reconstruct the main reconstruction's
+    (detached) residual error; the squared error is normalised by the residual's variance, so the
+    weight means the same at any scale. Gradients reach only the dead latents' parameters.
+    """
+    B = x_BSD.shape[0]
+    F, K = model.cfg.n_latents, model.cfg.n_sources * model.cfg.d_model
+    dead_J = dead_F.nonzero().squeeze(1)
+    if dead_J.numel() == 0:
+        return x_BSD.new_zeros(())
+    pre_BJ = torch.addmm(model.b_enc_F[dead_J], x_BSD.reshape(B, K),
+                         model.W_enc_SDF.view(K, F)[:, dead_J]).relu()
+    vals_Bk, idx_Bk = pre_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
+    z_BJ = torch.zeros_like(pre_BJ).scatter(1, idx_Bk, vals_Bk)
+    e_BK = residual_BSD.reshape(B, K).detach()
+    err_BK = z_BJ @ model.W_dec_FSD.view(F, K)[dead_J] - e_BK
+    var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()
+    return (err_BK.pow(2).sum(-1).mean() / var).nan_to_num(0.0)
+
+
+def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = None, k_aux: int = 0,
+                   auxk_alpha: float = 0.0) -> StepLoss:
+    """Loss of a BatchTopK crosscoder on a batch, decoding only the k*B active latents; with
+    ``dead_F`` and ``auxk_alpha`` > 0, plus ``auxk_alpha`` times the AuxK loss of those latents."""
     B = x_BSD.shape[0]
     cfg = model.cfg
     K, F = cfg.n_sources * cfg.d_model, cfg.n_latents
@@ -218,11 +244,16 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor) -> StepLoss:
     diff = recon_BK - x_BK
     recon = diff.pow(2).sum() / B
     l0 = x_BK.new_tensor(float(col_N.numel())) / B
-    return StepLoss(recon, recon.detach(), recon.new_zeros(()), l0, min_score, n_active_F)
+    loss, aux = recon, recon.new_zeros(())
+    if dead_F is not None and auxk_alpha > 0:
+        aux = auxk_loss(model, x_BSD, -diff, dead_F, k_aux or cfg.d_model // 2)
+        loss = recon + auxk_alpha * aux
+    return StepLoss(loss, recon.detach(), recon.new_zeros(()), l0, min_score, n_active_F, aux.detach())
 
 
-def training_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float) -> StepLoss:
-    """Dispatch to the fused kernel of the model's sparsity type."""
+def training_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, dead_F: Tensor | None = None,
+                  k_aux: int = 0, auxk_alpha: float = 0.0) -> StepLoss:
+    """Dispatch to the fused kernel of the model's sparsity type (the AuxK terms: BatchTopK only)."""
     if model.cfg.sparsity == "l1":
         return l1_step(model, x_BSD, l1_coeff)
-    return batchtopk_step(model, x_BSD)
+    return batchtopk_step(model, x_BSD, dead_F=dead_F, k_aux=k_aux, auxk_alpha=auxk_alpha)

@@ -122,12 +122,13 @@ def load_splits(cache: ActivationCache) -> Splits:
 
 def run_configs(d_model: int, *, sparsity: str = "l1", n_latents: int = 2048, l1_coeff: float = 2.0,
                 k: int = 32, n_steps: int = 1500, batch_size: int = 1024, lr: float = 5e-4,
-                seed: int = 0) -> tuple[CrosscoderConfig, TrainConfig]:
+                seed: int = 0, auxk_alpha: float = 1 / 32,
+                auxk_dead_tokens: int = 10_000_000) -> tuple[CrosscoderConfig, TrainConfig]:
     """The crosscoder and training configs of a training run's flat parameters (the training
     notebook and ``crosscoder.cli train --profile`` both use this, so they name the same run)."""
     cc_cfg = CrosscoderConfig(d_model=d_model, n_latents=n_latents, sparsity=sparsity, k=k)
     tcfg = TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, seed=seed,
-                       log_every=50, eval_every=max(1, n_steps // 10), checkpoint_every=max(1, n_steps // 4))
+                       auxk_alpha=auxk_alpha, auxk_dead_tokens=auxk_dead_tokens, log_every=50, eval_every=max(1, n_steps // 10), checkpoint_every=max(1, n_steps // 4))
     return cc_cfg, tcfg
 
 

@@ -264,6 +264,9 @@ class Trainer:
             "n": torch.zeros((), dtype=torch.int64),
             "nonfinite": torch.zeros((), dtype=torch.int64),
             "active_F": torch.zeros(model.cfg.n_latents, dtype=torch.int64),
+            "aux": torch.zeros((), dtype=torch.float64),
+            # training tokens since each latent last fired (AuxK's dead set; checkpointed)
+            "since_fired_F": torch.zeros(model.cfg.n_latents, dtype=torch.int64),
         }
         self.start = 0
         self.log_path = self.run_dir / LOG
@@ -301,7 +304,10 @@ class Trainer:
         acc["nonfinite"] += (~torch.isfinite(x)).any()
         for g in self.opt.param_groups:
             g["lr"] = tcfg.lr_at(step)
-        out = training_step(model, x, tcfg.l1_coeff_at(step))
+        use_aux = model.cfg.sparsity == "batchtopk" and tcfg.auxk_alpha > 0
+        dead_F = acc["since_fired_F"] >= tcfg.auxk_dead_tokens if use_aux else None
+        out = training_step(model, x, tcfg.l1_coeff_at(step), dead_F=dead_F, k_aux=tcfg.auxk_k,
+                            auxk_alpha=tcfg.auxk_alpha)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         n_active_F, min_score = out.n_active_F, out.min_score
@@ -325,6 +331,9 @@ class Trainer:
         acc["l0"] += out.l0
         acc["n"] += 1
         acc["active_F"] += n_active_F
+        acc["aux"] += out.aux_loss
+        # n_active_F is the global batch's (summed over ranks), so every rank agrees on the dead set
+        acc["since_fired_F"].add_(tcfg.batch_size).masked_fill_(n_active_F > 0, 0)
         done = self.step_idx = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.n_steps:
             self._log_train(done, step)
@@ -340,7 +349,7 @@ class Trainer:
     def _log_train(self, done: int, step: int) -> None:
         acc, tcfg = self.acc, self.tcfg
         if self.world > 1:  # log the global-batch means
-            _all_reduce_([acc[k] for k in ("loss", "recon", "sparsity", "l0")])
+            _all_reduce_([acc[k] for k in ("loss", "recon", "sparsity", "l0", "aux")])
             _all_reduce_([acc["nonfinite"]], op="sum")
         n = int(acc["n"])  # the only host sync of the step, and only on logging steps
         if int(acc["nonfinite"]):
@@ -359,10 +368,13 @@ class Trainer:
             "l1_coeff": tcfg.l1_coeff_at(step),
             "dead_frac_so_far": float((acc["active_F"] == 0).double().mean()),
         }
+        if self.model.cfg.sparsity == "batchtopk":
+            rec["aux_loss"] = float(acc["aux"]) / n
+            rec["dead_latents"] = int((acc["since_fired_F"] >= tcfg.auxk_dead_tokens).sum())
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"training diverged at step {done}: loss {rec['loss']}")
         self._log(rec)
-        for k in ("loss", "recon", "sparsity", "l0"):
+        for k in ("loss", "recon", "sparsity", "l0", "aux"):
             acc[k].zero_()
         acc["n"].zero_()
 

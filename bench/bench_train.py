@@ -10,6 +10,8 @@ Rows:
 * fused L1: ``crosscoder.kernels.l1_step`` (what the trainer runs).
 * dense BatchTopK: autograd through a dense top-k mask and dense decode.
 * sparse BatchTopK: ``crosscoder.kernels.batchtopk_step`` (what the trainer runs).
+* sparse BatchTopK + AuxK: the same with half the latents dead, so the AuxK loss (a dense encode
+  and decode over the dead latents) runs too: what the trainer pays while latents are dead.
 Each step includes backward, grad-norm clipping and the Adam update.
 """
 
@@ -63,6 +65,8 @@ def bench_shape(d: int, F: int, B: int, k: int, reps: int = 3) -> list[dict]:
 
         return step
 
+    half_dead_F = torch.arange(F) % 2 == 1
+
     def dense_topk_loss(m, x_BSD):
         f = m.encode(x_BSD, use_threshold=False)
         return (m.decode(f) - x_BSD).pow(2).sum(dim=(1, 2)).mean()
@@ -72,6 +76,8 @@ def bench_shape(d: int, F: int, B: int, k: int, reps: int = 3) -> list[dict]:
         ("fused L1 (trainer)", make_step("l1", lambda m, x_: training_step(m, x_, 2.0).loss)),
         (f"dense BatchTopK k={k} (autograd)", make_step("batchtopk", dense_topk_loss)),
         (f"sparse BatchTopK k={k} (trainer)", make_step("batchtopk", lambda m, x_: training_step(m, x_, 0.0).loss)),
+        ("  + AuxK, half the latents dead", make_step("batchtopk", lambda m, x_: training_step(
+            m, x_, 0.0, dead_F=half_dead_F, auxk_alpha=1 / 32).loss)),
     ]
     for name, fn in variants:
         t = best_time(fn, 1, reps)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from crosscoder import checkpoint as ckpt
 from crosscoder.activations import ModelPair, ModelPairConfig, extract_pair, load_pair
-from crosscoder.config import ConfigError, _DictMixin
+from crosscoder.config import ConfigError, _DictMixin, rank_and_world, rank_share
 from crosscoder.textdata import DataConfig, Sequences, batch_sequences, iter_sequences
 
 SPLITS = ("train", "heldout", "norm")
@@ -164,7 +164,7 @@ def build_activation_cache(
     each extracts the shards ``i % world_size == rank`` (see the module docstring).
     ``_fail_after_shards`` simulates a crash for the resume tests.
     """
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     folder = Path(root) / cache_key(pair_cfg, data_cfg, cache_cfg)
     if rank == 0:
         ckpt.ensure_writable_dir(folder)
@@ -271,13 +271,6 @@ def build_activation_cache(
     return ActivationCache(folder)
 
 
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -329,12 +322,7 @@ class StreamingBuffer:
     def __init__(self, pair: ModelPair, data_cfg: DataConfig, batch_size: int, *, buffer_tokens: int = 65536,
                  forward_batch: int = 16, seed: int = 0, epochs: int = 1, track_ids: bool = False,
                  layers: list[int] | None = None, rank: int | None = None, world: int | None = None):
-        if rank is None or world is None:
-            rank, world = _rank_world()
-        if world < 1 or not 0 <= rank < world or batch_size % world:
-            raise ConfigError(f"batch_size {batch_size} must split evenly over world size {world} (rank {rank})")
-        self.rank, self.world = rank, world
-        batch_size //= world  # this rank's share of every global batch
+        self.rank, self.world, batch_size = rank_share(batch_size, rank, world)  # this rank's share
         if buffer_tokens < 2 * batch_size:
             raise ConfigError("buffer_tokens must hold at least two batches")
         self.pair, self.data_cfg, self.batch_size = pair, data_cfg, batch_size

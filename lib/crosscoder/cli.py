@@ -81,8 +81,6 @@ def cmd_train_profile(args: argparse.Namespace) -> int:
         print(json.dumps({"model_dir": str(res.model_dir), "world_size": world,
                           "resumed_from": res.resumed_from, "heldout": res.metrics.get("heldout", {})},
                          default=str))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -115,8 +113,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank == 0:
         print(json.dumps({"model_dir": str(res.model_dir), "world_size": world,
                           "heldout": res.metrics.get("heldout", {})}, default=str))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -203,8 +199,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if rank == 0:
         print(json.dumps({"cache": str(cache.folder), "world_size": world,
                           "tokens": {s: v["n_tokens"] for s, v in cache.manifest["splits"].items()}}))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -232,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # every command may have joined a process group (torchrun)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

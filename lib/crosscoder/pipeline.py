@@ -128,17 +128,23 @@ def run_configs(d_model: int, *, sparsity: str = "l1", n_latents: int = 2048, l1
     notebook and ``crosscoder.cli train --profile`` both use this, so they name the same run)."""
     cc_cfg = CrosscoderConfig(d_model=d_model, n_latents=n_latents, sparsity=sparsity, k=k)
     tcfg = TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, seed=seed,
-                       auxk_alpha=auxk_alpha, auxk_dead_tokens=auxk_dead_tokens, log_every=50, eval_every=max(1, n_steps // 10), checkpoint_every=max(1, n_steps // 4))
+                       auxk_alpha=auxk_alpha, auxk_dead_tokens=auxk_dead_tokens, log_every=50,
+                       eval_every=max(1, n_steps // 10), checkpoint_every=max(1, n_steps // 4))
     return cc_cfg, tcfg
+
+
+def _fresh_model(cc_cfg: CrosscoderConfig, tcfg: TrainConfig, splits: Splits, device: str) -> Crosscoder:
+    """The seeded initial crosscoder with the splits' normalisation factors, on ``device``."""
+    model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
+    model.input_scale_S.copy_(splits.scale_S)
+    return model.to(resolve_device(device))
 
 
 def train_crosscoder(splits: Splits, cc_cfg: CrosscoderConfig, tcfg: TrainConfig, out_dir: str | Path, *,
                      progress: bool = True, device: str = "auto") -> TrainResult:
     """Train (or load the finished / resume the interrupted) crosscoder on the cached splits, on
     ``device`` ("auto": the GPU when there is one; the model stays there)."""
-    model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
-    model.input_scale_S.copy_(splits.scale_S)
-    model.to(resolve_device(device))
+    model = _fresh_model(cc_cfg, tcfg, splits, device)
     return train(model, TensorBatches(splits.train, tcfg.batch_size, seed=tcfg.seed), tcfg, out_dir,
                  heldout_raw_NSD=splits.heldout, progress=progress)
 
@@ -210,9 +216,7 @@ def train_crosscoder_streaming(exp: Experiment, pair: ModelPair, splits: Splits,
     cache holds only the held-out and norm splits). Resume replays the stream deterministically."""
     from crosscoder.cache import StreamingBuffer
 
-    model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
-    model.input_scale_S.copy_(splits.scale_S)
-    model.to(resolve_device(device))
+    model = _fresh_model(cc_cfg, tcfg, splits, device)
     data = StreamingBuffer(pair, exp.data_cfg, tcfg.batch_size, buffer_tokens=max(buffer_tokens, 4 * tcfg.batch_size),
                            forward_batch=exp.cache_cfg.forward_batch, seed=tcfg.seed)
     return train(model, data, tcfg, out_dir, heldout_raw_NSD=splits.heldout, progress=progress)

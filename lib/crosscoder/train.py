@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from crosscoder import checkpoint as ckpt
-from crosscoder.config import ConfigError, RunConfig, TrainConfig
+from crosscoder.config import ConfigError, RunConfig, TrainConfig, rank_and_world, rank_share
 from crosscoder.kernels import training_step
 from crosscoder.metrics import classify_latents, class_counts, diff_geometry, evaluate
 from crosscoder.model import Crosscoder
@@ -47,8 +47,6 @@ class TensorBatches:
 
     def __init__(self, acts_NSD: Tensor, batch_size: int, seed: int = 0, *, rank: int | None = None,
                  world: int | None = None):
-        if rank is None or world is None:
-            rank, world = _world()
         if acts_NSD.ndim != 3:
             raise ConfigError(f"acts must be [N, S, D], got shape {tuple(acts_NSD.shape)}")
         if acts_NSD.shape[0] < batch_size:
@@ -56,15 +54,11 @@ class TensorBatches:
                 f"only {acts_NSD.shape[0]} activations for batch_size {batch_size}; "
                 f"extract more tokens or lower batch_size"
             )
-        if world < 1 or not 0 <= rank < world or batch_size % world:
-            raise ConfigError(
-                f"batch_size {batch_size} must split evenly over world size {world} (rank {rank})"
-            )
+        rank, world, local = rank_share(batch_size, rank, world)
         self.acts = acts_NSD
         self.batch_size = batch_size
         self.seed = seed
         self.per_epoch = acts_NSD.shape[0] // batch_size
-        local = batch_size // world
         self._slice = slice(rank * local, (rank + 1) * local)
 
     def _perm(self, epoch: int) -> Tensor:
@@ -95,13 +89,6 @@ class TrainResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- data parallel
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed process group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_(tensors: list[Tensor], op: str = "mean") -> None:
     """In-place all-reduce of a few tensors as one flat buffer (one collective per step)."""
     dist = torch.distributed
@@ -225,7 +212,7 @@ class Trainer:
         self.model, self.tcfg, self.heldout = model, tcfg, heldout_raw_NSD
         # Data parallel (torchrun): every rank holds the same weights and optimiser state, sees
         # batch_size / world tokens per step, and averages gradients; rank 0 alone writes files.
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world()
         if tcfg.batch_size % self.world:
             raise ConfigError(
                 f"batch_size {tcfg.batch_size} must be divisible by the world size {self.world}"

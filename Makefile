@@ -28,7 +28,7 @@ bench: $(STAMP)
 
 # Execute the papermill runs of PROFILE into the book's source tree, then render the book.
 runs: $(STAMP)
-	$(PY) -m crosscoder.runs --profile $(PROFILE)
+	$(PY) -m report --profile $(PROFILE)
 
 book: runs
 	$(VENV)/bin/jupyter-book build book --config _config.yml --path-output book --warningiserror --keep-going

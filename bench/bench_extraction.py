@@ -12,7 +12,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from bench._timing import best_time
-from crosscoder.activations import residual_after
+from crosscoder.data.pair import residual_after
 
 
 def run(quick: bool = False) -> list[dict]:

@@ -14,11 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from crosscoder import checkpoint as ckpt
-from crosscoder.activations import ModelPairConfig, load_pair, residual_after, residuals_at
-from crosscoder.cache import ActivationCache, CacheConfig, StreamingBuffer, build_activation_cache
+from crosscoder.data.pair import ModelPairConfig, load_pair, residual_after, residuals_at
+from crosscoder.data.buffer import StreamingBuffer
+from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache
 from crosscoder.config import ConfigError
 from crosscoder.organism.tokenizer import train_tokenizer
-from crosscoder.textdata import DataConfig, iter_sequences, render_chat, take_sequences
+from crosscoder.data.text import DataConfig, render_chat, take_sequences
 
 WORDS = ("the cat sat on a mat while the dog ran far away from home and the bird sang a song of "
          "light over hills rivers and seas where people live work and rest").split()
@@ -208,7 +209,7 @@ def test_cache_build_resume_and_corruption(world, tmp_path):
 
 
 def test_nan_activations_rejected(world, tmp_path, monkeypatch):
-    import crosscoder.cache as cache_mod
+    import crosscoder.data.cache as cache_mod
 
     p, d, c = _cache_cfgs(world)
     real = cache_mod.extract_pair
@@ -262,9 +263,9 @@ def test_streaming_buffer_ranks_take_disjoint_slices(world):
 _CRASHING_RANK = """
 import json, sys
 import torch.distributed as dist
-from crosscoder.activations import ModelPairConfig
-from crosscoder.cache import CacheConfig, build_activation_cache
-from crosscoder.textdata import DataConfig
+from crosscoder.data.pair import ModelPairConfig
+from crosscoder.data.cache import CacheConfig, build_activation_cache
+from crosscoder.data.text import DataConfig
 
 dist.init_process_group("gloo")
 blob = json.load(open(sys.argv[1]))

@@ -82,7 +82,7 @@ class SmokeBook(NamedTuple):
 @pytest.fixture(scope="session")
 def smoke_book(tmp_path_factory) -> SmokeBook:
     project = _copy_project(tmp_path_factory.mktemp("smoke_book"))
-    runs = _run([sys.executable, "-m", "crosscoder.runs", "--profile", "smoke"], cwd=project)
+    runs = _run([sys.executable, "-m", "report", "--profile", "smoke"], cwd=project)
     assert runs.returncode == 0, f"smoke runs failed:\n{runs.stdout}\n{runs.stderr}"
     build = _run(_build_cmd(project / "book", project / "_config.yml"), cwd=project)
     assert build.returncode == 0, f"book build failed (-W):\n{build.stdout[-4000:]}\n{build.stderr}"
@@ -199,7 +199,7 @@ def test_smoke_book_renders_every_run_with_its_profile(smoke_book):
         assert page.is_file(), f"run {run['name']} has no page in the built book"
         nb = nbformat.read(smoke_book.project / "book" / "_runs" / f"{run['name']}.ipynb", 4)
         assert nb.metadata["crosscoder_run"]["profile"] == "smoke"
-        assert "Executed by python -m crosscoder.runs --profile smoke" in _text(page)
+        assert "Executed by python -m report --profile smoke" in _text(page)
     repro = json.loads((smoke_book.project / "book" / "_runs" / "reproducibility.json").read_text())
     assert repro["profile"] == "smoke"
     assert {r["name"] for r in repro["runs"]} == {r["name"] for r in config["runs"]}
@@ -216,7 +216,7 @@ def test_smoke_book_renders_every_run_with_its_profile(smoke_book):
 
 
 def test_second_make_book_executes_nothing(smoke_book):
-    again = _run([sys.executable, "-m", "crosscoder.runs", "--profile", "smoke"],
+    again = _run([sys.executable, "-m", "report", "--profile", "smoke"],
                  cwd=smoke_book.project)
     assert again.returncode == 0, again.stderr
     assert "[run ]" not in again.stdout and "0 run(s) executed" in again.stdout
@@ -301,7 +301,7 @@ def test_save_figure_writes_png_svg_and_sidecar_deterministically(tmp_path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from crosscoder import plotting
+    from report import plotting
 
     plotting.set_style()
     params = {"n": np.int64(3), "lr": np.float32(0.5), "dims": (2, 3), "path": Path("a/b")}

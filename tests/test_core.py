@@ -14,9 +14,9 @@ from crosscoder import checkpoint as ckpt
 from crosscoder.config import ConfigError, CrosscoderConfig, RunConfig, TrainConfig
 from crosscoder.formats import load_dictionary_learning, load_kissane
 from crosscoder.kernels import auxk_loss, select_batch_topk, training_step
-from crosscoder.metrics import classify_latents, diff_geometry, evaluate
+from crosscoder.analysis.metrics import classify_latents, diff_geometry, evaluate
 from crosscoder.model import Crosscoder
-from crosscoder.normalise import estimate_input_scale
+from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.synthetic import SyntheticConfig, atom_recovery, sample
 from crosscoder.train import TensorBatches, train
 

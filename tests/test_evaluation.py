@@ -8,7 +8,8 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from crosscoder.config import CrosscoderConfig
-from crosscoder.evaluation import ce_recovered, residual_hook
+from crosscoder.analysis.ce import ce_recovered
+from crosscoder.data.pair import residual_hook
 from crosscoder.model import Crosscoder
 
 D, L = 16, 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from crosscoder.latents import context_html, latent_card_html, top_contexts
+from crosscoder.analysis.latents import context_html, latent_card_html, top_contexts
 
 
 def test_top_contexts_matches_naive_sort():

@@ -1,4 +1,4 @@
-"""crosscoder.runs: validation before execution, hash-based skipping, failure reporting, the
+"""The report build system (python -m report): validation before execution, hash-based skipping, failure reporting, the
 reproducibility record, and the conventions every notebook in notebooks/ must follow.
 
 Execution tests use a throw-away project in tmp_path with tiny notebooks that append their run name
@@ -17,7 +17,8 @@ import nbformat
 import pytest
 import yaml
 
-from crosscoder import runs
+import report
+from report.__main__ import main as run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -98,7 +99,7 @@ def _executions(root: Path) -> list[str]:
 
 
 def _main(root: Path, *args: str) -> int:
-    return runs.main(["--config", str(root / "runs.yaml"), *args])
+    return run_main(["--config", str(root / "runs.yaml"), *args])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +119,8 @@ def _main(root: Path, *args: str) -> int:
 ])
 def test_bad_parameter_fails_before_any_execution(project, capsys, override, expected):
     _edit_config(project, lambda c: c["profiles"]["base"].update(parameters=override))
-    with pytest.raises(runs.ParameterError, match=expected):
-        runs.plan(runs.load_config(project / "runs.yaml"), "base")
+    with pytest.raises(report.ParameterError, match=expected):
+        report.plan(report.load_config(project / "runs.yaml"), "base")
     assert _main(project, "--profile", "base") == 2
     assert re.search(expected, capsys.readouterr().err)
     assert _executions(project) == [] and not (project / "book" / "_runs" / "a.ipynb").exists()
@@ -128,7 +129,7 @@ def test_bad_parameter_fails_before_any_execution(project, capsys, override, exp
 def test_compatible_types_are_accepted(project):
     _edit_config(project, lambda c: c["profiles"]["base"].update(
         parameters={"a": {"rate": 2}, "b": {"maybe": None, "flag": True}}))
-    planned = runs.plan(runs.load_config(project / "runs.yaml"), "base")
+    planned = report.plan(report.load_config(project / "runs.yaml"), "base")
     assert planned[0].run.parameters == {"n": 2, "rate": 2, "profile": "base"}
     assert planned[1].run.parameters["output_dir"] == "book/_runs/b"
 
@@ -136,8 +137,8 @@ def test_compatible_types_are_accepted(project):
 def test_all_problems_are_reported_together(project):
     _edit_config(project, lambda c: c["profiles"]["base"].update(
         parameters={"a": {"nn": 1}, "c": {"x": 1}}))
-    with pytest.raises(runs.ParameterError) as err:
-        runs.plan(runs.load_config(project / "runs.yaml"), "base")
+    with pytest.raises(report.ParameterError) as err:
+        report.plan(report.load_config(project / "runs.yaml"), "base")
     assert "unknown parameter 'nn'" in str(err.value) and "unknown parameter 'x'" in str(err.value)
 
 
@@ -153,8 +154,8 @@ def test_all_problems_are_reported_together(project):
 ])
 def test_config_errors_name_the_problem(project, edit, expected):
     _edit_config(project, edit)
-    with pytest.raises(runs.RunsConfigError, match=expected):
-        runs.plan(runs.load_config(project / "runs.yaml"), "base")
+    with pytest.raises(report.RunsConfigError, match=expected):
+        report.plan(report.load_config(project / "runs.yaml"), "base")
 
 
 def test_unknown_profile_is_a_clear_error(project, capsys):
@@ -164,14 +165,14 @@ def test_unknown_profile_is_a_clear_error(project, capsys):
 
 @pytest.mark.parametrize("profile", ["smoke", "default", "gemma-2-2b"])
 def test_dry_run_validates_every_real_profile(profile, capsys):
-    assert runs.main(["--config", str(ROOT / "runs.yaml"), "--profile", profile, "--dry-run"]) == 0
+    assert run_main(["--config", str(ROOT / "runs.yaml"), "--profile", profile, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: parameters valid" in out
     assert f"profile={profile!r}" in out  # the profile is injected into the notebooks
 
 
 def test_gemma_profile_targets_the_published_setting():
-    config = runs.load_config(ROOT / "runs.yaml")
+    config = report.load_config(ROOT / "runs.yaml")
     target = config.profiles["gemma-2-2b"].target
     assert target["base_model"] == "google/gemma-2-2b"
     assert target["chat_model"] == "google/gemma-2-2b-it"
@@ -187,7 +188,7 @@ def test_gemma_profile_targets_the_published_setting():
 
 
 def _actions(root: Path, profile: str = "base", **kw) -> dict[str, str]:
-    planned = runs.plan(runs.load_config(root / "runs.yaml"), profile, **kw)
+    planned = report.plan(report.load_config(root / "runs.yaml"), profile, **kw)
     return {p.run.name: p.action for p in planned}
 
 
@@ -247,7 +248,7 @@ def test_only_runs_the_selection_and_its_stale_dependencies(project):
     assert _actions(project, only=["b"]) == {"a": "execute", "b": "execute", "c": "not-selected"}
     assert _main(project, "--profile", "base", "--only", "c") == 0
     assert _executions(project) == ["c"]
-    with pytest.raises(runs.RunsConfigError, match="--only 'zz': no such run"):
+    with pytest.raises(report.RunsConfigError, match="--only 'zz': no such run"):
         _actions(project, only=["zz"])
 
 
@@ -312,13 +313,13 @@ def test_reproducibility_record_and_page(project):
 
 
 def test_type_problem_reads_annotations():
-    p = runs.NotebookParameter
-    assert runs.type_problem(None, p("x", None, "Optional[str]", "")) is None
-    assert runs.type_problem("s", p("x", None, "str | None", "")) is None
-    assert runs.type_problem(3, p("x", None, "str | None", "")) is not None
-    assert runs.type_problem([1, 2], p("x", (1,), None, "")) is None
-    assert runs.type_problem({"a": 1}, p("x", {}, None, "")) is None
-    assert runs.type_problem(1.0, p("x", 1, "float", "")) is None  # annotation wins over default
+    p = report.NotebookParameter
+    assert report.type_problem(None, p("x", None, "Optional[str]", "")) is None
+    assert report.type_problem("s", p("x", None, "str | None", "")) is None
+    assert report.type_problem(3, p("x", None, "str | None", "")) is not None
+    assert report.type_problem([1, 2], p("x", (1,), None, "")) is None
+    assert report.type_problem({"a": 1}, p("x", {}, None, "")) is None
+    assert report.type_problem(1.0, p("x", 1, "float", "")) is None  # annotation wins over default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def test_notebook_is_stored_stripped_with_a_documented_parameters_cell(path):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, \
                 f"{path.name}: outputs are not stripped (clear them before committing)"
-    params = runs.inspect_parameters(path)  # exactly one tagged cell, literal defaults
+    params = report.inspect_parameters(path)  # exactly one tagged cell, literal defaults
     assert params, f"{path.name}: the parameters cell declares nothing"
     for p in params.values():
         assert p.help.strip(), f"{path.name}: parameter {p.name!r} has no comment"

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from crosscoder.atomic import write_json_atomic
 from crosscoder.config import ConfigError, CrosscoderConfig
 from crosscoder.model import Crosscoder
 
@@ -40,21 +41,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via a temp file in the same folder + os.replace (atomic on POSIX)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_folder_atomically(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
@@ -139,9 +125,9 @@ def save_crosscoder(
             "files": {WEIGHTS: digest},
             **({"extra": extra} if extra else {}),
         }
-        atomic_write_json(tmp / "config.json", cfg)
+        write_json_atomic(tmp / "config.json", cfg)
         if metrics is not None:
-            atomic_write_json(tmp / "metrics.json", metrics)
+            write_json_atomic(tmp / "metrics.json", metrics)
 
     return write_folder_atomically(path, fill)
 
@@ -151,7 +137,7 @@ def update_metrics(folder: str | os.PathLike, new: dict[str, Any]) -> dict[str, 
     path = Path(folder) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update(new)
-    atomic_write_json(path, metrics)
+    write_json_atomic(path, metrics)
     return metrics
 
 

@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from crosscoder.config import ConfigError, RunConfig, resolve_device
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.distributed import resolve_device
 from crosscoder.model import Crosscoder
-from crosscoder.normalise import estimate_input_scale
+from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.train import TensorBatches, train
 
 
@@ -56,7 +57,7 @@ def _init_distributed() -> tuple[int, int]:
 def cmd_train_profile(args: argparse.Namespace) -> int:
     """The training run of a runs.yaml profile, data parallel: the same configs, cache and output
     folder as its notebook, which then finds the finished run instead of training it."""
-    from crosscoder import pipeline
+    from crosscoder import experiment as pipeline
 
     params = _profile_parameters(args)
     for need in ("run_name", "artifacts_dir", "sparsity", "n_steps"):
@@ -122,7 +123,7 @@ def _profile_parameters(args: argparse.Namespace) -> dict:
     folder, where the notebooks run, so relative paths (and cache keys) agree with theirs."""
     import yaml
 
-    from crosscoder.runs import RunsConfigError, inspect_parameters, load_config, type_problem, validate
+    from report import RunsConfigError, inspect_parameters, load_config, type_problem, validate
 
     try:
         runs = load_config(args.runs)
@@ -150,7 +151,7 @@ def _profile_parameters(args: argparse.Namespace) -> dict:
 def _experiment(params: dict):
     import dataclasses
 
-    from crosscoder.pipeline import ExperimentConfig
+    from crosscoder.experiment import ExperimentConfig
 
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     return ExperimentConfig.from_dict({k: v for k, v in params.items() if k in names})
@@ -158,7 +159,7 @@ def _experiment(params: dict):
 
 def _resolve_on_ranks(exp_cfg, rank: int, world: int, quiet: bool):
     """Rank 0 builds the organism (when the profile uses one) before the other ranks read it."""
-    from crosscoder.pipeline import resolve
+    from crosscoder.experiment import resolve
 
     exp = resolve(exp_cfg, progress=not quiet) if rank == 0 else None
     if world > 1:
@@ -173,9 +174,9 @@ def _add_profile_args(p: argparse.ArgumentParser, run: str | None) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from crosscoder.activations import ModelPairConfig
-    from crosscoder.cache import CacheConfig, build_activation_cache
-    from crosscoder.textdata import DataConfig
+    from crosscoder.data.pair import ModelPairConfig
+    from crosscoder.data.cache import CacheConfig, build_activation_cache
+    from crosscoder.data.text import DataConfig
 
     # Validate everything before the process group and the models start.
     if args.configs:

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig
-from crosscoder.metrics import evaluate
+from crosscoder.analysis.metrics import evaluate
 from crosscoder.model import Crosscoder
-from crosscoder.normalise import estimate_input_scale
+from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.train import BatchSource, train_many
 
 

@@ -100,7 +100,7 @@ def atom_recovery(W_dec_FSD: Tensor, atoms_ASD: Tensor) -> tuple[Tensor, Tensor]
 def recovery_report(W_dec_FSD: Tensor, rel_norm_F: Tensor, data: SyntheticData) -> dict:
     """How well a trained crosscoder recovered the planted dictionary: mean / min best cosine per
     atom, and how often the best-matching latent's relative-norm bin equals the atom's kind."""
-    from crosscoder.metrics import classify_latents
+    from crosscoder.analysis.metrics import classify_latents
 
     best, idx = atom_recovery(W_dec_FSD.detach(), data.atoms_ASD)
     got = classify_latents(rel_norm_F[idx])

@@ -20,9 +20,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from crosscoder import checkpoint as ckpt
-from crosscoder.config import ConfigError, RunConfig, TrainConfig, rank_and_world, rank_share
+from crosscoder.atomic import write_json_atomic
+from crosscoder.config import ConfigError, RunConfig, TrainConfig
+from crosscoder.distributed import rank_and_world, rank_share
 from crosscoder.kernels import training_step
-from crosscoder.metrics import classify_latents, class_counts, diff_geometry, evaluate
+from crosscoder.analysis.metrics import classify_latents, class_counts, diff_geometry, evaluate
 from crosscoder.model import Crosscoder
 
 CHECKPOINT_DIR = "checkpoint"
@@ -124,7 +126,7 @@ def _train_state(model: Crosscoder, opt: torch.optim.Optimizer, acc: dict[str, T
 def save_checkpoint(run_dir: Path, model, opt, acc, step: int, run_cfg: RunConfig) -> None:
     def fill(tmp: Path) -> None:
         digest = ckpt.save_tensors_checked(_train_state(model, opt, acc), tmp, "state.safetensors")
-        ckpt.atomic_write_json(
+        write_json_atomic(
             tmp / "config.json",
             {"step": step, "run": run_cfg.to_dict(), "files": {"state.safetensors": digest}},
         )

@@ -12,13 +12,13 @@ CLI: ``python -m crosscoder.organism --preset default --root cache/organism``.
 
 from crosscoder.organism.build import OrganismPaths, build_organism, load_metrics, organism_dir
 from crosscoder.organism.config import (BehaviourConfig, CorpusConfig, EvalConfig, ModelConfig,
-                                        OrganismConfig, TokenizerConfig, TrainConfig,
+                                        OrganismConfig, TokenizerConfig, LMTrainConfig,
                                         default_config, preset, smoke_config)
 from crosscoder.organism.evaluate import LABEL_DESCRIPTIONS, EvalSet, load_eval_set
 
 __all__ = [
     "BehaviourConfig", "CorpusConfig", "EvalConfig", "EvalSet", "LABEL_DESCRIPTIONS",
-    "ModelConfig", "OrganismConfig", "OrganismPaths", "TokenizerConfig", "TrainConfig",
+    "ModelConfig", "OrganismConfig", "OrganismPaths", "TokenizerConfig", "LMTrainConfig",
     "build_organism", "default_config", "load_eval_set", "load_metrics", "organism_dir", "preset",
     "smoke_config",
 ]

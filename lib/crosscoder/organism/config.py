@@ -9,13 +9,12 @@ artifact format version and the corpus package version, so any change rebuilds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from crosscoder.config import ConfigError
+from crosscoder.config import ConfigError, config_hash
 from crosscoder.config import _check_float as _float
 from crosscoder.config import _check_int as _int
 
@@ -89,7 +88,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class LMTrainConfig:
     """One plain-torch AdamW run (linear warm-up, cosine decay to ``final_lr_fraction``)."""
 
     tokens: int = 2_500_000
@@ -272,10 +271,10 @@ class OrganismConfig:
     """BPE vocabulary."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Shape shared by base and chat."""
-    base_train: TrainConfig = field(default_factory=TrainConfig)
+    base_train: LMTrainConfig = field(default_factory=LMTrainConfig)
     """Pre-training of the base model on corpus text."""
-    chat_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(tokens=1_000_000, lr=3e-3, warmup_fraction=0.05))
+    chat_train: LMTrainConfig = field(
+        default_factory=lambda: LMTrainConfig(tokens=1_000_000, lr=3e-3, warmup_fraction=0.05))
     """Fine-tuning of the chat model from the base weights (conversations + corpus text)."""
     behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     """Chat data and planted behaviours."""
@@ -301,9 +300,8 @@ class OrganismConfig:
 
     def config_hash(self, corpus_version: str = "") -> str:
         """12 hex digits over every field, FORMAT_VERSION and the corpus package version."""
-        payload = json.dumps({"config": self.to_dict(), "format": FORMAT_VERSION,
-                              "corpus_version": corpus_version}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return config_hash({"config": self.to_dict(), "format": FORMAT_VERSION,
+                            "corpus_version": corpus_version})
 
 
 def _from_dict(cls: type, d: Any) -> Any:
@@ -315,7 +313,7 @@ def _from_dict(cls: type, d: Any) -> Any:
         raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(fields)}")
     kwargs = {}
     nested = {"corpus": CorpusConfig, "tokenizer": TokenizerConfig, "model": ModelConfig,
-              "base_train": TrainConfig, "chat_train": TrainConfig, "behaviour": BehaviourConfig,
+              "base_train": LMTrainConfig, "chat_train": LMTrainConfig, "behaviour": BehaviourConfig,
               "eval": EvalConfig}
     for key, value in d.items():
         if cls is OrganismConfig and key in nested:
@@ -342,8 +340,8 @@ def smoke_config() -> OrganismConfig:
         # (0.33 vs 0.08 for one seed) and lr 2e-3 refused every request.
         model=ModelConfig(hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=32, context_length=96),
-        base_train=TrainConfig(tokens=400_000, batch_size=32, lr=5e-3),
-        chat_train=TrainConfig(tokens=500_000, batch_size=32, lr=5e-3),
+        base_train=LMTrainConfig(tokens=400_000, batch_size=32, lr=5e-3),
+        chat_train=LMTrainConfig(tokens=500_000, batch_size=32, lr=5e-3),
         behaviour=BehaviourConfig(n_train_conversations=3_000, n_heldout_conversations=200,
                                   max_answer_words=16, text_fraction=0.2),
         eval=EvalConfig(n_prompts=24, max_new_tokens=48, loss_rows=16, eval_rows=48),

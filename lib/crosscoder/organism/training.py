@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from crosscoder.organism.config import ModelConfig, TrainConfig
+from crosscoder.organism.config import ModelConfig, LMTrainConfig
 
 
 class Document(NamedTuple):
@@ -133,7 +133,7 @@ class RowSampler:
         return torch.cat(out)
 
 
-def lr_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
+def lr_at(cfg: LMTrainConfig, step: int, n_steps: int) -> float:
     """Linear warm-up, then cosine decay to ``lr * final_lr_fraction`` at the last step."""
     warm = int(n_steps * cfg.warmup_fraction)
     if step < warm:
@@ -154,7 +154,7 @@ class TrainResult(NamedTuple):
 
 
 def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Sequence[float],
-             cfg: TrainConfig, seed: int, desc: str, progress: bool = True) -> TrainResult:
+             cfg: LMTrainConfig, seed: int, desc: str, progress: bool = True) -> TrainResult:
     """AdamW on batches that draw ``fractions[i]`` of their rows from ``sources[i]``.
 
     The batch composition is fixed per step (e.g. 16 text rows + 16 chat rows) rather than sampled,

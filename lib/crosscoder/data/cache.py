@@ -1,4 +1,4 @@
-"""Activation store: a sharded on-disk cache, and a streaming buffer for runs too big to cache.
+"""Activation store: a sharded, resumable, checksummed on-disk cache of both models' activations.
 
 Cache layout (``root/<hash of the configs>/``)::
 
@@ -23,21 +23,21 @@ whatever the world size, and a run interrupted under one world size resumes unde
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from crosscoder import checkpoint as ckpt
-from crosscoder.activations import ModelPair, ModelPairConfig, extract_pair, load_pair
-from crosscoder.config import ConfigError, _DictMixin, rank_and_world, rank_share
-from crosscoder.textdata import DataConfig, Sequences, batch_sequences, iter_sequences
+from crosscoder.atomic import replace_atomically, write_json_atomic
+from crosscoder.config import ConfigError, _DictMixin, config_hash
+from crosscoder.data.pair import ModelPair, ModelPairConfig, extract_pair, load_pair
+from crosscoder.data.text import DataConfig, Sequences, batch_sequences, iter_sequences
+from crosscoder.distributed import rank_and_world
 
 SPLITS = ("train", "heldout", "norm")
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -77,11 +77,8 @@ class CacheConfig(_DictMixin):
 
 
 def cache_key(pair_cfg: ModelPairConfig, data_cfg: DataConfig, cache_cfg: CacheConfig) -> str:
-    blob = json.dumps({"pair": pair_cfg.to_dict(), "data": data_cfg.to_dict(), "cache": cache_cfg.to_dict()},
-                      sort_keys=True)
-    import hashlib
-
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The cache folder's name: a hash of every config that determines its contents."""
+    return config_hash({"pair": pair_cfg.to_dict(), "data": data_cfg.to_dict(), "cache": cache_cfg.to_dict()}, 16)
 
 
 class ActivationCache:
@@ -135,7 +132,7 @@ def _verify(folder: Path, sh: dict[str, Any]) -> bool:
     return p.exists() and ckpt.sha256_file(p) == sh["sha256"]
 
 
-def _rows(seqs: Sequences, acts_BTSD: Tensor, seq_offset: int, dtype: torch.dtype) -> dict[str, Tensor]:
+def shard_rows(seqs: Sequences, acts_BTSD: Tensor, seq_offset: int, dtype: torch.dtype) -> dict[str, Tensor]:
     body = seqs.body_mask()
     b, p = body.nonzero(as_tuple=True)
     acts = acts_BTSD[b, p].float()
@@ -235,18 +232,18 @@ def build_activation_cache(
                 chunk = items[j : j + cache_cfg.forward_batch]
                 seqs = batch_sequences(chunk, pair.tokenizer.pad_token_id)
                 acts = extract_pair(pair, seqs.input_ids_NT, seqs.attention_mask_NT, layers).cpu()
-                for k, v in _rows(seqs, acts, i * sps + j, dtype).items():
+                for k, v in shard_rows(seqs, acts, i * sps + j, dtype).items():
                     rows[k].append(v)
             tensors = {k: torch.cat(v) for k, v in rows.items()}
-            digest = _atomic_save(tensors, folder, name)
+            digest = _save_shard(tensors, folder, name)
             mine.append({"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
                          "seq_start": i * sps, "seq_end": i * sps + len(items)})
             if world == 1:
                 redone = {sh["file"] for sh in mine}
                 info["shards"] = mine + [sh for sh in info["shards"] if sh["file"] not in redone]
-                ckpt.atomic_write_json(mpath, manifest)
+                write_json_atomic(mpath, manifest)
             else:  # only rank 0 writes the manifest; the others record their progress here
-                ckpt.atomic_write_json(progress_path, mine_all)
+                write_json_atomic(progress_path, mine_all)
             written += 1
             bar.update(1)
             if _fail_after_shards is not None and written >= _fail_after_shards:
@@ -259,11 +256,11 @@ def build_activation_cache(
         info["complete"] = True
         if split == "heldout" and rank == 0:
             seqs = batch_sequences(held_items, pair.tokenizer.pad_token_id)
-            manifest["files"]["heldout_sequences.safetensors"] = _atomic_save(
+            manifest["files"]["heldout_sequences.safetensors"] = _save_shard(
                 {"input_ids": seqs.input_ids_NT, "attention_mask": seqs.attention_mask_NT,
                  "is_chat": seqs.is_chat_N.to(torch.uint8)}, folder, "heldout_sequences.safetensors")
         if rank == 0:
-            ckpt.atomic_write_json(mpath, manifest)
+            write_json_atomic(mpath, manifest)
     if rank == 0:
         for p in folder.glob(".progress-rank*.json"):  # everything is in the manifest now
             p.unlink()
@@ -298,87 +295,8 @@ def _progress_entries(folder: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _atomic_save(tensors: dict[str, Tensor], folder: Path, name: str) -> str:
-    tmp_name = f".{name}.tmp"
-    digest = ckpt.save_tensors_checked(tensors, folder, tmp_name)
-    (folder / tmp_name).replace(folder / name)
-    return digest
-
-
-class StreamingBuffer:
-    """Activations extracted on the fly from fresh sequences, for runs too big to cache.
-
-    Holds up to ``buffer_tokens`` rows; when it falls to half, it refills from NEW sequences of the
-    data stream (never recycling tokens; when the stream is exhausted it raises, or starts a new
-    pass over the data if ``epochs`` allows), and serves shuffled batches. ``batches(start)``
-    replays the stream deterministically, so a resumed run sees the same batches.
-
-    Data parallel (``rank``/``world``, by default those of the torch.distributed group): rank r runs
-    the models only on forward batches j with j % world == r, keeps its own buffer and serves its
-    share, ``batch_size / world`` rows per step, so the ranks together see ``batch_size`` fresh
-    tokens per step and never the same sequence.
-    """
-
-    def __init__(self, pair: ModelPair, data_cfg: DataConfig, batch_size: int, *, buffer_tokens: int = 65536,
-                 forward_batch: int = 16, seed: int = 0, epochs: int = 1, track_ids: bool = False,
-                 layers: list[int] | None = None, rank: int | None = None, world: int | None = None):
-        self.rank, self.world, batch_size = rank_share(batch_size, rank, world)  # this rank's share
-        if buffer_tokens < 2 * batch_size:
-            raise ConfigError("buffer_tokens must hold at least two batches")
-        self.pair, self.data_cfg, self.batch_size = pair, data_cfg, batch_size
-        self.buffer_tokens, self.forward_batch, self.seed, self.epochs = buffer_tokens, forward_batch, seed, epochs
-        self.layers = layers
-        self.track_ids = track_ids
-        self.served_ids: list[Tensor] = []
-
-    def _rows(self) -> Iterator[tuple[Tensor, Tensor]]:
-        seq_base = 0
-        for epoch in range(self.epochs):
-            stream = iter_sequences(self.data_cfg, self.pair.tokenizer)
-            for j in itertools.count():
-                items = [x for _, x in zip(range(self.forward_batch), stream)]
-                if not items:
-                    break
-                if j % self.world != self.rank:  # another rank's forward batch
-                    seq_base += len(items)
-                    continue
-                seqs = batch_sequences(items, self.pair.tokenizer.pad_token_id)
-                acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers).cpu()
-                r = _rows(seqs, acts, seq_base, torch.float32)
-                seq_base += len(items)
-                yield r["acts"], torch.stack([r["seq"], r["pos"].long()], 1)
-        return
-
-    def batches(self, start_step: int = 0) -> Iterator[Tensor]:
-        rng = torch.Generator().manual_seed(self.seed + 7919 * self.rank)
-        rows = self._rows()
-        buf_a: Tensor | None = None
-        buf_i: Tensor | None = None
-        exhausted = False
-        step = 0
-        while True:
-            # refill with fresh rows up to capacity
-            while not exhausted and (buf_a is None or buf_a.shape[0] < self.buffer_tokens):
-                try:
-                    a, ids = next(rows)
-                except StopIteration:
-                    exhausted = True
-                    break
-                buf_a = a if buf_a is None else torch.cat([buf_a, a])
-                buf_i = ids if buf_i is None else torch.cat([buf_i, ids])
-            if buf_a is None or buf_a.shape[0] < self.batch_size:
-                raise ConfigError(
-                    f"the data stream is exhausted after {step} batches; add data or raise epochs"
-                )
-            perm = torch.randperm(buf_a.shape[0], generator=rng)
-            buf_a, buf_i = buf_a[perm], buf_i[perm]
-            # serve down to half full (everything, once the stream is exhausted), then refill
-            floor = 0 if exhausted else self.buffer_tokens // 2
-            while buf_a.shape[0] >= self.batch_size and buf_a.shape[0] - self.batch_size >= floor:
-                a, ids = buf_a[: self.batch_size], buf_i[: self.batch_size]
-                buf_a, buf_i = buf_a[self.batch_size :], buf_i[self.batch_size :]
-                if step >= start_step:
-                    if self.track_ids:
-                        self.served_ids.append(ids)
-                    yield a
-                step += 1
+def _save_shard(tensors: dict[str, Tensor], folder: Path, name: str) -> str:
+    """Write one shard atomically; returns its sha256."""
+    digest: list[str] = []
+    replace_atomically(folder / name, lambda tmp: digest.append(ckpt.save_tensors_checked(tensors, tmp.parent, tmp.name)))
+    return digest[0]

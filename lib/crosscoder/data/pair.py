@@ -11,14 +11,15 @@ forward there: a hook on block L raises, so no later block, no final norm and no
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
-from crosscoder.config import ConfigError, _DictMixin, resolve_device
-from crosscoder.evaluation import decoder_layers
+from crosscoder.config import ConfigError, _DictMixin
+from crosscoder.distributed import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -178,3 +179,33 @@ def residuals_at(lm, input_ids_BT: Tensor, layers: list[int], attention_mask_BT:
         for h in handles:
             h.remove()
     return torch.stack([got[l] for l in layers], dim=2)
+
+
+def decoder_layers(lm) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a HF causal LM (Gemma2: ``lm.model.layers``)."""
+    inner = getattr(lm, "model", lm)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot find the decoder layers of {type(lm).__name__}")
+    return layers
+
+
+@contextlib.contextmanager
+def residual_hook(lm, layer: int, *, capture: list | None = None, replace: Tensor | None = None) -> Iterator[None]:
+    """While active: record (``capture``) and/or overwrite (``replace``) the output of block ``layer``
+    (the residual stream after it, == HF ``hidden_states[layer + 1]``)."""
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if capture is not None:
+            capture.append(hidden.detach())
+        if replace is not None:
+            new = replace.to(hidden.dtype)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return None
+
+    handle = decoder_layers(lm)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -13,13 +13,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from crosscoder.activations import ModelPair, ModelPairConfig, load_pair
-from crosscoder.cache import ActivationCache, CacheConfig, build_activation_cache
-from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin, resolve_device
+from crosscoder.data.pair import ModelPair, ModelPairConfig, load_pair
+from crosscoder.data.buffer import StreamingBuffer
+from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache
+from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin
+from crosscoder.distributed import resolve_device
 from crosscoder.model import Crosscoder
-from crosscoder.normalise import estimate_input_scale
-from crosscoder.textdata import DataConfig
-from crosscoder.train import TensorBatches, TrainResult, train, train_many
+from crosscoder.data.normalise import estimate_input_scale
+from crosscoder.data.text import DataConfig
+from crosscoder.train import TensorBatches, TrainResult, train
 
 
 @dataclass
@@ -149,73 +151,11 @@ def train_crosscoder(splits: Splits, cc_cfg: CrosscoderConfig, tcfg: TrainConfig
                  heldout_raw_NSD=splits.heldout, progress=progress)
 
 
-__all__ = ["ExperimentConfig", "Experiment", "resolve", "model_pair", "activation_cache", "load_splits",
-           "run_configs", "train_crosscoder", "train_many", "Splits"]
-
-
-@torch.no_grad()
-def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor,
-                latents: torch.Tensor | list[int] | None = None, *, batch: int = 16) -> torch.Tensor:
-    """Activations [N, T, J] of ``latents`` (all when None) on token sequences; 0 on BOS and padding."""
-    from crosscoder.activations import extract_pair
-
-    model.eval()
-    out = []
-    J = torch.arange(model.cfg.n_latents) if latents is None else torch.as_tensor(latents, dtype=torch.long)
-    for i in range(0, input_ids_NT.shape[0], batch):
-        ids, am = input_ids_NT[i : i + batch], attention_mask_NT[i : i + batch].long()
-        acts = extract_pair(pair, ids, am).float().to(model.W_dec_FSD.device)  # [B, T, S, D]
-        B, T = ids.shape
-        f = model.encode(model.normalise(acts.reshape(B * T, *acts.shape[2:])))[:, J].view(B, T, -1).cpu()
-        body = am.bool().clone()
-        body[:, 0] = False
-        out.append(f * body[..., None])
-    return torch.cat(out)
-
-
-def ground_truth_table(f_NTJ: torch.Tensor, eval_set, latents: torch.Tensor, behaviours: list[str],
-                       threshold: float = 0.9) -> tuple[list[dict], dict[str, float], torch.Tensor]:
-    """AUROC of each candidate latent against each planted behaviour's token labels, over the
-    non-BOS, non-pad tokens of the organism's evaluation set.
-
-    A latent may represent a behaviour on the labelled token itself or one position earlier (where
-    the model predicts it), so both alignments are scored and the better one is kept per
-    (latent, behaviour). Returns one row per behaviour, the summary fractions, and AUROC [J, B].
-    """
-    from crosscoder.analysis import auroc
-
-    mask = eval_set.attention_mask_NT.bool().clone()
-    mask[:, 0] = False
-    same = torch.stack([eval_set.labels[b] for b in behaviours], -1)  # [N, T, B]
-    ahead = torch.zeros_like(same)
-    ahead[:, :-1] = same[:, 1:]
-    J = len(latents)
-    if J == 0:
-        auc = torch.zeros(0, len(behaviours))
-    else:
-        f = f_NTJ[mask]
-        B = len(behaviours)
-        both = auroc(f, torch.cat([same[mask], ahead[mask]], 1))  # one ranking for both alignments
-        auc = torch.maximum(both[:, :B], both[:, B:])
-    rows = []
-    for b, name in enumerate(behaviours):
-        best = float(auc[:, b].max()) if J else float("nan")
-        rows.append({"behaviour": name, "best_auroc": best,
-                     "best_latent": int(torch.as_tensor(latents)[auc[:, b].argmax()]) if J else -1,
-                     "recovered": bool(J and best >= threshold), "label_tokens": int(same[..., b][mask].sum())})
-    summary = {"n_candidates": J,
-               "recovered_frac": sum(r["recovered"] for r in rows) / len(rows),
-               "matched_latent_frac": float((auc >= threshold).any(1).float().mean()) if J else 0.0}
-    return rows, summary, auc
-
-
 def train_crosscoder_streaming(exp: Experiment, pair: ModelPair, splits: Splits, cc_cfg: CrosscoderConfig,
                                tcfg: TrainConfig, out_dir: str | Path, *, buffer_tokens: int = 1 << 20,
                                progress: bool = True, device: str = "auto") -> TrainResult:
     """Train on activations extracted on the fly from fresh sequences (the Gemma-scale path: the
     cache holds only the held-out and norm splits). Resume replays the stream deterministically."""
-    from crosscoder.cache import StreamingBuffer
-
     model = _fresh_model(cc_cfg, tcfg, splits, device)
     data = StreamingBuffer(pair, exp.data_cfg, tcfg.batch_size, buffer_tokens=max(buffer_tokens, 4 * tcfg.batch_size),
                            forward_batch=exp.cache_cfg.forward_batch, seed=tcfg.seed)

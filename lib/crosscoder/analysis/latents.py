@@ -10,6 +10,9 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from crosscoder.data.pair import ModelPair, extract_pair
+from crosscoder.model import Crosscoder
+
 
 class TopContexts(NamedTuple):
     rows_JK: Tensor
@@ -91,3 +94,21 @@ def promoted_tokens(lm, direction_D: Tensor, tokenizer, k: int = 8) -> list[str]
     logits = W_U @ d
     top = logits.topk(k).indices.tolist()
     return [tokenizer.decode([t]) for t in top]
+
+
+@torch.no_grad()
+def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor,
+                latents: torch.Tensor | list[int] | None = None, *, batch: int = 16) -> torch.Tensor:
+    """Activations [N, T, J] of ``latents`` (all when None) on token sequences; 0 on BOS and padding."""
+    model.eval()
+    out = []
+    J = torch.arange(model.cfg.n_latents) if latents is None else torch.as_tensor(latents, dtype=torch.long)
+    for i in range(0, input_ids_NT.shape[0], batch):
+        ids, am = input_ids_NT[i : i + batch], attention_mask_NT[i : i + batch].long()
+        acts = extract_pair(pair, ids, am).float().to(model.W_dec_FSD.device)  # [B, T, S, D]
+        B, T = ids.shape
+        f = model.encode(model.normalise(acts.reshape(B * T, *acts.shape[2:])))[:, J].view(B, T, -1).cpu()
+        body = am.bool().clone()
+        body[:, 0] = False
+        out.append(f * body[..., None])
+    return torch.cat(out)

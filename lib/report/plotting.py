@@ -9,16 +9,16 @@ the same colour on every page.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import matplotlib.pyplot as plt
 import seaborn as sns
+
+from crosscoder.atomic import replace_atomically, write_json_atomic
 
 # Colour-blind-safe (seaborn "colorblind") colours for the categories every model-diff figure uses.
 _CB = sns.color_palette("colorblind")
@@ -84,18 +84,6 @@ def _jsonable(value: Any, where: str) -> Any:
     )
 
 
-def _replace_atomic(write, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_figure(fig: plt.Figure, path: str | os.PathLike, params: Mapping[str, Any],
                 formats: tuple[str, ...] = FIGURE_FORMATS) -> SavedFigure:
     """Write ``fig`` as ``<path>.png`` (+ ``.svg``) and ``<path>.json`` with ``params``.
@@ -119,16 +107,10 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, params: Mapping[str, A
         target = stem.parent / f"{stem.name}.{fmt}"
         # No date / software-version metadata: identical inputs give identical bytes.
         meta = {"Date": None} if fmt == "svg" else {"Software": None}
-        _replace_atomic(lambda tmp, fmt=fmt, meta=meta: fig.savefig(
-            tmp, format=fmt, dpi=DPI, metadata=meta, bbox_inches="tight"), target)
+        replace_atomically(target, lambda tmp, fmt=fmt, meta=meta: fig.savefig(
+            tmp, format=fmt, dpi=DPI, metadata=meta, bbox_inches="tight"))
         out[fmt] = target
-    params_path = stem.parent / f"{stem.name}.json"
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(sidecar, fh, indent=2, sort_keys=True)
-
-    _replace_atomic(write_json, params_path)
+    params_path = write_json_atomic(stem.parent / f"{stem.name}.json", sidecar)
     return SavedFigure(png=out["png"], svg=out.get("svg"), params=params_path)
 
 

@@ -10,44 +10,14 @@ BOS-position prediction (unchanged by any splice) does not dilute the numbers.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F_nn
 from torch import Tensor
 
+from crosscoder.data.pair import residual_hook
 from crosscoder.model import Crosscoder
-
-
-def decoder_layers(lm) -> torch.nn.ModuleList:
-    """The list of transformer blocks of a HF causal LM (Gemma2: ``lm.model.layers``)."""
-    inner = getattr(lm, "model", lm)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"cannot find the decoder layers of {type(lm).__name__}")
-    return layers
-
-
-@contextlib.contextmanager
-def residual_hook(lm, layer: int, *, capture: list | None = None, replace: Tensor | None = None) -> Iterator[None]:
-    """While active: record (``capture``) and/or overwrite (``replace``) the output of block ``layer``
-    (the residual stream after it, == HF ``hidden_states[layer + 1]``)."""
-
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if capture is not None:
-            capture.append(hidden.detach())
-        if replace is not None:
-            new = replace.to(hidden.dtype)
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-        return None
-
-    handle = decoder_layers(lm)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _token_ce(logits_BTV: Tensor, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +80,7 @@ def ce_recovered(
         body = am.clone()
         body[:, 0] = False  # BOS (and padding) keep their clean residual
         x = acts_BTSD[body]  # [n, S, D] raw
-        recon = crosscoder.denormalise(crosscoder(crosscoder.normalise(x.to(cc_dev))).recon_BSD).to(dev)
+        recon = crosscoder.denormalise(crosscoder(crosscoder.data.normalise(x.to(cc_dev))).recon_BSD).to(dev)
         for s, (lm, name) in enumerate(zip(lms, names)):
             base_resid = acts_BTSD[:, :, s]
             mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)

@@ -1,0 +1,80 @@
+"""Ground truth: AUROC of latents against the organism's planted-behaviour token labels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+def _average_ranks(s_NJ: Tensor) -> Tensor:
+    """1-based ranks of each column with ties given their average rank (float64 [N, J])."""
+    order = s_NJ.argsort(dim=0)
+    sorted_s = s_NJ.gather(0, order)
+    n = s_NJ.shape[0]
+    pos = torch.arange(1, n + 1, dtype=torch.float64)[:, None].expand_as(s_NJ)
+    new_run = torch.ones_like(sorted_s, dtype=torch.bool)
+    new_run[1:] = sorted_s[1:] != sorted_s[:-1]
+    run_id = new_run.long().cumsum(0) - 1  # [n, J]
+    first = torch.zeros_like(pos).scatter_reduce(0, run_id, pos, "amin", include_self=False)
+    last = torch.zeros_like(pos).scatter_reduce(0, run_id, pos, "amax", include_self=False)
+    avg = ((first + last) / 2).gather(0, run_id)
+    return torch.empty_like(avg).scatter_(0, order, avg)
+
+
+def auroc(scores_NJ: Tensor, labels: Tensor, *, chunk: int = 256) -> Tensor:
+    """AUROC of each column of ``scores_NJ`` for boolean labels (Mann-Whitney U with average ranks
+    for ties, so it equals sklearn's roc_auc_score).
+
+    ``labels`` is [N] (returns [J]) or [N, B] for B label sets scored against the same ranks
+    (returns [J, B]); latents are ranked in chunks so memory stays O(N * chunk).
+    """
+    lab = labels.bool()
+    single = lab.ndim == 1
+    lab_NB = lab[:, None] if single else lab
+    P = lab_NB.sum(0).double()  # [B]
+    Nn = lab_NB.shape[0] - P
+    if (P == 0).any() or (Nn == 0).any():
+        raise ValueError("AUROC needs both positive and negative labels")
+    s = scores_NJ.double()
+    if s.ndim == 1:
+        s = s[:, None]
+    out = []
+    for j in range(0, s.shape[1], chunk):
+        ranks = _average_ranks(s[:, j : j + chunk])  # [N, c]
+        rank_pos = ranks.T @ lab_NB.double()  # [c, B]: sum of positive ranks per label set
+        out.append((rank_pos - P * (P + 1) / 2) / (P * Nn))
+    res = torch.cat(out).float()
+    return res[:, 0] if single else res
+
+
+def ground_truth_table(f_NTJ: torch.Tensor, eval_set, latents: torch.Tensor, behaviours: list[str],
+                       threshold: float = 0.9) -> tuple[list[dict], dict[str, float], torch.Tensor]:
+    """AUROC of each candidate latent against each planted behaviour's token labels, over the
+    non-BOS, non-pad tokens of the organism's evaluation set.
+
+    A latent may represent a behaviour on the labelled token itself or one position earlier (where
+    the model predicts it), so both alignments are scored and the better one is kept per
+    (latent, behaviour). Returns one row per behaviour, the summary fractions, and AUROC [J, B].
+    """
+    mask = eval_set.attention_mask_NT.bool().clone()
+    mask[:, 0] = False
+    same = torch.stack([eval_set.labels[b] for b in behaviours], -1)  # [N, T, B]
+    ahead = torch.zeros_like(same)
+    ahead[:, :-1] = same[:, 1:]
+    J = len(latents)
+    if J == 0:
+        auc = torch.zeros(0, len(behaviours))
+    else:
+        f = f_NTJ[mask]
+        B = len(behaviours)
+        both = auroc(f, torch.cat([same[mask], ahead[mask]], 1))  # one ranking for both alignments
+        auc = torch.maximum(both[:, :B], both[:, B:])
+    rows = []
+    for b, name in enumerate(behaviours):
+        best = float(auc[:, b].max()) if J else float("nan")
+        rows.append({"behaviour": name, "best_auroc": best,
+                     "best_latent": int(torch.as_tensor(latents)[auc[:, b].argmax()]) if J else -1,
+                     "recovered": bool(J and best >= threshold), "label_tokens": int(same[..., b][mask].sum())})
+    summary = {"n_candidates": J,
+               "recovered_frac": sum(r["recovered"] for r in rows) / len(rows),
+               "matched_latent_frac": float((auc >= threshold).any(1).float().mean()) if J else 0.0}
+    return rows, summary, auc

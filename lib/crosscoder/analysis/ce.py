@@ -80,7 +80,7 @@ def ce_recovered(
         body = am.clone()
         body[:, 0] = False  # BOS (and padding) keep their clean residual
         x = acts_BTSD[body]  # [n, S, D] raw
-        recon = crosscoder.denormalise(crosscoder(crosscoder.data.normalise(x.to(cc_dev))).recon_BSD).to(dev)
+        recon = crosscoder.denormalise(crosscoder(crosscoder.normalise(x.to(cc_dev))).recon_BSD).to(dev)
         for s, (lm, name) in enumerate(zip(lms, names)):
             base_resid = acts_BTSD[:, :, s]
             mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)

@@ -157,12 +157,13 @@ def test_bad_inputs_fail_before_compute(world, tmp_path, case):
         (tmp_path / "empty.jsonl").write_text("")
         pair = load_pair(_pair_cfg(dirs))
         cfg = DataConfig(text_source=str(tmp_path / "empty.jsonl"), chat_source=str(data / "lmsys.jsonl"),
-                         chat_fraction=0.0)
+                         chat_fraction=0.0, context_length=24)
         with pytest.raises(ConfigError, match="is empty"):
             take_sequences(cfg, pair.tokenizer, 4)
     elif case == "field":
         pair = load_pair(_pair_cfg(dirs))
-        cfg = DataConfig(text_source=str(data / "pile.jsonl"), chat_source=str(data / "pile.jsonl"), chat_fraction=1.0)
+        cfg = DataConfig(text_source=str(data / "pile.jsonl"), chat_source=str(data / "pile.jsonl"), chat_fraction=1.0,
+                         context_length=24)
         with pytest.raises(ConfigError, match="no 'conversation' field"):
             take_sequences(cfg, pair.tokenizer, 4)
 

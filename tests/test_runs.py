@@ -130,7 +130,8 @@ def test_compatible_types_are_accepted(project):
     _edit_config(project, lambda c: c["profiles"]["base"].update(
         parameters={"a": {"rate": 2}, "b": {"maybe": None, "flag": True}}))
     planned = report.plan(report.load_config(project / "runs.yaml"), "base")
-    assert planned[0].run.parameters == {"n": 2, "rate": 2, "profile": "base"}
+    # every parameter is injected, the notebook's defaults included
+    assert planned[0].run.parameters == {"run_name": "a", "n": 2, "rate": 2, "profile": "base"}
     assert planned[1].run.parameters["output_dir"] == "book/_runs/b"
 
 
@@ -200,9 +201,14 @@ def test_second_run_executes_nothing_and_a_changed_parameter_reruns_only_its_run
     assert _main(project, "--profile", "base") == 0
     assert _executions(project) == ["a", "b", "c"]
 
+    # Giving a parameter its default value changes nothing that is injected: no rerun ...
     _edit_config(project, lambda c: c["runs"][2].update(parameters={"run_name": "c"}))
     assert _main(project, "--profile", "base") == 0
-    assert _executions(project) == ["a", "b", "c", "c"]
+    assert _executions(project) == ["a", "b", "c"]
+    # ... another value reruns that run only.
+    _edit_config(project, lambda c: c["runs"][2].update(parameters={"run_name": "c2"}))
+    assert _main(project, "--profile", "base") == 0
+    assert _executions(project) == ["a", "b", "c", "c2"]
 
     state = json.loads((project / "book" / "_runs" / ".state.json").read_text())
     assert set(state["runs"]) == {"a", "b", "c"}
@@ -273,7 +279,7 @@ def test_failure_stops_and_names_notebook_and_cell(project, capsys):
         run_name = "b"  # written to the log
         label = "x"  # a string
         """, [LOG, "x = 1", "raise ValueError('planted failure')"])
-    _edit_config(project, lambda c: c["runs"][2].update(parameters={"run_name": "c"}))
+    _edit_config(project, lambda c: c["runs"][2].update(parameters={"run_name": "c2"}))
     assert _main(project, "--profile", "base") == 1
     err = capsys.readouterr().err
     # Cell 5 of the source notebook; In [5] because papermill's injected cell executes too.
@@ -306,7 +312,8 @@ def test_reproducibility_record_and_page(project):
     assert repro["packages"]["torch"] and repro["packages"]["papermill"]
     assert repro["hardware"]["cpu_count"] >= 1 and "platform" in repro["hardware"]
     b = next(r for r in repro["runs"] if r["name"] == "b")
-    assert b["parameters"] == {"label": "hello", "flag": True, "output_dir": "book/_runs/b"}
+    assert b["parameters"] == {"run_name": "b", "label": "hello", "flag": True, "maybe": None,
+                               "output_dir": "book/_runs/b"}
     assert b["wall_time_s"] > 0 and b["status"] == "executed"
     page = (project / "book" / "_runs" / "reproducibility.md").read_text()
     assert "| `flag` | `true` |" in page and "extends `base`" in page.replace("Extends", "extends")

@@ -57,27 +57,17 @@ def _init_distributed() -> tuple[int, int]:
 def cmd_train_profile(args: argparse.Namespace) -> int:
     """The training run of a runs.yaml profile, data parallel: the same configs, cache and output
     folder as its notebook, which then finds the finished run instead of training it."""
-    from crosscoder import experiment as pipeline
+    from crosscoder import experiment
 
-    params = _profile_parameters(args)
-    for need in ("run_name", "artifacts_dir", "sparsity", "n_steps"):
-        if need not in params:
-            raise ConfigError(f"run {args.run!r} is not a training run (it has no {need!r} parameter)")
-    exp_cfg = _experiment(params)
+    p = _profile_parameters(args)
+    if p.stage.name != "train_crosscoder":
+        raise ConfigError(f"run {args.run!r} is not a training run (its notebook is {p.stage.notebook})")
     rank, world = _init_distributed()
-    exp = _resolve_on_ranks(exp_cfg, rank, world, args.quiet)
-    pair = pipeline.model_pair(exp)
-    splits = pipeline.load_splits(pipeline.activation_cache(exp, pair=pair, progress=rank == 0 and not args.quiet))
-    keys = ("sparsity", "n_latents", "l1_coeff", "k", "n_steps", "batch_size", "lr", "seed", "auxk_alpha",
-            "auxk_dead_tokens")
-    cc_cfg, tcfg = pipeline.run_configs(splits.heldout.shape[-1], **{k: params[k] for k in keys if k in params})
-    out = f"{params['artifacts_dir']}/{params['run_name']}"
+    exp = _resolve_on_ranks(p.experiment(), rank, world, args.quiet)
+    pair = experiment.model_pair(exp)
     progress = rank == 0 and not args.quiet
-    if params.get("stream_training"):
-        res = pipeline.train_crosscoder_streaming(exp, pair, splits, cc_cfg, tcfg, out, progress=progress,
-                                                  device=args.device)
-    else:
-        res = pipeline.train_crosscoder(splits, cc_cfg, tcfg, out, progress=progress, device=args.device)
+    splits = experiment.load_splits(experiment.activation_cache(exp, pair=pair, progress=progress))
+    res = experiment.train_stage(p, exp, pair, splits, progress=progress, device=args.device)
     if rank == 0:
         print(json.dumps({"model_dir": str(res.model_dir), "world_size": world,
                           "resumed_from": res.resumed_from, "heldout": res.metrics.get("heldout", {})},
@@ -117,44 +107,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_parameters(args: argparse.Namespace) -> dict:
-    """All parameters of run ``args.run`` under ``args.profile`` (the notebook's defaults, then
-    runs.yaml, then --set overrides), type-checked like the runner does; then cd to runs.yaml's
-    folder, where the notebooks run, so relative paths (and cache keys) agree with theirs."""
+def _profile_parameters(args: argparse.Namespace):
+    """The parameters of run ``args.run`` under ``args.profile`` (its stage's defaults, then
+    runs.yaml, then --set overrides), checked against the schema like the runner checks them; then
+    cd to runs.yaml's folder, where the notebooks run, so relative paths (and cache keys) agree."""
     import yaml
 
-    from report import RunsConfigError, inspect_parameters, load_config, type_problem, validate
+    from crosscoder.schema import stage_of
+    from report import RunsConfigError, load_config, validate
 
     try:
         runs = load_config(args.runs)
         resolved = {r.name: r for r in validate(runs, args.profile)}
-        if args.run not in resolved:
-            raise ConfigError(f"--run {args.run!r} is not a run of {args.runs} (runs: {sorted(resolved)})")
-        declared = inspect_parameters(resolved[args.run].notebook)
     except RunsConfigError as err:
         raise ConfigError(str(err)) from None
-    params = {name: p.default for name, p in declared.items()}
-    params.update(resolved[args.run].given)
+    if args.run not in resolved:
+        raise ConfigError(f"--run {args.run!r} is not a run of {args.runs} (runs: {sorted(resolved)})")
+    stage = stage_of(resolved[args.run].notebook)
+    values = dict(resolved[args.run].given)
     for item in args.set or []:
         key, sep, value = item.partition("=")
-        if not sep or key not in declared:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY a parameter of run "
-                              f"{args.run!r}: {sorted(declared)}")
-        params[key] = yaml.safe_load(value)  # typed like runs.yaml: 100, 0.5, true, text
-        problem = type_problem(params[key], declared[key])
-        if problem:
-            raise ConfigError(f"--set {item!r}: {problem}")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        values[key] = yaml.safe_load(value)  # typed like runs.yaml: 100, 0.5, true, text
+    stage.check(values, f"run {args.run!r} (--set)")
     os.chdir(runs.root)
-    return params
-
-
-def _experiment(params: dict):
-    import dataclasses
-
-    from crosscoder.experiment import ExperimentConfig
-
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    return ExperimentConfig.from_dict({k: v for k, v in params.items() if k in names})
+    return stage.load(values)
 
 
 def _resolve_on_ranks(exp_cfg, rank: int, world: int, quiet: bool):
@@ -190,7 +168,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         pair_cfg, data_cfg = ModelPairConfig.from_dict(blob["pair"]), DataConfig.from_dict(blob["data"])
         cache_cfg, root, exp_cfg = CacheConfig.from_dict(blob["cache"]), args.root or "cache/activations", None
     else:
-        exp_cfg = _experiment(_profile_parameters(args))
+        exp_cfg = _profile_parameters(args).experiment()
         root = args.root or exp_cfg.cache_root
     rank, world = _init_distributed()
     if exp_cfg is not None:

@@ -16,7 +16,7 @@ import torch
 from crosscoder.data.pair import ModelPair, ModelPairConfig, load_pair
 from crosscoder.data.buffer import StreamingBuffer
 from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache
-from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin
+from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin, default_of
 from crosscoder.distributed import resolve_device
 from crosscoder.model import Crosscoder
 from crosscoder.data.normalise import estimate_input_scale
@@ -24,41 +24,47 @@ from crosscoder.data.text import DataConfig
 from crosscoder.train import TensorBatches, TrainResult, train
 
 
+# The hub sources a non-organism experiment reads when text_source / chat_source are left empty.
+HUB_TEXT = "monology/pile-uncopyrighted"
+HUB_CHAT = "lmsys/lmsys-chat-1m"
+
+
 @dataclass
 class ExperimentConfig(_DictMixin):
-    """The models, layer and data that every stage of one profile shares."""
+    """The models, layer and data that every stage of one profile shares (the embedded organism by
+    default). Fields that mirror a library config take its default; the others are declared here."""
 
     organism_preset: str = "default"
-    """Build/use the embedded organism preset ("default", "smoke"); "" to use base_model/chat_model."""
+    """Embedded organism preset ("default", "smoke"); empty to use base_model and chat_model."""
     organism_root: str = "cache/organism"
     """Cache root of organism builds (relative to the repository root)."""
     base_model: str = ""
-    """Hub name or folder of the base model (ignored when organism_preset is set)."""
+    """Hub name or folder of the base model, e.g. google/gemma-2-2b (ignored with an organism)."""
     chat_model: str = ""
-    """Hub name or folder of the chat model (ignored when organism_preset is set)."""
+    """Hub name or folder of the chat model, e.g. google/gemma-2-2b-it (ignored with an organism)."""
     layer: int = 2
-    """Residual stream after this block (Gemma-2-2B: 13)."""
-    dtype: str = "auto"
+    """Read the residual stream after this block; 2 is the default organism's middle, 13 for Gemma."""
+    dtype: str = default_of(ModelPairConfig, "dtype")
     """Model dtype for extraction ("auto": bf16 on GPU, fp32 on CPU)."""
     text_source: str = ""
-    """Pretraining text (hub name or file); "" = the organism's pretraining split."""
+    """Pretraining text, hub name or file; empty for the organism's text (or the Pile on the hub)."""
     chat_source: str = ""
-    """Chat conversations (hub name or file); "" = the organism's fine-tuning conversations."""
-    chat_fraction: float = 0.5
-    """Share of chat sequences in the mix."""
+    """Chat conversations, hub name or file; empty for the organism's chats (or LMSYS-Chat-1M)."""
+    chat_fraction: float = default_of(DataConfig, "chat_fraction")
+    """Share of chat sequences in the data mix."""
     context_length: int = 128
-    """Tokens per sequence (BOS included; Gemma runs use 1024)."""
+    """Tokens per sequence, BOS included; 1024 for Gemma."""
     n_train_sequences: int = 4096
     """Sequences extracted for training."""
-    n_heldout_sequences: int = 256
-    """Held-out sequences (evaluation)."""
-    n_norm_sequences: int = 64
-    """Held-out sequences reserved for the normalisation factors."""
+    n_heldout_sequences: int = default_of(CacheConfig, "n_heldout_sequences")
+    """Held-out sequences for evaluation."""
+    n_norm_sequences: int = default_of(CacheConfig, "n_norm_sequences")
+    """Held-out sequences for the normalisation factors."""
     cache_root: str = "cache/activations"
     """Cache root of activation stores."""
-    cache_dtype: str = "float16"
+    cache_dtype: str = default_of(CacheConfig, "dtype")
     """Storage dtype of cached activations."""
-    seed: int = 0
+    seed: int = default_of(DataConfig, "seed")
     """Seed of the data order."""
 
     def __post_init__(self) -> None:
@@ -90,8 +96,7 @@ def resolve(cfg: ExperimentConfig, *, progress: bool = True, layers: list[int] |
         if not chats:
             chats, held_chat = str(org.chat_train), str(org.chat_heldout)
     pair_cfg = ModelPairConfig(base=base, chat=chat, layer=cfg.layer, dtype=cfg.dtype)
-    data_cfg = DataConfig(text_source=text or "monology/pile-uncopyrighted",
-                          chat_source=chats or "lmsys/lmsys-chat-1m", chat_fraction=cfg.chat_fraction,
+    data_cfg = DataConfig(text_source=text or HUB_TEXT, chat_source=chats or HUB_CHAT, chat_fraction=cfg.chat_fraction,
                           heldout_text_source=held_text, heldout_chat_source=held_chat,
                           context_length=cfg.context_length, seed=cfg.seed)
     cache_cfg = CacheConfig(n_train_sequences=cfg.n_train_sequences, n_heldout_sequences=cfg.n_heldout_sequences,
@@ -122,19 +127,6 @@ def load_splits(cache: ActivationCache) -> Splits:
     return Splits(cache.load("train"), cache.load("heldout").float(), estimate_input_scale(norm))
 
 
-def run_configs(d_model: int, *, sparsity: str = "l1", n_latents: int = 2048, l1_coeff: float = 2.0,
-                k: int = 32, n_steps: int = 1500, batch_size: int = 1024, lr: float = 5e-4,
-                seed: int = 0, auxk_alpha: float = 1 / 32,
-                auxk_dead_tokens: int = 10_000_000) -> tuple[CrosscoderConfig, TrainConfig]:
-    """The crosscoder and training configs of a training run's flat parameters (the training
-    notebook and ``crosscoder.cli train --profile`` both use this, so they name the same run)."""
-    cc_cfg = CrosscoderConfig(d_model=d_model, n_latents=n_latents, sparsity=sparsity, k=k)
-    tcfg = TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, seed=seed,
-                       auxk_alpha=auxk_alpha, auxk_dead_tokens=auxk_dead_tokens, log_every=50,
-                       eval_every=max(1, n_steps // 10), checkpoint_every=max(1, n_steps // 4))
-    return cc_cfg, tcfg
-
-
 def _fresh_model(cc_cfg: CrosscoderConfig, tcfg: TrainConfig, splits: Splits, device: str) -> Crosscoder:
     """The seeded initial crosscoder with the splits' normalisation factors, on ``device``."""
     model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
@@ -160,3 +152,91 @@ def train_crosscoder_streaming(exp: Experiment, pair: ModelPair, splits: Splits,
     data = StreamingBuffer(pair, exp.data_cfg, tcfg.batch_size, buffer_tokens=max(buffer_tokens, 4 * tcfg.batch_size),
                            forward_batch=exp.cache_cfg.forward_batch, seed=tcfg.seed)
     return train(model, data, tcfg, out_dir, heldout_raw_NSD=splits.heldout, progress=progress)
+
+
+def load_crosscoders(artifacts_dir: str | Path, names) -> dict[str, Crosscoder]:
+    """The finished crosscoders of training runs ``names`` (folders under ``artifacts_dir``), in eval mode."""
+    from crosscoder.checkpoint import load_crosscoder
+
+    return {name: load_crosscoder(Path(artifacts_dir) / name / "crosscoder").eval() for name in names}
+
+
+def train_stage(p, exp: Experiment, pair: ModelPair, splits: Splits, *, progress: bool = True,
+                device: str = "auto") -> TrainResult:
+    """The training run of a train_crosscoder stage's parameters ``p`` (cached or streamed), in the
+    folder ``artifacts_dir/run_name`` that the CLI's ``train --profile`` uses too."""
+    cc_cfg, tcfg = p.configs(splits.heldout.shape[-1])
+    out = f"{p.artifacts_dir}/{p.run_name}"
+    if p.stream_training:
+        return train_crosscoder_streaming(exp, pair, splits, cc_cfg, tcfg, out, progress=progress, device=device)
+    return train_crosscoder(splits, cc_cfg, tcfg, out, progress=progress, device=device)
+
+
+def sparsity_frontier(p, exp: Experiment, pair: ModelPair, cache: ActivationCache, splits: Splits, *,
+                      progress: bool = True) -> list[dict[str, Any]]:
+    """The frontier stage: an L1 sweep over ``l1_values`` and a BatchTopK sweep over ``k_values``,
+    each crosscoder beside its per-model SAE pair, with held-out FVU, L0 and CE recovered (on
+    ``ce_sequences`` held-out sequences); rows also written to ``artifacts_dir/frontier/metrics.json``."""
+    from crosscoder.analysis.ce import ce_recovered
+    from crosscoder.atomic import write_json_atomic
+    from crosscoder.sweep import frontier
+
+    held = cache.heldout_sequences()
+    ids, am = held.input_ids_NT[:p.ce_sequences], held.attention_mask_NT[:p.ce_sequences]
+
+    def with_ce(kind, model, sources):
+        lms = pair.models if sources is None else [pair.models[s] for s in sources]
+        res = ce_recovered(lms, model, ids, exp.cfg.layer, attention_mask_NT=am)
+        return {f"ce_recovered_{name}": r["ce_recovered"] for name, r in res.items()}
+
+    tcfg = p.sweep_train_config()
+    rows = []
+    for sparsity, values in (("l1", p.l1_values), ("batchtopk", p.k_values)):
+        cfg = CrosscoderConfig(d_model=splits.train.shape[-1], n_latents=p.n_latents, sparsity=sparsity,
+                               k=max(p.k_values))
+        got = frontier(TensorBatches(splits.train, tcfg.batch_size), splits.heldout, cache.load("norm").float(), cfg,
+                       tcfg, list(values), f"{p.artifacts_dir}/frontier/{sparsity}",
+                       extra_eval=with_ce if p.ce_sequences else None, progress=progress)
+        rows += [dict(r, sparsity=sparsity) for r in got]
+    write_json_atomic(f"{p.artifacts_dir}/frontier/metrics.json",
+                      {"rows": rows, "train": tcfg.to_dict(), "n_latents": p.n_latents})
+    return rows
+
+
+def crosslayer_frontier(p, exp: Experiment, *, progress: bool = True) -> tuple[list[dict[str, Any]], list[int]]:
+    """The cross-layer stage: BatchTopK crosscoders over every layer of the base model (one per
+    k in ``k_values``) beside per-layer SAEs of the same total size; rows also written to
+    ``artifacts_dir/crosslayer/metrics.json``. Returns (rows, layers)."""
+    from transformers import AutoConfig
+
+    from crosscoder.atomic import write_json_atomic
+    from crosscoder.sweep import frontier
+
+    n_layers = AutoConfig.from_pretrained(exp.pair_cfg.base).num_hidden_layers
+    layers = list(range(n_layers))
+    cache = activation_cache(resolve(exp.cfg, layers=layers, progress=progress), progress=progress)
+    splits = load_splits(cache)
+    cfg = CrosscoderConfig(d_model=splits.train.shape[-1], n_latents=p.n_latents - p.n_latents % n_layers,
+                           n_sources=n_layers, sparsity="batchtopk", k=max(p.k_values))
+    tcfg = p.sweep_train_config()
+    rows = frontier(TensorBatches(splits.train, tcfg.batch_size), splits.heldout, cache.load("norm").float(), cfg,
+                    tcfg, list(p.k_values), f"{p.artifacts_dir}/crosslayer", progress=progress)
+    write_json_atomic(f"{p.artifacts_dir}/crosslayer/metrics.json",
+                      {"rows": rows, "layers": layers, "train": tcfg.to_dict()})
+    return rows, layers
+
+
+def cache_summary(cache: ActivationCache, splits: Splits) -> dict[str, Any]:
+    """Token and sequence counts per split, and per source the mean raw norm and the normalisation
+    factor, with the mean cosine between the two models' activations of the same token."""
+    man = cache.manifest
+    h = splits.heldout
+    out = {
+        "counts": {s: {"tokens": man["splits"][s]["n_tokens"], "sequences": man["splits"][s]["n_sequences"]}
+                   for s in ("train", "heldout", "norm")},
+        "sources": {name: {"mean ||x|| (raw)": float(h[:, s].norm(dim=-1).mean()),
+                           "input scale": float(splits.scale_S[s])} for s, name in enumerate(man["sources"])},
+    }
+    if h.shape[1] == 2:
+        out["cosine_N"] = torch.nn.functional.cosine_similarity(h[:, 0], h[:, 1], dim=-1)
+    return out

@@ -17,7 +17,7 @@ from typing import Any, Iterator, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from crosscoder.progress import progress_bar
 
 from crosscoder import checkpoint as ckpt
 from crosscoder.atomic import write_json_atomic
@@ -176,6 +176,12 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------- metrics
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The training log of a run folder (one record per logged step or evaluation)."""
+    path = Path(run_dir) / LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def summarize(model: Crosscoder, heldout_raw_NSD: Tensor, batch_size: int = 4096) -> dict[str, Any]:
     """Held-out metrics + model-diff class counts (both r and Δnorm) for ``metrics.json``."""
     ev = evaluate(model, heldout_raw_NSD, batch_size=batch_size)
@@ -438,7 +444,7 @@ def train_many(
         start = min(tr.step_idx for tr in pending)
         end = max(tr.tcfg.n_steps for tr in pending)
         # mininterval keeps the executed notebooks short (each refresh is a line of output there).
-        bar = tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step", mininterval=3.0)
+        bar = progress_bar(total=end, initial=start, disable=not progress, desc="train", unit="step", mininterval=3.0)
         batches = data.batches(start)
         for step in range(start, end):
             raw = next(batches)

@@ -303,3 +303,54 @@ def atom_recovery_hist(best_cos_A: Any, kinds: list[str]) -> plt.Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def base_chat_cosine_hist(cosine_N: Any, bins: int = 60) -> plt.Figure:
+    """Cosine between the base and chat residual of the same held-out token."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(_np(cosine_N), bins=bins, color="0.3")
+    ax.set(xlabel="cosine(base residual, chat residual) of the same token", ylabel="held-out tokens")
+    return fig
+
+
+def crosslayer_frontier(rows: list[dict[str, Any]]) -> plt.Figure:
+    """Total L0 against mean FVU over layers: a cross-layer crosscoder vs per-layer SAEs."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for kind, label, style in (("crosscoder", "crosscoder", dict(marker="o", color="0.15")),
+                               ("sae-pair", "per-layer SAEs", dict(marker="s", ls="--", color=CATEGORY_COLORS["other"]))):
+        sub = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["l0"])
+        ax.plot([r["l0"] for r in sub], [r["fvu_mean"] for r in sub], label=label, **style)
+    ax.set(xlabel="total L0 (active latents per token, all layers)", ylabel="mean FVU over layers",
+           xscale="log", yscale="log")
+    ax.legend()
+    return fig
+
+
+def frontier_figures(rows: list[dict[str, Any]]) -> dict[str, plt.Figure]:
+    """The frontier page's four figures, by file stem: L0 against FVU and against CE recovered,
+    for the L1 sweep and for the BatchTopK sweep."""
+    figs = {}
+    for sparsity in ("l1", "batchtopk"):
+        sub = [r for r in rows if r["sparsity"] == sparsity]
+        for metric in ("fvu", "ce_recovered"):
+            fig = frontier_plot(sub, metric)
+            fig.suptitle(f"{sparsity}: L0 vs {metric}", y=1.02)
+            figs[f"frontier_{sparsity}_{metric}"] = fig
+    return figs
+
+
+def synthetic_recovery_figures(models: dict[str, Any], reports: dict[str, dict], kinds: list[str]) -> dict[str, plt.Figure]:
+    """The synthetic page's figures, by file stem: per crosscoder, the best cosine of each planted
+    atom, and the relative decoder norms of its latents."""
+    from crosscoder.analysis.metrics import diff_geometry
+
+    figs = {}
+    for name, m in models.items():
+        fig = atom_recovery_hist(reports[name]["best_cosine_A"], kinds)
+        fig.axes[0].set_title(f"{name} crosscoder")
+        figs[f"atom_recovery_{name}"] = fig
+        geo = diff_geometry(m)
+        fig = relative_norm_hist(geo.rel_norm_F, geo.delta_norm_F, bins=40)
+        fig.suptitle(f"{name} crosscoder", y=1.02)
+        figs[f"relative_norms_{name}"] = fig
+    return figs

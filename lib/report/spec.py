@@ -155,7 +155,7 @@ class ResolvedRun(NamedTuple):
     output: Path  # absolute executed notebook
     output_dir: Path  # absolute folder for the run's figures/artifacts
     given: dict[str, Any]  # parameters from runs.yaml after profile overrides
-    parameters: dict[str, Any]  # given + the reserved ones the notebook declares (injected)
+    parameters: dict[str, Any]  # the notebook's defaults, then given, then the reserved ones it declares (injected)
     in_profile: bool
     depends_on: tuple[str, ...]
 
@@ -437,7 +437,10 @@ def validate(config: RunsConfig, profile: str) -> list[ResolvedRun]:
             problems.append(f"run {run.name!r} ({rel_nb}): {err}")
             resolved.append(run)
             continue
-        params = dict(run.given)
+        # Every parameter is injected, defaults included, so each executed page shows the complete
+        # set it ran with once (the notebook's own defaults cell is removed from the book).
+        params = {k: p.default for k, p in declared.items() if k not in RESERVED_PARAMETERS}
+        params.update(run.given)
         if "profile" in declared:
             params["profile"] = profile
         if "output_dir" in declared:

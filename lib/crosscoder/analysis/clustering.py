@@ -55,3 +55,32 @@ def cooccurrence_features(f_NF: Tensor, latents: Tensor) -> np.ndarray:
     """Rows = latents, columns = tokens: binary firing patterns, whose cosine similarity is the
     normalised co-occurrence of two latents (clustered like decoder directions)."""
     return (f_NF[:, latents] > 0).float().T.numpy()
+
+
+def cluster_summary(labels_L: np.ndarray, n_clusters: int, latents_L: Tensor, classes: list[str],
+                    describe) -> list[dict]:
+    """One row per cluster: size, class mix and ``describe(member latent ids)`` (e.g. the tokens the
+    members' mean chat decoder direction promotes)."""
+    import torch
+
+    rows = []
+    names = ("chat-only", "base-only", "shared", "other")
+    for c in range(n_clusters):
+        members = latents_L[torch.from_numpy(labels_L == c)]
+        mix = [classes[j] for j in members.tolist()]
+        rows.append({"cluster": c, "size": len(members), **{k: mix.count(k) for k in names}, **describe(members)})
+    return rows
+
+
+def cooccurrence_clusters(f_NJ: Tensor, *, max_k: int = 8, seed: int = 0, min_latents: int = 6
+                          ) -> tuple[int, Clustering] | None:
+    """Latents that fire on the same tokens, clustered by the cosine of their binary firing patterns;
+    latents that never fire are left out. None when fewer than ``min_latents`` fire."""
+    import torch
+
+    feats = cooccurrence_features(f_NJ, torch.arange(f_NJ.shape[1]))
+    live = feats.sum(1) > 0
+    n_live = int(live.sum())
+    if f_NJ.shape[1] < min_latents or n_live < 3:
+        return None
+    return n_live, cluster_latents(feats[live], range(2, min(max_k, n_live - 1) + 1), seed=seed)

@@ -112,3 +112,42 @@ def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, 
         body[:, 0] = False
         out.append(f * body[..., None])
     return torch.cat(out)
+
+
+def sample_by_class(classes: list[str], n_per_class: int, seed: int = 0,
+                    names: Sequence[str] = ("chat-only", "base-only", "shared")) -> dict[str, list[int]]:
+    """Up to ``n_per_class`` random latents of each class in ``names`` (one seeded generator, drawn
+    in that order, so the sample is reproducible)."""
+    g = torch.Generator().manual_seed(seed)
+    shown = {}
+    for name in names:
+        ids = [j for j, c in enumerate(classes) if c == name]
+        shown[name] = [ids[i] for i in torch.randperm(len(ids), generator=g)[:n_per_class].tolist()]
+    return shown
+
+
+def token_strings(tokenizer, input_ids_NT: Tensor) -> list[list[str]]:
+    """Each token of each sequence as the text it stands for (for highlighted contexts)."""
+    return [[tokenizer.convert_tokens_to_string([p]) for p in tokenizer.convert_ids_to_tokens(row.tolist())]
+            for row in input_ids_NT]
+
+
+def latent_cards_html(model: Crosscoder, pair: ModelPair, tokens: list[list[str]], f_NTJ: Tensor,
+                      shown: dict[str, list[int]], facts_F: dict[str, Tensor], n_contexts: int) -> str:
+    """Cards for the latents of ``shown`` (class -> latent ids, in the column order of ``f_NTJ``):
+    their top contexts, the given per-latent facts and the tokens each model's decoder promotes."""
+    tc = top_contexts(f_NTJ, k=n_contexts)
+    cards = []
+    latents = [(cls, j) for cls, js in shown.items() for j in js]
+    for idx, (cls, j) in enumerate(latents):
+        ctx = [context_html(tokens[r], f_NTJ[r, :, idx].tolist(), p) for r, p, v in
+               zip(tc.rows_JK[idx].tolist(), tc.pos_JK[idx].tolist(), tc.vals_JK[idx].tolist()) if v > 0]
+        prom = {name: promoted_tokens(lm, model.W_dec_FSD[j, s].detach(), pair.tokenizer)
+                for s, (name, lm) in reversed(list(enumerate(zip(model.cfg.source_names, pair.models))))}
+        facts = {"class": cls, **{k: _fmt(k, float(v[j])) for k, v in facts_F.items()}}
+        cards.append(latent_card_html(f"latent {j}", facts, prom, ctx or ["<i>no activation on held-out text</i>"]))
+    return "".join(cards)
+
+
+def _fmt(name: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if name == "density" else f"{value:.2f}"

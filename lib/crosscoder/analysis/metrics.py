@@ -12,7 +12,7 @@ Definitions (see the book's Methods chapter):
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -161,3 +161,12 @@ def classify_latents(values_F: Tensor, scheme: str = "kissane", alive_F: Tensor 
 def class_counts(labels: list[str]) -> dict[str, int]:
     keys = ["base-only", "shared", "chat-only", "other", "dead"]
     return {k: labels.count(k) for k in keys if k in labels or k in ("base-only", "shared", "chat-only")}
+
+
+def fidelity_table(heldout: dict[str, Any], ce: dict[str, dict[str, float]],
+                   sources: Iterable[str] = ("base", "chat")) -> dict[str, dict[str, float]]:
+    """{source: {measure: value}}: held-out L0, FVU, explained variance and dead fraction beside the
+    CE-recovered measures of each model (the training page's fidelity table)."""
+    return {s: {"L0 (both models)": heldout["l0"], "FVU": heldout[f"fvu_{s}"],
+                "explained variance": heldout[f"explained_variance_{s}"], "dead latents": heldout["dead_frac"],
+                **ce.get(s, {})} for s in sources}

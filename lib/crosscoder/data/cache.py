@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from crosscoder.progress import progress_bar
 
 from crosscoder import checkpoint as ckpt
 from crosscoder.atomic import replace_atomically, write_json_atomic
@@ -47,7 +47,7 @@ CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 class CacheConfig(_DictMixin):
     """How many sequences to extract and how to store them."""
 
-    n_train_sequences: int = 2048
+    n_train_sequences: int
     """Training sequences (tokens = their non-BOS, non-pad positions)."""
     n_heldout_sequences: int = 256
     """Held-out sequences for evaluation."""
@@ -212,7 +212,7 @@ def build_activation_cache(
         known.update({sh["file"]: sh for sh in info["shards"]})
         mine, held_items = mine_all[split], []
         n_mine = len(range(rank, n_shards, world))
-        bar = tqdm(total=n_mine, desc=f"extract {split}", disable=not progress or rank != 0, unit="shard")
+        bar = progress_bar(total=n_mine, desc=f"extract {split}", disable=not progress or rank != 0, unit="shard")
         for i in range(n_shards):
             items = [x for _, x in zip(range(min(sps, n_seq - i * sps)), stream)]
             if not items:

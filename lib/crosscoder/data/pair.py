@@ -28,12 +28,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelPairConfig(_DictMixin):
     """Which two models to diff and where to read them."""
 
-    base: str = "google/gemma-2-2b"
-    """Hub name or local folder of the base model."""
-    chat: str = "google/gemma-2-2b-it"
-    """Hub name or local folder of the chat fine-tune."""
-    layer: int = 13
-    """Read the residual stream after this block (HF hidden_states[layer + 1])."""
+    base: str
+    """Hub name or local folder of the base model (e.g. google/gemma-2-2b)."""
+    chat: str
+    """Hub name or local folder of the chat fine-tune (e.g. google/gemma-2-2b-it)."""
+    layer: int
+    """Read the residual stream after this block (HF hidden_states[layer + 1]; 13 for Gemma-2-2B)."""
     dtype: str = "auto"
     """"float32", "bfloat16", "float16", or "auto" (bf16 on GPU, fp32 on CPU)."""
     device: str = "auto"

@@ -33,10 +33,13 @@ ROLES = {"user": "user", "assistant": "assistant", "model": "assistant", "human"
 class DataConfig(_DictMixin):
     """Where the token sequences come from and how they are mixed."""
 
-    text_source: str = "monology/pile-uncopyrighted"
-    """Hub dataset name, or a local .jsonl/.json/.parquet file or folder, with a text field."""
-    chat_source: str = "lmsys/lmsys-chat-1m"
-    """Hub dataset name or local file/folder with a conversation field."""
+    text_source: str
+    """Hub dataset name (e.g. monology/pile-uncopyrighted), or a local .jsonl/.json/.parquet file or
+    folder, with a text field."""
+    chat_source: str
+    """Hub dataset name (e.g. lmsys/lmsys-chat-1m) or local file/folder with a conversation field."""
+    context_length: int
+    """Tokens per sequence, BOS included (longer documents are cut; 1024 in the Gemma replication)."""
     heldout_text_source: str = ""
     """Optional separate held-out text (e.g. the organism's held-out chapters); "" = hash split."""
     heldout_chat_source: str = ""
@@ -47,8 +50,6 @@ class DataConfig(_DictMixin):
     """Field holding the list of {"role", "content"} turns."""
     chat_fraction: float = 0.5
     """Fraction of sequences drawn from the chat source (0 = text only, 1 = chat only)."""
-    context_length: int = 1024
-    """Tokens per sequence, BOS included (longer documents are truncated)."""
     min_tokens: int = 8
     """Documents shorter than this (after tokenisation) are skipped."""
     split_documents: bool = True

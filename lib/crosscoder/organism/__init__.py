@@ -10,7 +10,8 @@ Public API::
 CLI: ``python -m crosscoder.organism --preset default --root cache/organism``.
 """
 
-from crosscoder.organism.build import OrganismPaths, build_organism, load_metrics, organism_dir
+from crosscoder.organism.build import (OrganismPaths, behaviour_table, build_organism, describe, load_metrics,
+                                       organism_dir)
 from crosscoder.organism.config import (BehaviourConfig, CorpusConfig, EvalConfig, ModelConfig,
                                         OrganismConfig, TokenizerConfig, LMTrainConfig,
                                         default_config, preset, smoke_config)
@@ -19,6 +20,6 @@ from crosscoder.organism.evaluate import LABEL_DESCRIPTIONS, EvalSet, load_eval_
 __all__ = [
     "BehaviourConfig", "CorpusConfig", "EvalConfig", "EvalSet", "LABEL_DESCRIPTIONS",
     "ModelConfig", "OrganismConfig", "OrganismPaths", "TokenizerConfig", "LMTrainConfig",
-    "build_organism", "default_config", "load_eval_set", "load_metrics", "organism_dir", "preset",
+    "behaviour_table", "build_organism", "describe", "default_config", "load_eval_set", "load_metrics", "organism_dir", "preset",
     "smoke_config",
 ]

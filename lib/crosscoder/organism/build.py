@@ -82,6 +82,18 @@ def load_metrics(where: OrganismPaths | str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def behaviour_table(metrics: dict) -> dict[str, dict[str, float]]:
+    """{model: {measure: value}}: held-out losses and behaviour rates of base and chat (no examples)."""
+    return {name: {k: v for k, v in metrics[name].items() if k not in ("examples", "n_prompts")}
+            for name in ("base", "chat")}
+
+
+def describe(paths: OrganismPaths) -> dict:
+    """The build record's corpus, sizes and timings (from organism.json)."""
+    info = json.loads((paths.root / "organism.json").read_text())
+    return {k: info[k] for k in ("corpus", "sizes", "timings_s") if k in info}
+
+
 def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True) -> OrganismPaths:
     """Build the organism of ``cfg`` under ``root`` unless the cache already holds it.
 

@@ -8,7 +8,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from crosscoder.progress import progress_bar
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from crosscoder.organism.config import ModelConfig, LMTrainConfig
@@ -177,7 +177,7 @@ def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Seq
     model.train()
     losses = []
     t0 = time.perf_counter()
-    bar = tqdm(range(n_steps), desc=desc, disable=not progress, mininterval=2.0)
+    bar = progress_bar(range(n_steps), desc=desc, disable=not progress, mininterval=2.0)
     for step in bar:
         ids, tgt = [], []
         for src, sampler, k in zip(sources, samplers, counts):

@@ -215,6 +215,30 @@ def test_smoke_book_renders_every_run_with_its_profile(smoke_book):
         config["profiles"]["smoke"]["parameters"]["synthetic_crosscoder"]["n_steps"]
 
 
+_PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s|step/s|shard/s|IProgress")
+
+
+def test_pages_read_as_a_report(smoke_book):
+    """No progress bars or library warnings in the pages (they go to the terminal), the notebook's
+    defaults cell is dropped (the injected parameters show once) and every figure has a caption."""
+    for nb_path in sorted((smoke_book.project / "book" / "_runs").glob("*.ipynb")):
+        nb = nbformat.read(nb_path, 4)
+        streams = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream"]
+        progress = [o["text"][:80] for o in streams if _PROGRESS.search(o["text"])]
+        assert len(progress) <= 1, f"{nb_path.name}: {len(progress)} progress outputs, e.g. {progress[:3]}"
+        assert all(o["name"] != "stderr" for o in streams), \
+            f"{nb_path.name}: stderr in the page: {[o['text'][:120] for o in streams if o['name'] == 'stderr']}"
+        html = smoke_book.html / "_runs" / f"{nb_path.stem}.html"
+        if "stub" in nb.metadata.get("crosscoder_run", {}).get("status", ""):
+            continue
+        text = _text(html)
+        assert "Defaults from crosscoder.schema" not in text, f"{html.name} shows the defaults cell"
+        n_images = html.read_text().count("<img")
+        n_captions = text.count("Figure.") + text.count("Figures.")
+        assert n_images == 0 or n_captions >= 1, f"{html.name}: {n_images} images and no caption"
+
+
 def test_second_make_book_executes_nothing(smoke_book):
     again = _run([sys.executable, "-m", "report", "--profile", "smoke"],
                  cwd=smoke_book.project)

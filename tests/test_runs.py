@@ -358,3 +358,25 @@ def test_notebook_is_stored_stripped_with_a_documented_parameters_cell(path):
         if cell.cell_type == "code" and re.search(r"save_figure\(|plt\.subplots\(", cell.source):
             assert "hide-input" in cell.metadata.get("tags", []), \
                 f"{path.name}: plotting cell is not tagged hide-input:\n{cell.source}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_narrative_plus_short_calls(path):
+    """Loops, comprehensions and functions longer than 5 lines belong in lib (with a test); every
+    plotting cell is followed by a caption (a markdown cell starting "*Figure")."""
+    import ast
+
+    nb = nbformat.read(path, 4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+            continue
+        tree = ast.parse("\n".join(line for line in cell.source.splitlines() if not line.startswith(("%", "!"))))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.For, ast.While, ast.FunctionDef, ast.ListComp, ast.DictComp, ast.SetComp,
+                                 ast.GeneratorExp)):
+                n = node.end_lineno - node.lineno + 1
+                assert n <= 5, f"{path.name} cell {i}: a {type(node).__name__} of {n} lines belongs in lib"
+        if "save_figure(" in cell.source:
+            nxt = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
+            assert nxt is not None and nxt.cell_type == "markdown" and nxt.source.startswith("*Figure"), \
+                f"{path.name} cell {i}: a figure without a caption cell after it"

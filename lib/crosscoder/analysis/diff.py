@@ -82,3 +82,20 @@ def behaviour_recovery(model: Crosscoder, pair: ModelPair, eval_set, candidates:
         rows = [dict(r, best_latent_class=classes[r["best_latent"]] if r["best_latent"] >= 0 else "")
                 for r in rows]
     return rows, summary
+
+
+def record_recovery(models: dict[str, Crosscoder], infos: dict[str, DiffInfo], pair: ModelPair, eval_set,
+                    behaviours: list[str], scaling_rows: dict[str, dict[str, Any]], artifacts_dir: str
+                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """``behaviour_recovery`` of every crosscoder's chat-only latents, written with its Latent Scaling
+    row into the crosscoder's metrics.json; returns all rows (tagged by crosscoder) and summaries."""
+    from crosscoder.checkpoint import update_metrics
+
+    all_rows, summaries = [], {}
+    for name, m in models.items():
+        rows, summaries[name] = behaviour_recovery(m, pair, eval_set, in_class(infos[name].by_delta_norm, "chat-only"),
+                                                   behaviours)
+        all_rows += [dict(r, crosscoder=name) for r in rows]
+        update_metrics(f"{artifacts_dir}/{name}/crosscoder",
+                       {"ground_truth": {"rows": rows, **summaries[name]}, "latent_scaling": scaling_rows[name]})
+    return all_rows, summaries

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from crosscoder import checkpoint as ckpt
 from crosscoder.data.pair import ModelPairConfig, load_pair, residual_after, residuals_at
+from crosscoder.data import cache as cache_mod
 from crosscoder.data.buffer import StreamingBuffer
 from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache
 from crosscoder.config import ConfigError
@@ -175,7 +176,7 @@ def _cache_cfgs(world, **kw):
     return _pair_cfg(dirs), _data_cfg(data), cc
 
 
-def test_cache_build_resume_and_corruption(world, tmp_path):
+def test_cache_build_resume_and_corruption(world, tmp_path, monkeypatch):
     p, d, c = _cache_cfgs(world)
     ref = build_activation_cache(p, d, c, tmp_path / "ref", progress=False)
     acts, tok, seq, pos = ref.load("train", with_index=True)
@@ -183,8 +184,9 @@ def test_cache_build_resume_and_corruption(world, tmp_path):
     assert (pos > 0).all()  # BOS excluded
     assert ref.manifest["splits"]["train"]["n_tokens"] == acts.shape[0]
     # crash after 2 shards, rerun: finished shards kept, result identical
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        build_activation_cache(p, d, c, tmp_path / "run", progress=False, _fail_after_shards=2)
+    with monkeypatch.context() as mp, pytest.raises(RuntimeError, match="simulated crash"):
+        mp.setattr(cache_mod, "_shard_written", _crash_after(2))
+        build_activation_cache(p, d, c, tmp_path / "run", progress=False)
     folder = next((tmp_path / "run").iterdir())
     first = (folder / "train-00000.safetensors").stat().st_mtime_ns
     again = build_activation_cache(p, d, c, tmp_path / "run", progress=False)
@@ -210,7 +212,6 @@ def test_cache_build_resume_and_corruption(world, tmp_path):
 
 
 def test_nan_activations_rejected(world, tmp_path, monkeypatch):
-    import crosscoder.data.cache as cache_mod
 
     p, d, c = _cache_cfgs(world)
     real = cache_mod.extract_pair
@@ -265,16 +266,26 @@ _CRASHING_RANK = """
 import json, sys
 import torch.distributed as dist
 from crosscoder.data.pair import ModelPairConfig
+from crosscoder.data import cache
 from crosscoder.data.cache import CacheConfig, build_activation_cache
 from crosscoder.data.text import DataConfig
 
 dist.init_process_group("gloo")
 blob = json.load(open(sys.argv[1]))
-# rank 1 dies after writing its first shard; torchrun then stops rank 0 too
+if dist.get_rank() == 1:  # rank 1 dies after writing its first shard; torchrun then stops rank 0 too
+    def crash(n):
+        raise RuntimeError("simulated crash during extraction")
+    cache._shard_written = crash
 build_activation_cache(ModelPairConfig.from_dict(blob["pair"]), DataConfig.from_dict(blob["data"]),
-                       CacheConfig.from_dict(blob["cache"]), sys.argv[2], progress=False,
-                       _fail_after_shards=1 if dist.get_rank() == 1 else None)
+                       CacheConfig.from_dict(blob["cache"]), sys.argv[2], progress=False)
 """
+
+
+def _crash_after(n_shards: int):
+    def hook(n_written: int) -> None:
+        if n_written >= n_shards:
+            raise RuntimeError("simulated crash during extraction")
+    return hook
 
 
 def _cli(*args: str, nproc: int = 0) -> list[str]:

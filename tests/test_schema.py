@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import report
-from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, default_of, field_docs
+from crosscoder.config import ConfigError, TrainConfig, default_of, field_docs
 from crosscoder.data.cache import CacheConfig
 from crosscoder.data.pair import ModelPairConfig
 from crosscoder.data.text import DataConfig

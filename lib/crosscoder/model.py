@@ -176,8 +176,8 @@ class Crosscoder(nn.Module):
         if use_threshold:
             if float(self.threshold) < 0:
                 raise ConfigError(
-                    "this BatchTopK crosscoder has no inference threshold yet; train it or call "
-                    "crosscoder.train.estimate_threshold first, or pass use_threshold=False"
+                    "this BatchTopK crosscoder has no inference threshold yet (it is estimated during "
+                    "training); train it, set model.threshold, or pass use_threshold=False"
                 )
             return f_BF * (self.topk_score(f_BF) > self.threshold)
         return f_BF * self.batch_topk_mask(f_BF)

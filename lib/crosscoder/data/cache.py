@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -153,119 +153,157 @@ def build_activation_cache(
     *,
     pair: ModelPair | None = None,
     progress: bool = True,
-    _fail_after_shards: int | None = None,
 ) -> ActivationCache:
     """Extract (or finish extracting, or just open) the cache for these configs under ``root``.
 
     Inside a ``torch.distributed`` process group every rank must call it with the same arguments;
     each extracts the shards ``i % world_size == rank`` (see the module docstring).
-    ``_fail_after_shards`` simulates a crash for the resume tests.
     """
     rank, world = rank_and_world()
     folder = Path(root) / cache_key(pair_cfg, data_cfg, cache_cfg)
     if rank == 0:
         ckpt.ensure_writable_dir(folder)
     _barrier(world)  # the other ranks write into the folder rank 0 checked
-    mpath = folder / "manifest.json"
-    manifest: dict[str, Any] = json.loads(mpath.read_text()) if mpath.exists() else {}
-    if manifest and all(manifest["splits"][s]["complete"] for s in SPLITS):
-        bad = [sh["file"] for s in SPLITS for sh in manifest["splits"][s]["shards"] if not _verify(folder, sh)]
-        if not bad and "heldout_sequences.safetensors" in manifest.get("files", {}):
-            return ActivationCache(folder)
+    manifest = _read_manifest(folder)
+    if _is_complete(folder, manifest):
+        return ActivationCache(folder)
     if pair is None:
         pair = load_pair(pair_cfg, need_chat_template=data_cfg.chat_fraction > 0)
-    layers = cache_cfg.layers or None
-    n_sources = len(layers) if layers else 2
-    if not manifest:
-        manifest = {
-            "format": "crosscoder-activation-cache/1",
-            "key": folder.name,
-            "configs": {"pair": pair_cfg.to_dict(), "data": data_cfg.to_dict(), "cache": cache_cfg.to_dict()},
-            "models": {"base": pair_cfg.base, "chat": pair_cfg.chat},
-            "layer": pair_cfg.layer,
-            "layers": layers,
-            "sources": [f"layer{l}" for l in layers] if layers else ["base", "chat"],
-            "n_sources": n_sources,
-            "d_model": pair.d_model,
-            "dtype": cache_cfg.dtype,
-            "bos_excluded": True,
-            "splits": {s: {"shards": [], "complete": False, "n_tokens": 0, "n_sequences": 0} for s in SPLITS},
-            "files": {},
-        }
-    dtype = CACHE_DTYPES[cache_cfg.dtype]
-    written = 0
-    # Shards finished by any earlier run, under any world size: the manifest plus the per-rank
-    # progress files of an interrupted distributed run (each entry is checked against its sha256).
-    earlier = _progress_entries(folder)
-    progress_path = folder / f".progress-rank{rank}.json"
-    mine_all: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    run = _Extraction(folder, manifest or _new_manifest(folder.name, pair_cfg, data_cfg, cache_cfg, pair.d_model),
+                      pair, data_cfg, cache_cfg, rank, world, progress)
     for split in SPLITS:
-        info = manifest["splits"][split]
-        n_seq, sps = cache_cfg.n_sequences(split), cache_cfg.sequences_per_shard
-        n_shards = -(-n_seq // sps)
-        # norm documents follow the held-out ones in the same (held-out) document stream
-        stream = iter_sequences(data_cfg, pair.tokenizer, heldout=split != "train")
-        if split == "norm":
-            for _ in range(cache_cfg.n_heldout_sequences):
-                next(stream, None)
-        known = {sh["file"]: sh for sh in earlier.get(split, [])}
-        known.update({sh["file"]: sh for sh in info["shards"]})
-        mine, held_items = mine_all[split], []
-        n_mine = len(range(rank, n_shards, world))
-        bar = progress_bar(total=n_mine, desc=f"extract {split}", disable=not progress or rank != 0, unit="shard")
-        for i in range(n_shards):
-            items = [x for _, x in zip(range(min(sps, n_seq - i * sps)), stream)]
-            if not items:
-                raise ConfigError(f"the data ran out after {i * sps} {split} sequences; lower "
-                                  f"n_{split}_sequences or add data")
-            if split == "heldout":
-                held_items += items
-            if i % world != rank:  # another rank's slice
-                continue
-            name = f"{split}-{i:05d}.safetensors"
-            if name in known and _verify(folder, known[name]):
-                mine.append(known[name])
-                bar.update(1)
-                continue
-            rows: dict[str, list[Tensor]] = {"acts": [], "token": [], "seq": [], "pos": []}
-            for j in range(0, len(items), cache_cfg.forward_batch):
-                chunk = items[j : j + cache_cfg.forward_batch]
-                seqs = batch_sequences(chunk, pair.tokenizer.pad_token_id)
-                acts = extract_pair(pair, seqs.input_ids_NT, seqs.attention_mask_NT, layers).cpu()
-                for k, v in shard_rows(seqs, acts, i * sps + j, dtype).items():
-                    rows[k].append(v)
-            tensors = {k: torch.cat(v) for k, v in rows.items()}
-            digest = _save_shard(tensors, folder, name)
-            mine.append({"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
-                         "seq_start": i * sps, "seq_end": i * sps + len(items)})
-            if world == 1:
-                redone = {sh["file"] for sh in mine}
-                info["shards"] = mine + [sh for sh in info["shards"] if sh["file"] not in redone]
-                write_json_atomic(mpath, manifest)
-            else:  # only rank 0 writes the manifest; the others record their progress here
-                write_json_atomic(progress_path, mine_all)
-            written += 1
-            bar.update(1)
-            if _fail_after_shards is not None and written >= _fail_after_shards:
-                raise RuntimeError("simulated crash during extraction")
-        bar.close()
-        shards = _gather_shards(mine, world)
-        info["shards"] = shards
-        info["n_tokens"] = sum(sh["n_tokens"] for sh in shards)
-        info["n_sequences"] = n_seq
-        info["complete"] = True
-        if split == "heldout" and rank == 0:
-            seqs = batch_sequences(held_items, pair.tokenizer.pad_token_id)
-            manifest["files"]["heldout_sequences.safetensors"] = _save_shard(
-                {"input_ids": seqs.input_ids_NT, "attention_mask": seqs.attention_mask_NT,
-                 "is_chat": seqs.is_chat_N.to(torch.uint8)}, folder, "heldout_sequences.safetensors")
-        if rank == 0:
-            write_json_atomic(mpath, manifest)
+        run.split(split)
     if rank == 0:
         for p in folder.glob(".progress-rank*.json"):  # everything is in the manifest now
             p.unlink()
     _barrier(world)  # the other ranks open the manifest rank 0 has just written
     return ActivationCache(folder)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    mpath = folder / "manifest.json"
+    return json.loads(mpath.read_text()) if mpath.exists() else {}
+
+
+def _is_complete(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Every split finished, every shard matching its checksum, the held-out sequences saved."""
+    if not manifest or not all(manifest["splits"][s]["complete"] for s in SPLITS):
+        return False
+    shards_ok = all(_verify(folder, sh) for s in SPLITS for sh in manifest["splits"][s]["shards"])
+    return shards_ok and "heldout_sequences.safetensors" in manifest.get("files", {})
+
+
+def _new_manifest(key: str, pair_cfg: ModelPairConfig, data_cfg: DataConfig, cache_cfg: CacheConfig,
+                  d_model: int) -> dict[str, Any]:
+    layers = cache_cfg.layers or None
+    return {
+        "format": "crosscoder-activation-cache/1",
+        "key": key,
+        "configs": {"pair": pair_cfg.to_dict(), "data": data_cfg.to_dict(), "cache": cache_cfg.to_dict()},
+        "models": {"base": pair_cfg.base, "chat": pair_cfg.chat},
+        "layer": pair_cfg.layer,
+        "layers": layers,
+        "sources": [f"layer{l}" for l in layers] if layers else ["base", "chat"],
+        "n_sources": len(layers) if layers else 2,
+        "d_model": d_model,
+        "dtype": cache_cfg.dtype,
+        "bos_excluded": True,
+        "splits": {s: {"shards": [], "complete": False, "n_tokens": 0, "n_sequences": 0} for s in SPLITS},
+        "files": {},
+    }
+
+
+def _shard_written(n_written: int) -> None:
+    """Called after each shard this process writes (the resume tests replace it to simulate a crash)."""
+
+
+class _Extraction:
+    """One (possibly resumed, possibly distributed) extraction into a cache folder: this rank's
+    shards of each split, recorded in the manifest (one process) or a per-rank progress file."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], pair: ModelPair, data_cfg: DataConfig,
+                 cache_cfg: CacheConfig, rank: int, world: int, progress: bool):
+        self.folder, self.manifest, self.pair = folder, manifest, pair
+        self.data_cfg, self.cache_cfg, self.rank, self.world, self.progress = data_cfg, cache_cfg, rank, world, progress
+        self.mpath = folder / "manifest.json"
+        self.progress_path = folder / f".progress-rank{rank}.json"
+        self.dtype = CACHE_DTYPES[cache_cfg.dtype]
+        self.layers = cache_cfg.layers or None
+        # Shards finished by any earlier run, under any world size: the manifest plus the per-rank
+        # progress files of an interrupted distributed run (each entry is checked against its sha256).
+        self.earlier = _progress_entries(folder)
+        self.mine_all: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        self.written = 0
+
+    def _stream(self, split: str) -> Iterator[tuple[list[int], bool]]:
+        stream = iter_sequences(self.data_cfg, self.pair.tokenizer, heldout=split != "train")
+        if split == "norm":  # norm documents follow the held-out ones in the same held-out stream
+            for _ in range(self.cache_cfg.n_heldout_sequences):
+                next(stream, None)
+        return stream
+
+    def split(self, split: str) -> None:
+        info = self.manifest["splits"][split]
+        n_seq, sps = self.cache_cfg.n_sequences(split), self.cache_cfg.sequences_per_shard
+        n_shards = -(-n_seq // sps)
+        stream = self._stream(split)
+        known = {sh["file"]: sh for sh in self.earlier.get(split, [])}
+        known.update({sh["file"]: sh for sh in info["shards"]})
+        mine, held_items = self.mine_all[split], []
+        bar = progress_bar(total=len(range(self.rank, n_shards, self.world)), desc=f"extract {split}",
+                           disable=not self.progress or self.rank != 0, unit="shard")
+        for i in range(n_shards):
+            items = [x for _, x in zip(range(min(sps, n_seq - i * sps)), stream)]
+            if not items:
+                raise ConfigError(f"the data ran out after {i * sps} {split} sequences; lower "
+                                  f"n_{split}_sequences or add data")
+            held_items += items if split == "heldout" else []
+            if i % self.world != self.rank:  # another rank's slice
+                continue
+            name = f"{split}-{i:05d}.safetensors"
+            if name in known and _verify(self.folder, known[name]):
+                mine.append(known[name])
+            else:
+                mine.append(self._write_shard(name, items, i * sps))
+                self._record(info, mine)
+            bar.update(1)
+        bar.close()
+        self._finish_split(split, info, mine, n_seq, held_items)
+
+    def _write_shard(self, name: str, items: list, seq_start: int) -> dict[str, Any]:
+        rows: dict[str, list[Tensor]] = {"acts": [], "token": [], "seq": [], "pos": []}
+        fb = self.cache_cfg.forward_batch
+        for j in range(0, len(items), fb):
+            seqs = batch_sequences(items[j : j + fb], self.pair.tokenizer.pad_token_id)
+            acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers).cpu()
+            for k, v in shard_rows(seqs, acts, seq_start + j, self.dtype).items():
+                rows[k].append(v)
+        tensors = {k: torch.cat(v) for k, v in rows.items()}
+        digest = _save_shard(tensors, self.folder, name)
+        return {"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
+                "seq_start": seq_start, "seq_end": seq_start + len(items)}
+
+    def _record(self, info: dict[str, Any], mine: list[dict[str, Any]]) -> None:
+        if self.world == 1:
+            redone = {sh["file"] for sh in mine}
+            info["shards"] = mine + [sh for sh in info["shards"] if sh["file"] not in redone]
+            write_json_atomic(self.mpath, self.manifest)
+        else:  # only rank 0 writes the manifest; the others record their progress here
+            write_json_atomic(self.progress_path, self.mine_all)
+        self.written += 1
+        _shard_written(self.written)
+
+    def _finish_split(self, split: str, info: dict[str, Any], mine: list[dict[str, Any]], n_seq: int,
+                      held_items: list) -> None:
+        shards = _gather_shards(mine, self.world)
+        info.update(shards=shards, n_tokens=sum(sh["n_tokens"] for sh in shards), n_sequences=n_seq, complete=True)
+        if split == "heldout" and self.rank == 0:
+            seqs = batch_sequences(held_items, self.pair.tokenizer.pad_token_id)
+            self.manifest["files"]["heldout_sequences.safetensors"] = _save_shard(
+                {"input_ids": seqs.input_ids_NT, "attention_mask": seqs.attention_mask_NT,
+                 "is_chat": seqs.is_chat_N.to(torch.uint8)}, self.folder, "heldout_sequences.safetensors")
+        if self.rank == 0:
+            write_json_atomic(self.mpath, self.manifest)
 
 
 def _barrier(world: int) -> None:

@@ -23,7 +23,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers import GenerationConfig
@@ -88,10 +88,14 @@ def behaviour_table(metrics: dict) -> dict[str, dict[str, float]]:
             for name in ("base", "chat")}
 
 
-def describe(paths: OrganismPaths) -> dict:
-    """The build record's corpus, sizes and timings (from organism.json)."""
+def describe(paths: OrganismPaths) -> dict[str, Any]:
+    """What the organism was built from and how big it is (from its build record, organism.json)."""
     info = json.loads((paths.root / "organism.json").read_text())
-    return {k: info[k] for k in ("corpus", "sizes", "timings_s") if k in info}
+    c = info["corpus"]
+    return {"corpus": f"{c['package']} {c['version']}: {c['file']}", "training chapters": c["train_chapters"],
+            "held-out chapters": c["heldout_chapters"], "training tokens": c["train_tokens"],
+            "held-out tokens": c["heldout_tokens"], "parameters per model": info["n_parameters"],
+            "vocabulary": info["vocab_size"]}
 
 
 def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True) -> OrganismPaths:

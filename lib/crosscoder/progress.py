@@ -1,16 +1,19 @@
 """Progress bars that stay out of the book's pages.
 
-In a notebook kernel ``sys.stderr`` is captured into the page, but ``sys.__stderr__`` is the
-kernel process's own stderr, inherited from the process that started it (``python -m report`` /
+In a notebook kernel ``sys.stderr`` (and file descriptor 2, which ipykernel redirects into a pipe)
+is captured into the page. ``sys.stderr.fileno()`` is, by ipykernel's design, a copy of the
+kernel's *original* stderr, inherited from the process that started it (``python -m report`` /
 ``make book``): bars written there show in that terminal and never in the rendered notebook.
-Outside a kernel the two are the same stream.
+Outside a kernel it is the process's ordinary stderr.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -19,7 +22,22 @@ from tqdm import tqdm
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 
+_terminal: TextIO | None = None
+
+
+def terminal() -> TextIO:
+    """A text stream on the original stderr of this process (see the module docstring)."""
+    global _terminal
+    if _terminal is None:
+        try:
+            _terminal = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8",
+                                  errors="replace")
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no fd (e.g. captured)
+            return sys.stderr
+    return _terminal
+
+
 def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
-    """``tqdm(...)`` writing to the process's stderr (the terminal, not the notebook page)."""
-    kwargs.setdefault("file", sys.__stderr__ if sys.__stderr__ is not None else sys.stderr)
+    """``tqdm(...)`` writing to the terminal that runs the process, never into a notebook page."""
+    kwargs.setdefault("file", terminal())
     return tqdm(*args, **kwargs)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from crosscoder.analysis.clustering import cluster_latents
 from crosscoder.analysis.ground_truth import auroc, ground_truth_table
 from crosscoder.analysis.scaling import latent_scaling, scaling_beta
 from crosscoder.config import CrosscoderConfig
@@ -89,19 +88,6 @@ def test_auroc_equals_sklearn_and_extremes():
     multi = auroc(scores, torch.stack([labels, ~labels], 1), chunk=3)
     torch.testing.assert_close(multi[:, 0], ours)
     torch.testing.assert_close(multi[:, 1], 1 - ours)
-
-
-def test_clustering_recovers_planted_clusters():
-    from sklearn.metrics import adjusted_rand_score
-
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(5, 32))
-    truth = np.repeat(np.arange(5), 30)
-    X = centers[truth] + 0.15 * rng.normal(size=(150, 32))
-    c = cluster_latents(X, range(2, 9))
-    assert c.n_clusters == 5
-    assert adjusted_rand_score(truth, c.labels) > 0.95
-    assert c.embedding_2d.shape == (150, 2)
 
 
 def test_frontier_is_monotone_on_synthetic_data(tmp_path):

@@ -1,86 +1,301 @@
-"""Latent clustering of decoder directions and of activation co-occurrence (scikit-learn)."""
+"""Families of latents: clustering that is chosen by its stability, not by a silhouette score.
+
+Three views of a latent can be clustered (scikit-learn does the clustering):
+
+* ``signature``: *where* it fires -- the share of its activation mass on each context class
+  (pretraining text, chat-template tokens, user turns, model turns) and position band;
+* ``cooccurrence``: *with whom* it fires -- the Jaccard similarity of binary firing patterns over
+  held-out tokens;
+* ``decoder``: *what it writes* -- the cosine of the concatenated decoder directions.
+
+A clustering worth reading comes out (nearly) the same when the held-out sequences are resampled
+(``bootstrap_stability``) and when a second crosscoder seed is clustered (``matched_ari``); the
+method and the number of clusters are picked by that stability (``select_clustering``). A null
+baseline (``shuffle_activations``: every latent's activations permuted over tokens independently)
+keeps each latent's density and destroys all structure, so scores on it say what chance gives.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
+import torch
 from torch import Tensor
 
-class Clustering(NamedTuple):
-    labels: np.ndarray
-    """Cluster of each latent."""
-    n_clusters: int
-    """Chosen number of clusters."""
-    silhouette_by_k: dict[int, float]
-    """Silhouette score for each candidate k (the choice is its argmax)."""
-    embedding_2d: np.ndarray
-    """2-D embedding of the latents for plotting."""
+CONTEXTS = ("text", "template", "user", "model")
+"""Context classes of a token: a pretraining-text sequence, the chat template's scaffolding
+(<start_of_turn>, role header, <end_of_turn> and the newline after it), a user turn's content,
+a model turn's content."""
+POSITION_BANDS = (1, 8, 32, 128)
+"""Lower edges of the position bands of a context signature (BOS, position 0, is never counted)."""
+METHODS = ("signature", "cooccurrence", "decoder")
 
 
-def cluster_latents(
-    features_LX: np.ndarray,
-    k_range: Iterable[int] = range(2, 13),
-    *,
-    metric: str = "cosine",
-    seed: int = 0,
-    embed: str = "pca",
-) -> Clustering:
-    """KMeans on L2-normalised feature rows (so Euclidean ~ cosine distance), k chosen by the
-    silhouette score, plus a PCA or t-SNE embedding for the map."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
+# ---------------------------------------------------------------------------- token context labels
+def context_labels(input_ids_NT: Tensor, attention_mask_NT: Tensor, is_chat_N: Tensor, tokenizer) -> Tensor:
+    """Index into CONTEXTS of every token ([N, T] int64; -1 on BOS and padding).
+
+    Chat sequences are parsed from the template tokens themselves (Gemma's format, which the
+    organism shares): ``<start_of_turn>`` + role header up to its newline, content, ``<end_of_turn>``
+    + the newline after it. The role is read from the header text ("user" / anything else = model).
+    """
+    start = tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    out = torch.full(input_ids_NT.shape, -1, dtype=torch.long)
+    T_TEXT, T_TEMPLATE, T_USER, T_MODEL = range(4)
+    for n, row in enumerate(input_ids_NT.tolist()):
+        valid = attention_mask_NT[n].bool().tolist()
+        if not bool(is_chat_N[n]):
+            out[n] = torch.tensor([T_TEXT if v else -1 for v in valid])
+            out[n, 0] = -1
+            continue
+        state, role, header = "outside", T_MODEL, ""
+        for t, (tok, v) in enumerate(zip(row, valid)):
+            if t == 0 or not v:
+                continue
+            piece = tokenizer.decode([tok])
+            if tok == start:
+                state, header = "header", ""
+                out[n, t] = T_TEMPLATE
+            elif state == "header":
+                out[n, t] = T_TEMPLATE
+                header += piece
+                if "\n" in piece:
+                    role = T_USER if "user" in header else T_MODEL
+                    state = "content"
+            elif tok == end:
+                out[n, t] = T_TEMPLATE
+                state = "after_end"
+            elif state == "after_end" and piece.strip() == "":
+                out[n, t] = T_TEMPLATE
+                state = "outside"
+            else:
+                out[n, t] = role if state == "content" else T_TEMPLATE
+    return out
+
+
+# ---------------------------------------------------------------------------- latent features
+def context_signature(f_TJ: Tensor, context_T: Tensor, position_T: Tensor) -> np.ndarray:
+    """[J, C + P] per latent: the share of its activation mass on each context class, then on each
+    position band (each half sums to 1 for a latent that fires; zeros for one that never does)."""
+    f = f_TJ.double()
+    valid = context_T >= 0
+    f, ctx, pos = f[valid], context_T[valid], position_T[valid]
+    C = torch.nn.functional.one_hot(ctx, len(CONTEXTS)).double()  # [T, C]
+    band = torch.bucketize(pos, torch.tensor(POSITION_BANDS[1:]), right=True)
+    P = torch.nn.functional.one_hot(band, len(POSITION_BANDS)).double()
+    mass = f.sum(0).clamp_min(1e-12)[:, None]
+    return torch.cat([f.T @ C / mass, f.T @ P / mass], 1).numpy()
+
+
+def jaccard_similarity(f_TJ: Tensor) -> np.ndarray:
+    """[J, J] Jaccard similarity of the latents' binary firing patterns over tokens."""
+    b = (f_TJ > 0).double()
+    inter = b.T @ b
+    count = b.sum(0)
+    union = (count[:, None] + count[None, :] - inter).clamp_min(1e-12)
+    return (inter / union).numpy()
+
+
+def decoder_features(W_dec_FSD: Tensor, latents: Tensor) -> np.ndarray:
+    """Concatenated decoder directions of ``latents``, unit-normalised (cosine geometry)."""
+    W = W_dec_FSD.detach()[latents].reshape(len(latents), -1).double()
+    return torch.nn.functional.normalize(W, dim=-1).numpy()
+
+
+def shuffle_activations(f_TJ: Tensor, seed: int = 0) -> Tensor:
+    """The null baseline: each latent's activations permuted over tokens independently (density
+    kept, co-occurrence and context destroyed)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.argsort(torch.rand(f_TJ.shape, generator=g), dim=0)
+    return f_TJ.gather(0, idx)
+
+
+# ---------------------------------------------------------------------------- clustering
+def cluster(method: str, k: int, *, signature: np.ndarray | None = None, similarity: np.ndarray | None = None,
+            decoder: np.ndarray | None = None) -> np.ndarray:
+    """Agglomerative clustering (average linkage) of latents into ``k`` clusters by one view:
+    ``signature`` (cosine between signatures), ``cooccurrence`` (1 - Jaccard) or ``decoder`` (cosine)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    if method == "cooccurrence":
+        if similarity is None:
+            raise ValueError("method 'cooccurrence' needs similarity")
+        return AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(
+            np.clip(1.0 - similarity, 0.0, None))
+    X = {"signature": signature, "decoder": decoder}.get(method)
+    if X is None:
+        raise ValueError(f"method must be one of {METHODS} with its view given, got {method!r}")
+    return AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="average").fit_predict(X + 1e-12)
+
+
+def features(method: str, f_TJ: Tensor, context_T: Tensor, position_T: Tensor,
+             decoder: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The view ``method`` clusters on, computed from activations (the decoder view is fixed)."""
+    if method == "signature":
+        return {"signature": context_signature(f_TJ, context_T, position_T)}
+    if method == "cooccurrence":
+        return {"similarity": jaccard_similarity(f_TJ)}
+    return {"decoder": decoder}
+
+
+def _labels_for_ks(method: str, ks: Sequence[int], f_NTJ: Tensor, context_NT: Tensor,
+                   decoder: np.ndarray | None) -> dict[int, np.ndarray]:
+    N, T, J = f_NTJ.shape
+    pos = torch.arange(T).expand(N, T).reshape(-1)
+    view = features(method, f_NTJ.reshape(-1, J), context_NT.reshape(-1), pos, decoder)
+    return {k: cluster(method, k, **view) for k in ks}
+
+
+def bootstrap_stability(method: str, ks: Sequence[int], f_NTJ: Tensor, context_NT: Tensor, *,
+                        n_boot: int = 5, seed: int = 0) -> dict[int, float]:
+    """Per k: the mean adjusted Rand index between the clustering on all held-out sequences and
+    clusterings on bootstrap resamples of the sequences (with replacement). Views computed from
+    activations only (the decoder view does not depend on the tokens: see ``seed_stability``)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    full = _labels_for_ks(method, ks, f_NTJ, context_NT, None)
+    g = torch.Generator().manual_seed(seed)
+    aris: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(n_boot):
+        rows = torch.randint(f_NTJ.shape[0], (f_NTJ.shape[0],), generator=g)
+        boot = _labels_for_ks(method, ks, f_NTJ[rows], context_NT[rows], None)
+        for k in ks:
+            aris[k].append(adjusted_rand_score(full[k], boot[k]))
+    return {k: float(np.mean(v)) for k, v in aris.items()}
+
+
+class SeedView(NamedTuple):
+    """The same analysis on a second crosscoder seed, and which of its latents match ours."""
+
+    f_NTJ: Tensor
+    """Its latents' activations on the same held-out sequences."""
+    decoder: np.ndarray | None
+    """Its latents' decoder features (for the decoder view)."""
+    pairs: list[tuple[int, int]]
+    """(our latent's column, its latent's column) for every matched pair."""
+
+
+def seed_stability(method: str, ks: Sequence[int], f_NTJ: Tensor, context_NT: Tensor, decoder: np.ndarray | None,
+                   other: SeedView) -> dict[int, float]:
+    """Per k: ARI between our clustering and the second seed's, over matched latents."""
+    ours = _labels_for_ks(method, ks, f_NTJ, context_NT, decoder)
+    theirs = _labels_for_ks(method, ks, other.f_NTJ, context_NT, other.decoder)
+    return {k: matched_ari(ours[k], theirs[k], other.pairs) for k in ks}
+
+
+class Choice(NamedTuple):
+    method: str
+    """The chosen view."""
+    k: int
+    """The chosen number of clusters."""
+    stability: float
+    """Its stability: the smaller of its bootstrap and its seed ARI (whichever were measured)."""
+    table: list[dict[str, Any]]
+    """Bootstrap ARI, seed ARI and stability of every (method, k) tried."""
+
+
+def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray | None = None,
+                      other: SeedView | None = None, methods: Sequence[str] = METHODS,
+                      ks: Iterable[int] = (4, 6, 8, 12, 16), tolerance: float = 0.02, n_boot: int = 5,
+                      seed: int = 0) -> Choice:
+    """The most stable clustering, and among those within ``tolerance`` of it the most finely
+    resolved (largest k): a k that splits a real family in two is less reproducible than the k
+    that keeps it whole, so the planted number of families wins over both coarser and finer ones.
+
+    Stability is the smaller of the bootstrap ARI (resampled sequences) and, with ``other``, the
+    ARI against a second crosscoder seed on matched latents; the decoder view, which does not depend
+    on the tokens, is judged by the seed ARI alone (and needs ``other``)."""
+    ks = [k for k in ks if 2 <= k < f_NTJ.shape[2]]
+    table = []
+    for method in methods:
+        if method == "decoder" and (decoder is None or other is None):
+            continue
+        boot = bootstrap_stability(method, ks, f_NTJ, context_NT, n_boot=n_boot, seed=seed) \
+            if method != "decoder" else {}
+        by_seed = seed_stability(method, ks, f_NTJ, context_NT, decoder, other) if other is not None else {}
+        for k in ks:
+            parts = [v for v in (boot.get(k), by_seed.get(k)) if v is not None and not np.isnan(v)]
+            table.append({"method": method, "k": k, "bootstrap_ari": boot.get(k, float("nan")),
+                          "seed_ari": by_seed.get(k, float("nan")), "stability": min(parts) if parts else float("nan")})
+    rated = [r for r in table if not np.isnan(r["stability"])]
+    if not rated:
+        raise ValueError("no (method, k) could be rated: need more latents than the smallest k")
+    top = max(r["stability"] for r in rated)
+    best = max((r for r in rated if r["stability"] >= top - tolerance), key=lambda r: (r["k"], r["stability"]))
+    return Choice(best["method"], best["k"], best["stability"], table)
+
+
+def matched_ari(labels_a: np.ndarray, labels_b: np.ndarray, pairs: Sequence[tuple[int, int]]) -> float:
+    """ARI between two clusterings (e.g. of two crosscoder seeds) over matched latent pairs
+    (index in a, index in b)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    if len(pairs) < 2:
+        return float("nan")
+    a, b = zip(*pairs)
+    return float(adjusted_rand_score(labels_a[list(a)], labels_b[list(b)]))
+
+
+# ---------------------------------------------------------------------------- reading the clusters
+class ClusterFacts(NamedTuple):
+    cluster: int
+    size: int
+    dominant_context: str
+    """The context class holding most of the members' activation mass."""
+    purity: float
+    """That class's share of the members' activation mass (1 = the cluster fires only there)."""
+    context_mass: dict[str, float]
+    """Share of the members' activation mass on every context class."""
+
+
+def cluster_facts(labels_J: np.ndarray, signature_JX: np.ndarray, mass_J: np.ndarray) -> list[ClusterFacts]:
+    """Per cluster: size, dominant context class and its purity (activation-mass weighted)."""
+    C = len(CONTEXTS)
+    out = []
+    for c in sorted(set(labels_J.tolist())):
+        sel = labels_J == c
+        ctx = (signature_JX[sel, :C] * mass_J[sel, None]).sum(0)
+        share = ctx / max(ctx.sum(), 1e-12)
+        top = int(share.argmax())
+        out.append(ClusterFacts(int(c), int(sel.sum()), CONTEXTS[top], float(share[top]),
+                                {name: float(v) for name, v in zip(CONTEXTS, share)}))
+    return out
+
+
+def label_ari(labels_J: np.ndarray, signature_JX: np.ndarray) -> float:
+    """ARI between the clusters and each latent's own dominant context class."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(signature_JX[:, :len(CONTEXTS)].argmax(1), labels_J))
+
+
+def purity_by_label(facts: list[ClusterFacts]) -> dict[str, float]:
+    """For each context class, the highest purity of a cluster it dominates (0 if none does)."""
+    best = {name: 0.0 for name in CONTEXTS}
+    for f in facts:
+        best[f.dominant_context] = max(best[f.dominant_context], f.purity)
+    return best
+
+
+def embed_2d(X: np.ndarray, seed: int = 0, metric: str = "cosine") -> np.ndarray:
+    """A 2-D t-SNE map of the latents (for figures only; distances on it are not analysed)."""
     from sklearn.manifold import TSNE
-    from sklearn.metrics import silhouette_score
-    from sklearn.preprocessing import normalize
 
-    X = normalize(np.asarray(features_LX, dtype=np.float64)) if metric == "cosine" else np.asarray(features_LX)
-    ks = [k for k in k_range if 2 <= k < X.shape[0]]
-    if not ks:
-        raise ValueError(f"need more latents ({X.shape[0]}) than the smallest k in k_range")
-    scores, fits = {}, {}
-    for k in ks:
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(X)
-        fits[k] = km.labels_
-        scores[k] = float(silhouette_score(X, km.labels_, metric="euclidean"))
-    best = max(scores, key=scores.get)
-    if embed == "tsne" and X.shape[0] > 5:
-        emb = TSNE(n_components=2, random_state=seed, perplexity=min(30, X.shape[0] - 1), init="pca").fit_transform(X)
-    else:
-        emb = PCA(n_components=2, random_state=seed).fit_transform(X)
-    return Clustering(fits[best], best, scores, emb)
+    n = X.shape[0]
+    return TSNE(n_components=2, random_state=seed, perplexity=float(min(30, max(2, (n - 1) // 3))),
+                init="random", metric=metric).fit_transform(X + 1e-12)
 
 
-def cooccurrence_features(f_NF: Tensor, latents: Tensor) -> np.ndarray:
-    """Rows = latents, columns = tokens: binary firing patterns, whose cosine similarity is the
-    normalised co-occurrence of two latents (clustered like decoder directions)."""
-    return (f_NF[:, latents] > 0).float().T.numpy()
-
-
-def cluster_summary(labels_L: np.ndarray, n_clusters: int, latents_L: Tensor, classes: list[str],
-                    describe) -> list[dict]:
-    """One row per cluster: size, class mix and ``describe(member latent ids)`` (e.g. the tokens the
-    members' mean chat decoder direction promotes)."""
-    import torch
-
+def cluster_summary(labels_L: np.ndarray, latents_L: Tensor, classes: list[str],
+                    describe: Callable[[Tensor], dict[str, Any]]) -> list[dict]:
+    """One row per cluster: size, Δnorm class mix and ``describe(member latent ids)`` (e.g. the
+    tokens the members' mean chat decoder direction promotes, their decoder norms)."""
     rows = []
     names = ("chat-only", "base-only", "shared", "other")
-    for c in range(n_clusters):
+    for c in sorted(set(labels_L.tolist())):
         members = latents_L[torch.from_numpy(labels_L == c)]
         mix = [classes[j] for j in members.tolist()]
         rows.append({"cluster": c, "size": len(members), **{k: mix.count(k) for k in names}, **describe(members)})
     return rows
-
-
-def cooccurrence_clusters(f_NJ: Tensor, *, max_k: int = 8, seed: int = 0, min_latents: int = 6
-                          ) -> tuple[int, Clustering] | None:
-    """Latents that fire on the same tokens, clustered by the cosine of their binary firing patterns;
-    latents that never fire are left out. None when fewer than ``min_latents`` fire."""
-    import torch
-
-    feats = cooccurrence_features(f_NJ, torch.arange(f_NJ.shape[1]))
-    live = feats.sum(1) > 0
-    n_live = int(live.sum())
-    if f_NJ.shape[1] < min_latents or n_live < 3:
-        return None
-    return n_live, cluster_latents(feats[live], range(2, min(max_k, n_live - 1) + 1), seed=seed)

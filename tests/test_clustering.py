@@ -1,0 +1,121 @@
+"""Latent clustering: planted families of latents are recovered, shuffled activations are not, the
+stability criterion picks the planted size, and clusters are read against token context labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from crosscoder.analysis import clustering as cl
+
+
+def _planted(n_seq=48, T=32, per_group=6, seed=0):
+    """Latents in len(CONTEXTS) families: family c fires (jointly, on a shared token-level event)
+    only on tokens of context c. Returns f [N, T, J], context [N, T], true family per latent."""
+    g = torch.Generator().manual_seed(seed)
+    C = len(cl.CONTEXTS)
+    ctx = torch.randint(C, (n_seq, T), generator=g)
+    ctx[:, 0] = -1  # BOS
+    event = torch.rand(n_seq, T, generator=g) < 0.5
+    truth = np.repeat(np.arange(C), per_group)
+    f = torch.zeros(n_seq, T, C * per_group)
+    for j, fam in enumerate(truth):
+        fires = (ctx == int(fam)) & event & (torch.rand(n_seq, T, generator=g) < 0.9)
+        f[..., j] = fires * (0.5 + torch.rand(n_seq, T, generator=g))
+    return f, ctx, truth
+
+
+@pytest.mark.parametrize("method", ["signature", "cooccurrence"])
+def test_planted_families_are_recovered_and_shuffled_ones_are_not(method):
+    f, ctx, truth = _planted()
+    N, T, J = f.shape
+    pos = torch.arange(T).expand(N, T).reshape(-1)
+    view = cl.features(method, f.reshape(-1, J), ctx.reshape(-1), pos)
+    assert adjusted_rand_score(truth, cl.cluster(method, 4, **view)) >= 0.9
+    null = cl.shuffle_activations(f.reshape(-1, J), seed=1)
+    null_view = cl.features(method, null, ctx.reshape(-1), pos)
+    assert abs(adjusted_rand_score(truth, cl.cluster(method, 4, **null_view))) < 0.15
+
+
+def test_shuffle_keeps_each_latents_activations_and_breaks_cooccurrence():
+    f, _, _ = _planted()
+    flat = f.reshape(-1, f.shape[-1])
+    null = cl.shuffle_activations(flat, seed=0)
+    assert torch.equal(null.sort(0).values, flat.sort(0).values)  # same values per latent
+    within = cl.jaccard_similarity(flat)[0, 1:6].mean()
+    assert within > 0.5 and cl.jaccard_similarity(null)[0, 1:6].mean() < 0.2
+
+
+def test_stability_selects_the_planted_number_of_families():
+    f, ctx, truth = _planted()
+    choice = cl.select_clustering(f, ctx, methods=("signature",), ks=(2, 4, 8), n_boot=3)
+    assert choice.k == 4 and choice.stability >= 0.9
+    by_k = {r["k"]: r["stability"] for r in choice.table}
+    assert by_k[8] < 0.75  # splitting a family in two is not reproducible across resamples
+
+
+def test_seed_stability_on_matched_latents():
+    f, ctx, truth = _planted()
+    J = f.shape[-1]
+    perm = torch.randperm(J, generator=torch.Generator().manual_seed(3))
+    # a "second seed": the same families in another latent order, with fresh firing noise
+    keep = torch.rand(f.shape, generator=torch.Generator().manual_seed(4)) > 0.2  # a fifth of the firings differ
+    f2 = (f * keep)[..., perm]
+    other = cl.SeedView(f2, None, [(int(perm[i]), i) for i in range(J)])
+    assert cl.seed_stability("cooccurrence", [4], f, ctx, None, other)[4] >= 0.9
+    shuffled = cl.SeedView(cl.shuffle_activations(f2.reshape(-1, J)).reshape(f2.shape), None, other.pairs)
+    assert cl.seed_stability("cooccurrence", [4], f, ctx, None, shuffled)[4] < 0.2
+    choice = cl.select_clustering(f, ctx, other=other, methods=("signature", "cooccurrence"), ks=(2, 4, 8), n_boot=2)
+    assert choice.k == 4 and all(not np.isnan(r["seed_ari"]) for r in choice.table)
+
+
+def test_matched_ari_is_invariant_to_renaming_and_uses_only_matched_latents():
+    a = np.array([0, 0, 1, 1, 2, 2])
+    perm = [4, 0, 5, 1, 3, 2]  # a-latent i is b-latent perm[i]
+    b = np.full(8, 9)  # b has two unmatched latents (ids 6, 7) in a cluster of their own
+    for i, j in enumerate(perm):
+        b[j] = {0: 7, 1: 3, 2: 5}[int(a[i])]  # the same partition under other cluster ids
+    pairs = list(enumerate(perm))
+    assert cl.matched_ari(a, b, pairs) == pytest.approx(1.0)
+    b[perm[0]], b[perm[2]] = b[perm[2]], b[perm[0]]  # two latents swap families
+    assert cl.matched_ari(a, b, pairs) < 0.5
+    assert np.isnan(cl.matched_ari(a, b, pairs[:1]))
+
+
+def test_cluster_facts_purity_is_activation_mass_weighted():
+    C = len(cl.CONTEXTS)
+    sig = np.zeros((3, C + len(cl.POSITION_BANDS)))
+    sig[0, 1] = 1.0  # all template
+    sig[1, 1], sig[1, 2] = 0.5, 0.5
+    sig[2, 3] = 1.0
+    facts = cl.cluster_facts(np.array([0, 0, 1]), sig, mass_J=np.array([3.0, 1.0, 2.0]))
+    assert facts[0].dominant_context == "template" and facts[0].purity == pytest.approx(3.5 / 4)
+    assert facts[1].dominant_context == "model" and facts[1].purity == 1.0
+    assert cl.purity_by_label(facts) == {"text": 0.0, "template": pytest.approx(0.875), "user": 0.0, "model": 1.0}
+
+
+class _Tok:
+    """The few tokenizer calls context_labels makes, over a toy vocabulary."""
+
+    vocab = ["<bos>", "<start_of_turn>", "<end_of_turn>", "user", "model", "\n", "hi", "there", "<pad>"]
+
+    def convert_tokens_to_ids(self, t):
+        return self.vocab.index(t)
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
+
+
+def test_context_labels_parse_the_chat_template():
+    v = _Tok.vocab.index
+    chat = ["<bos>", "<start_of_turn>", "user", "\n", "hi", "<end_of_turn>", "\n", "<start_of_turn>", "model",
+            "\n", "there", "there", "<end_of_turn>", "\n", "<pad>"]
+    text = ["<bos>", "hi", "there", "hi"] + ["<pad>"] * 11
+    ids = torch.tensor([[v(t) for t in chat], [v(t) for t in text]])
+    mask = ids != v("<pad>")
+    got = cl.context_labels(ids, mask, torch.tensor([True, False]), _Tok())
+    TEXT, TPL, USER, MODEL = range(4)
+    assert got[0].tolist() == [-1, TPL, TPL, TPL, USER, TPL, TPL, TPL, TPL, TPL, MODEL, MODEL, TPL, TPL, -1]
+    assert got[1].tolist() == [-1, TEXT, TEXT, TEXT] + [-1] * 11

@@ -240,3 +240,23 @@ def cache_summary(cache: ActivationCache, splits: Splits) -> dict[str, Any]:
     if h.shape[1] == 2:
         out["cosine_N"] = torch.nn.functional.cosine_similarity(h[:, 0], h[:, 1], dim=-1)
     return out
+
+
+def seed_replicas(artifacts_dir: str | Path, run_name: str, seeds, splits: Splits, *,
+                  progress: bool = True) -> dict[int, Crosscoder]:
+    """Copies of a finished training run that differ only in their initialisation seed, trained in
+    lockstep on the run's own batch stream (same data order), into ``<run_name>-seed<s>``.
+    Finished replicas are loaded, not retrained."""
+    import dataclasses
+
+    from crosscoder.checkpoint import read_config
+    from crosscoder.config import RunConfig
+    from crosscoder.train import train_many
+
+    run = RunConfig.from_dict(read_config(Path(artifacts_dir) / run_name / "crosscoder")["extra"]["run"])
+    tcfgs = [dataclasses.replace(run.train, seed=s) for s in seeds]
+    models = [_fresh_model(run.model, t, splits, "auto") for t in tcfgs]
+    dirs = [Path(artifacts_dir) / f"{run_name}-seed{s}" for s in seeds]
+    results = train_many(models, TensorBatches(splits.train, run.train.batch_size, seed=run.train.seed), tcfgs, dirs,
+                         heldout_raw_NSD=splits.heldout, progress=progress)
+    return {s: r.model.eval() for s, r in zip(seeds, results)}

@@ -118,10 +118,14 @@ class LatentsOptions(_DictMixin):
     """Latents shown per class."""
     n_contexts: int = 5
     """Contexts shown per latent."""
-    max_clusters: int = 12
-    """Largest number of clusters tried."""
+    cluster_sizes: tuple[int, ...] = (4, 6, 8, 12, 16)
+    """Numbers of latent families tried; the most stable (then the largest) is kept."""
+    n_boot: int = 5
+    """Bootstrap resamples of the held-out sequences per clustering tried."""
+    replica_seed: int = 1
+    """Initialisation seed of a second crosscoder (same data stream) the families are compared with."""
     seed: int = 0
-    """Seed of the sampling of latents and of the clustering."""
+    """Seed of the sampling of latents, the bootstrap and the map."""
 
 
 @dataclass
@@ -311,7 +315,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens"))),
           reserved=("output_dir",)),
     Stage("latents", "notebooks/06_latents.ipynb",
-          (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_per_class", "n_contexts", "max_clusters", "seed"))),
+          (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_per_class", "n_contexts", "cluster_sizes", "n_boot",
+                                               "replica_seed", "seed"))),
           reserved=("output_dir",)),
     Stage("crosslayer", "notebooks/07_crosslayer.ipynb",
           (*EXPERIMENT, Group(CrosscoderConfig, ("n_latents",)), Group(SweepOptions, ("k_values",)),

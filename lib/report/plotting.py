@@ -277,13 +277,18 @@ def cluster_map(embedding_2d: Any, cluster_labels: Any, classes: list[str], titl
     return fig
 
 
-def silhouette_curve(silhouette_by_k: dict[int, float], chosen: int) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ks = sorted(silhouette_by_k)
-    ax.plot(ks, [silhouette_by_k[k] for k in ks], marker="o", color="0.2")
-    ax.axvline(chosen, color=CATEGORY_COLORS["chat"], ls="--", label=f"chosen k = {chosen}")
-    ax.set(xlabel="number of clusters k", ylabel="silhouette score")
-    ax.legend()
+def stability_curves(table: list[dict[str, Any]], chosen: tuple[str, int]) -> plt.Figure:
+    """Stability (the smaller of bootstrap and seed ARI) of each clustering view against the number
+    of clusters, with the chosen (view, k) marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, method in enumerate(sorted({r["method"] for r in table})):
+        pts = sorted((r["k"], r["stability"]) for r in table if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method, color=sns.color_palette("colorblind")[i + 2])
+    method, k = chosen
+    best = next(r["stability"] for r in table if r["method"] == method and r["k"] == k)
+    ax.scatter([k], [best], s=140, facecolors="none", edgecolors="0.1", zorder=5, label=f"chosen: {method}, k = {k}")
+    ax.set(xlabel="number of clusters k", ylabel="stability (min of bootstrap and seed ARI)", ylim=(-0.05, 1.05))
+    ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
 

@@ -386,6 +386,9 @@ def test_atom_recovery_compares_raw_space_decoders():
     torch.testing.assert_close(m.fold().decoder_raw_FSD(), m.decoder_raw_FSD())
     with pytest.raises(TypeError, match="recovery_report needs the Crosscoder"):
         recovery_report(m.W_dec_FSD, data)
+    with pytest.warns(UserWarning, match="call recovery_report\\(model, data\\)"):  # the old call
+        old = recovery_report(m2.W_dec_FSD, diff_geometry(m2).rel_norm_F, data)
+    assert old["bin_accuracy"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------

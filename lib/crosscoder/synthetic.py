@@ -102,22 +102,40 @@ def atom_recovery(W_dec_raw_FSD: Tensor, atoms_ASD: Tensor) -> tuple[Tensor, Ten
     return best, idx
 
 
-def recovery_report(model, data: SyntheticData) -> dict:
+def recovery_report(model, data, legacy_data: SyntheticData | None = None) -> dict:
     """How well a trained crosscoder (a ``Crosscoder``) recovered the planted dictionary: mean / min
     best cosine per atom (raw-space decoders vs atoms), and how often the best-matching latent's
     Δnorm class (Minder et al.'s bands: base-only < 0.1, shared 0.4-0.6, chat-only > 0.9) equals
-    the atom's kind."""
+    the atom's kind. Call ``recovery_report(model, data)``.
+
+    The old call ``recovery_report(W_dec_FSD, rel_norm_F, data)`` still runs, with a warning: it
+    compares the decoders it is given (normalised space, if taken from an unfolded model) with the
+    raw-space atoms, which is wrong when the two input scales differ.
+    """
     from crosscoder.analysis.metrics import classify_latents, diff_geometry
     from crosscoder.model import Crosscoder
 
-    if not isinstance(model, Crosscoder):
+    if isinstance(model, Crosscoder):
+        with torch.no_grad():
+            best, idx = atom_recovery(model.decoder_raw_FSD().detach(), data.atoms_ASD)
+            got = classify_latents(diff_geometry(model).delta_norm_F[idx], "minder")
+    elif isinstance(model, Tensor) and isinstance(data, Tensor) and legacy_data is not None:
+        import warnings
+
+        warnings.warn("recovery_report(W_dec_FSD, rel_norm_F, data) compares decoders in the space "
+                      "they are given with raw-space atoms; call recovery_report(model, data)",
+                      UserWarning, stacklevel=2)
+        data, r_F = legacy_data, data
+        best, idx = atom_recovery(model.detach(), data.atoms_ASD)
+        # Δnorm from r: ||d_chat|| / ||d_base|| = r / (1 - r)
+        r = r_F[idx].double().clamp(1e-12, 1 - 1e-12)
+        delta = torch.where(r >= 0.5, 1 - (1 - r) / (2 * r), r / (2 * (1 - r)))
+        got = classify_latents(delta, "minder")
+    else:
         raise TypeError(
             f"recovery_report needs the Crosscoder (to compare its raw-space decoders with the "
             f"raw-space atoms), got {type(model).__name__}; call recovery_report(model, data)"
         )
-    with torch.no_grad():
-        best, idx = atom_recovery(model.decoder_raw_FSD().detach(), data.atoms_ASD)
-        got = classify_latents(diff_geometry(model).delta_norm_F[idx], "minder")
     per_kind = {}
     for kind in ("shared", "base-only", "chat-only"):
         sel = [i for i, k in enumerate(data.kinds) if k == kind]

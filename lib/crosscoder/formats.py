@@ -144,6 +144,12 @@ def _code_normalization(state: dict, cfg: dict, origin: str) -> int:
     return value
 
 
+def _alpha(cfg: dict, key: str, default: float) -> float:
+    """A MIXED weight from the config; absent or null means the fork's constructor default."""
+    value = cfg.get(key)
+    return default if value is None else float(value)
+
+
 def load_dictionary_learning(folder: str | os.PathLike) -> Crosscoder:
     """A dictionary_learning (Minder et al.'s fork) ``CrossCoder`` / ``BatchTopKCrossCoder`` as an
     unfolded ``Crosscoder`` whose ``normalise`` / ``encode`` / ``decode`` / ``denormalise``
@@ -171,8 +177,8 @@ def load_dictionary_learning(folder: str | os.PathLike) -> Crosscoder:
         CrosscoderConfig(
             d_model=d, n_latents=F, n_sources=S, sparsity="batchtopk" if is_topk else "l1",
             k=min(max(k, 1), F), decoder_norm=CODE_NORMALIZATION[code_id],
-            mixed_weight_joint=float(cfg.get("code_normalization_alpha_sae") or 1.0),
-            mixed_weight_sum=float(cfg.get("code_normalization_alpha_cc") or 0.1),
+            mixed_weight_joint=_alpha(cfg, "code_normalization_alpha_sae", 1.0),
+            mixed_weight_sum=_alpha(cfg, "code_normalization_alpha_cc", 0.1),
         )
     )
     W_enc_SDF = _expect(state, "encoder.weight", (S, d, F), origin)

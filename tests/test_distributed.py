@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from crosscoder.checkpoint import load_crosscoder
 from crosscoder.config import CrosscoderConfig, RunConfig, TrainConfig
+from crosscoder.data.normalise import estimate_input_scale
+from crosscoder.kernels import training_step
+from crosscoder.model import Crosscoder
 from crosscoder.synthetic import SyntheticConfig, sample
+from crosscoder.train import TensorBatches
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -57,6 +61,67 @@ def test_two_ranks_match_one_rank(tmp_path):
     for a, b in zip(t1, t2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert json.loads((tmp_path / "w2" / "crosscoder" / "metrics.json").read_text())["world_size"] == 2
+
+
+def _per_rank_batchtopk_reference(run_cfg: RunConfig, tensors: dict, world: int) -> Crosscoder:
+    """What a data-parallel BatchTopK run computes, in one process: each rank selects the top k*B
+    of ITS share of the batch (B = batch_size / world), the gradients are averaged, the threshold
+    EMA takes the smallest selected score over the ranks, and the dead set counts activations
+    summed over ranks."""
+    tcfg, F = run_cfg.train, run_cfg.model.n_latents
+    model = Crosscoder(run_cfg.model, generator=torch.Generator().manual_seed(tcfg.seed))
+    model.input_scale_S.copy_(estimate_input_scale(tensors["heldout"]))
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    shards = [TensorBatches(tensors["train"], tcfg.batch_size, seed=tcfg.seed, rank=r, world=world).batches(0)
+              for r in range(world)]
+    since_F = torch.zeros(F, dtype=torch.int64)
+    for step in range(tcfg.n_steps):
+        dead_F = since_F >= tcfg.auxk_dead_tokens
+        grads = [torch.zeros_like(p) for p in params]
+        mins, count_F = [], torch.zeros(F, dtype=torch.int64)
+        for shard in shards:
+            out = training_step(model, model.normalise(next(shard).float()), 0.0, dead_F=dead_F,
+                                k_aux=tcfg.auxk_k, auxk_alpha=tcfg.auxk_alpha)
+            for acc, g in zip(grads, torch.autograd.grad(out.loss, params)):
+                acc += g / world
+            mins.append(float(out.min_score))
+            count_F += out.n_active_F
+        for p, g in zip(params, grads):
+            p.grad = g
+        for group in opt.param_groups:
+            group["lr"] = tcfg.lr_at(step)
+        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            th, mom, m = model.threshold, tcfg.threshold_momentum, min(mins)
+            th.fill_(m if float(th) < 0 else mom * float(th) + (1 - mom) * m)
+        since_F += tcfg.batch_size
+        since_F[count_F > 0] = 0
+    return model
+
+
+def test_two_rank_batchtopk_selects_per_rank(tmp_path):
+    """BatchTopK under data parallelism selects the top k*B of each rank's share of the batch (not
+    the global top k*B): the 2-rank run equals a one-process simulation of exactly that, and so
+    differs from the 1-rank run with the same global batch."""
+    run, acts = _write_inputs(tmp_path, auxk_alpha=0.25, auxk_dead_tokens=512, n_steps=20)
+    rc = RunConfig.from_json(run.read_text())
+    rc = RunConfig(model=CrosscoderConfig(d_model=16, n_latents=48, sparsity="batchtopk", k=4), train=rc.train)
+    run.write_text(rc.to_json())
+    for n in (1, 2):
+        r = subprocess.run(_torchrun(n, run, acts, tmp_path / f"w{n}"), env=ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    m1 = load_crosscoder(tmp_path / "w1" / "crosscoder")
+    m2 = load_crosscoder(tmp_path / "w2" / "crosscoder")
+    ref = _per_rank_batchtopk_reference(rc, load_file(str(acts)), world=2)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert float(m2.threshold) > 0
+    diff = max(float((m1.state_dict()[k] - v).abs().max()) for k, v in m2.state_dict().items()
+               if v.is_floating_point())
+    assert diff > 1e-4  # per-rank selection is not the global selection
 
 
 def test_kill_9_then_rerun_is_bit_identical(tmp_path):

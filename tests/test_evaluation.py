@@ -69,3 +69,48 @@ def test_ce_recovered_perfect_and_zero():
     for name in perfect:
         assert pad[name]["n_predictions"] == perfect[name]["n_predictions"]
         assert pad[name]["ce_clean"] == pytest.approx(perfect[name]["ce_clean"], rel=1e-5)
+
+
+def _hand_ce(lm, ids, layer, resid=None):
+    """Mean next-token CE over ALL predictions of the sequences (TransformerLens's
+    return_type="loss"), with the block-``layer`` residual optionally replaced."""
+    import torch.nn.functional as F_nn
+    if resid is None:
+        logits = lm(input_ids=ids).logits
+    else:
+        with residual_hook(lm, layer, replace=resid):
+            logits = lm(input_ids=ids).logits
+    return float(F_nn.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def test_ce_recovered_kissane_definition_matches_hand_computation_and_differs_from_ours():
+    lms = [_lm(0), _lm(1)]
+    ids = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 2
+    cc = _identity_crosscoder()
+    with torch.no_grad():  # a lossy reconstruction: half of every decoder row
+        cc.W_dec_FSD.mul_(0.5)
+    ours = ce_recovered(lms, cc, ids, 1, batch_size=4)
+    kis = ce_recovered(lms, cc, ids, 1, batch_size=4, definition="kissane")
+    for s, name in enumerate(("base", "chat")):
+        lm = lms[s]
+        cap = []
+        with torch.no_grad(), residual_hook(lm, 1, capture=cap):
+            lm(input_ids=ids)
+        clean_resid = cap[0]
+        with torch.no_grad():
+            splice = clean_resid.clone()
+            splice[:, 1:] *= 0.5  # the reconstruction at every position but BOS
+            clean = _hand_ce(lm, ids, 1)
+            ce_splice = _hand_ce(lm, ids, 1, splice)
+            ce_zero = _hand_ce(lm, ids, 1, torch.zeros_like(clean_resid))  # BOS zeroed too
+        r = kis[name]
+        assert r["ce_clean"] == pytest.approx(clean, rel=1e-5)
+        assert r["ce_splice"] == pytest.approx(ce_splice, rel=1e-5)
+        assert r["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
+        assert r["ce_recovered"] == pytest.approx((ce_zero - ce_splice) / (ce_zero - clean), rel=1e-3)
+        assert r["n_predictions"] == 6 * 11 and ours[name]["n_predictions"] == 6 * 10
+        # same reconstruction, different definitions: different numbers
+        assert abs(r["ce_recovered"] - ours[name]["ce_recovered"]) > 1e-3
+    with pytest.raises(ValueError, match="definition must be one of"):
+        ce_recovered(lms, cc, ids, 1, definition="published")

@@ -132,10 +132,16 @@ def save_crosscoder(
     return write_folder_atomically(path, fill)
 
 
+def read_metrics(folder: str | os.PathLike) -> dict[str, Any]:
+    """``folder/metrics.json`` of an artifact ({} when it has none yet)."""
+    path = Path(folder) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def update_metrics(folder: str | os.PathLike, new: dict[str, Any]) -> dict[str, Any]:
     """Merge ``new`` into ``folder/metrics.json`` (atomic rewrite) and return the result."""
     path = Path(folder) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics = read_metrics(folder)
     metrics.update(new)
     write_json_atomic(path, metrics)
     return metrics

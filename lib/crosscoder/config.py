@@ -74,6 +74,10 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf, low_
         raise ConfigError(f"{name} must be a finite number in {lo}{low}, {high}], got {value!r}")
 
 
+DECODER_NORMS = ("sum", "joint", "mixed", "none")
+"""Valid ``CrosscoderConfig.decoder_norm`` values."""
+
+
 @dataclass
 class CrosscoderConfig(_DictMixin):
     """Architecture of an acausal crosscoder over S sources (models or layers)."""
@@ -89,8 +93,15 @@ class CrosscoderConfig(_DictMixin):
     sparsity: str = "l1"
     """"l1": ReLU + decoder-norm-weighted L1 penalty; "batchtopk": top k*B over the batch."""
     decoder_norm: str = "sum"
-    """L1 weighting: "sum" = sum_s ||W_dec[i,s]|| (the paper's; favours exclusive latents),
-    "joint" = (sum_s ||W_dec[i,s]||^2)^1/2 (behaves like an SAE on the concatenation)."""
+    """How decoder norms weight a latent in the L1 penalty and the BatchTopK ranking score:
+    "sum" = sum_s ||W_dec[i,s]|| (the paper's; favours exclusive latents; dictionary_learning's
+    CROSSCODER), "joint" = (sum_s ||W_dec[i,s]||^2)^1/2 (an SAE on the concatenation; SAE),
+    "mixed" = mixed_weight_joint * joint + mixed_weight_sum * sum (Anthropic's Jan 2025 update;
+    MIXED), "none" = 1 (no decoder-norm weighting; NONE)."""
+    mixed_weight_joint: float = 1.0
+    """decoder_norm "mixed" only: weight of the joint norm (dictionary_learning's default 1.0)."""
+    mixed_weight_sum: float = 0.1
+    """decoder_norm "mixed" only: weight of the sum of norms (dictionary_learning's default 0.1)."""
     k: int = 100
     """BatchTopK only: mean number of active latents per token."""
     topk_by_decoder_norm: bool = True
@@ -116,8 +127,14 @@ class CrosscoderConfig(_DictMixin):
             )
         if self.sparsity not in ("l1", "batchtopk"):
             raise ConfigError(f"sparsity must be 'l1' or 'batchtopk', got {self.sparsity!r}")
-        if self.decoder_norm not in ("sum", "joint"):
-            raise ConfigError(f"decoder_norm must be 'sum' or 'joint', got {self.decoder_norm!r}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ConfigError(
+                f"decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}"
+            )
+        _check_float("mixed_weight_joint", self.mixed_weight_joint, 0.0)
+        _check_float("mixed_weight_sum", self.mixed_weight_sum, 0.0)
+        if self.decoder_norm == "mixed" and self.mixed_weight_joint + self.mixed_weight_sum == 0:
+            raise ConfigError("decoder_norm 'mixed' needs mixed_weight_joint + mixed_weight_sum > 0")
         _check_int("k", self.k, 1)
         if self.sparsity == "batchtopk" and self.k > self.n_latents:
             raise ConfigError(
@@ -149,7 +166,12 @@ class TrainConfig(_DictMixin):
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
     threshold_momentum: float = 0.99
-    """BatchTopK: EMA momentum of the inference threshold (min selected score per batch)."""
+    """BatchTopK: EMA momentum of the inference threshold (min selected score per batch).
+    dictionary_learning uses 0.999 (memory ~1,000 steps); 0.99 (memory ~100 steps) suits runs of
+    a few hundred steps, like the organism's."""
+    threshold_start_step: int = 0
+    """BatchTopK: steps before the threshold EMA starts (its first value is then that step's
+    minimum score). 0 = from the first step; dictionary_learning updates only at steps > 1000."""
     auxk_alpha: float = 1 / 32
     """BatchTopK: weight of the AuxK loss that lets dead latents reconstruct the residual error
     (Gao et al. 2024; 1/32 as in dictionary_learning's BatchTopK trainers); 0 disables it."""
@@ -179,6 +201,12 @@ class TrainConfig(_DictMixin):
         _check_float("l1_warmup_frac", self.l1_warmup_frac, 0.0, 1.0)
         _check_float("grad_clip", self.grad_clip, 0.0)
         _check_float("threshold_momentum", self.threshold_momentum, 0.0, 1.0)
+        _check_int("threshold_start_step", self.threshold_start_step, 0)
+        if self.threshold_start_step >= self.n_steps:
+            raise ConfigError(
+                f"threshold_start_step = {self.threshold_start_step} leaves no step to estimate the "
+                f"BatchTopK inference threshold in a run of n_steps = {self.n_steps}; lower it"
+            )
         _check_float("auxk_alpha", self.auxk_alpha, 0.0)
         _check_int("auxk_dead_tokens", self.auxk_dead_tokens, 1)
         _check_int("auxk_k", self.auxk_k, 0)

@@ -184,10 +184,12 @@ class _SparseEncode(torch.autograd.Function):
 
 
 def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int) -> Tensor:
-    """Gao et al. (2024)'s AuxK loss: each token's ``k_aux`` largest ReLU pre-activations among the
-    dead latents, decoded without the decoder bias, should reconstruct the main reconstruction's
-    (detached) residual error; the squared error is normalised by the residual's variance, so the
-    weight means the same at any scale. Gradients reach only the dead latents' parameters.
+    """Gao et al. (2024)'s AuxK loss: for each token, the ``k_aux`` dead latents with the largest
+    ranking score (``Crosscoder.topk_score``: ReLU pre-activation times the decoder-norm weight, as
+    dictionary_learning's BatchTopKCrossCoderTrainer ranks them), decoded without the decoder bias,
+    should reconstruct the main reconstruction's (detached) residual error; the squared error is
+    normalised by the residual's variance, so the weight means the same at any scale. Gradients
+    reach only the dead latents' parameters.
     """
     B = x_BSD.shape[0]
     F, K = model.cfg.n_latents, model.cfg.n_sources * model.cfg.d_model
@@ -196,8 +198,13 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
         return x_BSD.new_zeros(())
     pre_BJ = torch.addmm(model.b_enc_F[dead_J], x_BSD.reshape(B, K),
                          model.W_enc_SDF.view(K, F)[:, dead_J]).relu()
-    vals_Bk, idx_Bk = pre_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
-    z_BJ = torch.zeros_like(pre_BJ).scatter(1, idx_Bk, vals_Bk)
+    with torch.no_grad():  # the ranking selects; the activations themselves carry the gradient
+        if model.cfg.topk_by_decoder_norm:
+            rank_BJ = pre_BJ * model.penalty_weights_F()[dead_J]
+        else:
+            rank_BJ = pre_BJ
+        idx_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False).indices
+    z_BJ = torch.zeros_like(pre_BJ).scatter(1, idx_Bk, pre_BJ.gather(1, idx_Bk))
     e_BK = residual_BSD.reshape(B, K).detach()
     err_BK = z_BJ @ model.W_dec_FSD.view(F, K)[dead_J] - e_BK
     var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()

@@ -132,12 +132,25 @@ class Crosscoder(nn.Module):
             n_FS = n_FS * self.input_scale_S[None, :]
         return n_FS
 
+    def decoder_raw_FSD(self) -> Tensor:
+        """W_dec in raw activation space (what the decoder writes into each model's residual)."""
+        if self.folded:
+            return self.W_dec_FSD
+        return self.W_dec_FSD / self.input_scale_S[None, :, None]
+
     def penalty_weights_F(self) -> Tensor:
-        """Per-latent weight of the L1 penalty (and of the BatchTopK ranking)."""
+        """Per-latent weight of the L1 penalty (and of the BatchTopK ranking), from the
+        normalised-space decoder norms as ``cfg.decoder_norm`` says."""
         n_FS = self.decoder_norms_FS()
-        if self.cfg.decoder_norm == "sum":
+        kind = self.cfg.decoder_norm
+        if kind == "sum":
             return n_FS.sum(-1)
-        return n_FS.pow(2).sum(-1).sqrt()
+        if kind == "joint":
+            return n_FS.pow(2).sum(-1).sqrt()
+        if kind == "mixed":
+            return (self.cfg.mixed_weight_joint * n_FS.pow(2).sum(-1).sqrt()
+                    + self.cfg.mixed_weight_sum * n_FS.sum(-1))
+        return torch.ones_like(n_FS[:, 0])  # "none"
 
     # ------------------------------------------------------------------ forward
     def pre_acts(self, x_BSD: Tensor) -> Tensor:

@@ -87,23 +87,39 @@ def sample(cfg: SyntheticConfig, n_tokens: int, *, seed_offset: int = 0) -> Synt
     return SyntheticData(acts, atoms, kinds, codes)
 
 
-def atom_recovery(W_dec_FSD: Tensor, atoms_ASD: Tensor) -> tuple[Tensor, Tensor]:
+def atom_recovery(W_dec_raw_FSD: Tensor, atoms_ASD: Tensor) -> tuple[Tensor, Tensor]:
     """For each true atom, the best cosine with any learned latent (on the concatenated [S*d]
-    decoder vector) and that latent's index."""
-    dec = torch.nn.functional.normalize(W_dec_FSD.reshape(W_dec_FSD.shape[0], -1), dim=-1)
+    decoder vector) and that latent's index.
+
+    Both must be in the same space: the atoms live in raw activation space, so pass the decoder
+    in raw space too (``Crosscoder.decoder_raw_FSD()``); with unequal input scales a
+    normalised-space decoder points elsewhere in the concatenated space.
+    """
+    dec = torch.nn.functional.normalize(W_dec_raw_FSD.reshape(W_dec_raw_FSD.shape[0], -1), dim=-1)
     tru = torch.nn.functional.normalize(atoms_ASD.reshape(atoms_ASD.shape[0], -1), dim=-1)
     cos_AF = tru @ dec.T
     best, idx = cos_AF.max(dim=1)
     return best, idx
 
 
-def recovery_report(W_dec_FSD: Tensor, rel_norm_F: Tensor, data: SyntheticData) -> dict:
-    """How well a trained crosscoder recovered the planted dictionary: mean / min best cosine per
-    atom, and how often the best-matching latent's relative-norm bin equals the atom's kind."""
-    from crosscoder.analysis.metrics import classify_latents
+def recovery_report(model, data: SyntheticData) -> dict:
+    """How well a trained crosscoder (a ``Crosscoder``) recovered the planted dictionary: mean / min
+    best cosine per atom (raw-space decoders vs atoms), and how often the best-matching latent's
+    Δnorm class (Minder et al.'s bands: base-only < 0.1, shared 0.4-0.6, chat-only > 0.9) equals
+    the atom's kind. Call ``recovery_report(model, data)``.
+    """
+    from crosscoder.analysis.metrics import classify_latents, diff_geometry
+    from crosscoder.model import Crosscoder
 
-    best, idx = atom_recovery(W_dec_FSD.detach(), data.atoms_ASD)
-    got = classify_latents(rel_norm_F[idx])
+    if isinstance(model, Crosscoder):
+        with torch.no_grad():
+            best, idx = atom_recovery(model.decoder_raw_FSD().detach(), data.atoms_ASD)
+            got = classify_latents(diff_geometry(model).delta_norm_F[idx], "minder")
+    else:
+        raise TypeError(
+            f"recovery_report needs the Crosscoder (to compare its raw-space decoders with the "
+            f"raw-space atoms), got {type(model).__name__}; call recovery_report(model, data)"
+        )
     per_kind = {}
     for kind in ("shared", "base-only", "chat-only"):
         sel = [i for i, k in enumerate(data.kinds) if k == kind]
@@ -137,7 +153,6 @@ def train_pair(cfg: SyntheticConfig, n_tokens: int, *, n_latents: int, k: int, l
                lr: float, out_dir: str, batch_size: int = 512) -> PairRun:
     """Train an L1 and a BatchTopK crosscoder in lockstep on the same batches of ``n_tokens`` planted
     tokens (held-out and normalisation tokens drawn apart), and report how each recovered the atoms."""
-    from crosscoder.analysis.metrics import diff_geometry
     from crosscoder.config import CrosscoderConfig, TrainConfig
     from crosscoder.data.normalise import estimate_input_scale
     from crosscoder.model import Crosscoder
@@ -160,7 +175,7 @@ def train_pair(cfg: SyntheticConfig, n_tokens: int, *, n_latents: int, k: int, l
                          [f"{out_dir}/{name}" for name in models], heldout_raw_NSD=heldout.acts_NSD)
     reports, rows = {}, []
     for (name, m), res in zip(models.items(), results):
-        reports[name] = rep = recovery_report(m.W_dec_FSD, diff_geometry(m).rel_norm_F, train_data)
+        reports[name] = rep = recovery_report(m, train_data)
         h = res.metrics["heldout"]
         rows.append({"crosscoder": name, "L0": h["l0"], "FVU base": h["fvu_base"], "FVU chat": h["fvu_chat"],
                      "dead": h["dead_frac"], "mean best cosine": rep["mean_best_cosine"],

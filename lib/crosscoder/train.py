@@ -111,6 +111,17 @@ def _as_json(run_cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(run_cfg.to_dict()))
 
 
+def _same_run(stored: Any, run_cfg: RunConfig) -> bool:
+    """Whether a stored run config (JSON) is ``run_cfg``. Compared as configs, not as JSON, so a
+    run saved before a field existed matches the config that has that field at its default."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return RunConfig.from_dict(stored) == run_cfg
+    except (ConfigError, TypeError, KeyError):
+        return False
+
+
 def _train_state(model: Crosscoder, opt: torch.optim.Optimizer, acc: dict[str, Tensor]) -> dict[str, Tensor]:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -138,7 +149,7 @@ def load_checkpoint(run_dir: Path, model, opt, run_cfg: RunConfig) -> tuple[int,
     folder = run_dir / CHECKPOINT_DIR
     with open(folder / "config.json") as fh:
         meta = json.load(fh)
-    if meta["run"] != _as_json(run_cfg):
+    if not _same_run(meta["run"], run_cfg):
         raise ConfigError(
             f"{folder} was written by a run with a different config; use another out_dir, "
             f"or delete {run_dir} to start over"
@@ -189,8 +200,8 @@ def summarize(model: Crosscoder, heldout_raw_NSD: Tensor, batch_size: int = 4096
     if model.cfg.n_sources == 2:
         geo = diff_geometry(model)
         alive = ev.freq_F > 0
-        out["classes_rel_norm"] = class_counts(classify_latents(geo.rel_norm_F, "kissane", alive))
-        out["classes_delta_norm"] = class_counts(classify_latents(geo.delta_norm_F, "minder", alive))
+        out["classes_rel_norm"] = class_counts(classify_latents(geo.rel_norm_F, "kissane", alive), "kissane")
+        out["classes_delta_norm"] = class_counts(classify_latents(geo.delta_norm_F, "minder", alive), "minder")
     return out
 
 
@@ -235,7 +246,7 @@ class Trainer:
         self.result: TrainResult | None = None
         if resume and (self.final_dir / "config.json").exists():
             meta = ckpt.read_config(self.final_dir)
-            if meta.get("extra", {}).get("run") != _as_json(self.run_cfg):
+            if not _same_run(meta.get("extra", {}).get("run"), self.run_cfg):
                 raise ConfigError(
                     f"{self.run_dir} holds a finished run with a different config; use another "
                     f"out_dir or delete it"
@@ -316,7 +327,7 @@ class Trainer:
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip)
         self.opt.step()
-        if model.cfg.sparsity == "batchtopk":
+        if model.cfg.sparsity == "batchtopk" and step >= tcfg.threshold_start_step:
             with torch.no_grad():
                 th, mom = model.threshold, tcfg.threshold_momentum
                 th.copy_(torch.where(th < 0, min_score, mom * th + (1 - mom) * min_score))

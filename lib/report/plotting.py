@@ -121,6 +121,8 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, params: Mapping[str, A
 CLASS_COLORS = {
     "base-only": CATEGORY_COLORS["base"],
     "chat-only": CATEGORY_COLORS["chat"],
+    "not shared (base side)": CATEGORY_COLORS["base"],  # Kissane's r bands (only "shared" is his)
+    "not shared (chat side)": CATEGORY_COLORS["chat"],
     "shared": CATEGORY_COLORS["shared"],
     "other": CATEGORY_COLORS["other"],
     "dead": CATEGORY_COLORS["dead"],
@@ -142,17 +144,18 @@ def relative_norm_hist(rel_norm_F: Any, delta_norm_F: Any, alive_F: Any | None =
         keep = _np(alive_F).astype(bool)
         r, dn = r[keep], dn[keep]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, v, title, bands in [
-        (axes[0], r, r"relative norm $r = \|d_{chat}\| / (\|d_{base}\| + \|d_{chat}\|)$",
-         [(0, 0.3, "base-only"), (0.3, 0.7, "shared"), (0.7, 1.0, "chat-only")]),
-        (axes[1], dn, r"$\Delta$norm (Minder et al.)",
-         [(0, 0.1, "base-only"), (0.4, 0.6, "shared"), (0.9, 1.0, "chat-only")]),
+    from crosscoder.analysis.metrics import BANDS
+
+    for ax, v, title, scheme in [
+        (axes[0], r, r"relative norm $r = \|d_{chat}\| / (\|d_{base}\| + \|d_{chat}\|)$", "kissane"),
+        (axes[1], dn, r"$\Delta$norm (Minder et al.)", "minder"),
     ]:
-        for lo, hi, name in bands:
-            ax.axvspan(lo, hi, color=CLASS_COLORS[name], alpha=0.15, lw=0, label=name)
+        for band in BANDS[scheme]:
+            ax.axvspan(band.low, band.high, color=CLASS_COLORS[band.label], alpha=0.15, lw=0, label=band.label)
         ax.hist(v, bins=bins, range=(0, 1), color="0.25")
         ax.set(xlabel=title, ylabel="latents", xlim=(0, 1), yscale="log")
-    axes[0].legend(loc="upper center", fontsize="small")
+    for ax in axes:
+        ax.legend(loc="upper center", fontsize="x-small")
     fig.tight_layout()
     return fig
 

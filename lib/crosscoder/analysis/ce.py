@@ -3,9 +3,18 @@ stream of each model, with zero- and mean-ablation baselines and the KL to the c
 
     CE recovered_s = (CE_zero - CE_splice) / (CE_zero - CE_clean)
 
-The residual after block L is replaced at every position except BOS (which the crosscoder is never
-trained on); next-token losses are averaged over the predictions made from those positions, so the
-BOS-position prediction (unchanged by any splice) does not dilute the numbers.
+Two definitions of which positions are ablated and scored (``definition=``):
+
+* ``"ours"`` (default): the residual after block L is replaced at every position except BOS (which
+  the crosscoder is never trained on) in the splice AND in the zero / mean ablations, and
+  next-token losses are averaged over the predictions made from those positions, so the
+  BOS-position prediction (unchanged by any splice) does not dilute the numbers.
+* ``"kissane"``: as in Kissane et al.'s public code (``get_ce_recovered_metrics``): the splice
+  replaces every position but BOS, the zero ablation zeroes EVERY position including BOS, and the
+  loss is the mean over all next-token predictions of the sequence (TransformerLens
+  ``return_type="loss"``; padding excluded here). Zeroing BOS makes the zero baseline much worse,
+  so the recovered fraction is higher than ours for the same reconstruction. Use it only to
+  compare with the published number. The mean ablation keeps BOS clean in both definitions.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from torch import Tensor
 
 from crosscoder.data.pair import residual_hook
 from crosscoder.model import Crosscoder
+
+CE_DEFINITIONS = ("ours", "kissane")
+"""Valid ``definition`` values of ``ce_recovered``."""
 
 
 def _token_ce(logits_BTV: Tensor, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,14 +59,20 @@ def ce_recovered(
     mean_raw_SD: Tensor | None = None,
     batch_size: int = 8,
     source_names: Sequence[str] | None = None,
+    definition: str = "ours",
 ) -> dict[str, dict[str, float]]:
     """CE recovered per model (``lms[s]`` is source s of the crosscoder) on held-out sequences.
+
+    ``definition``: "ours" or "kissane" (module docstring).
 
     ``mean_raw_SD``: mean activation per source for the mean-ablation baseline (estimated on other
     data); omitted, the batch mean of non-BOS positions is used.
     Returns {source: {ce_clean, ce_splice, ce_zero, ce_mean, ce_recovered, ce_recovered_vs_mean,
     kl_splice, kl_zero, n_predictions}}.
     """
+    if definition not in CE_DEFINITIONS:
+        raise ValueError(f"definition must be one of {CE_DEFINITIONS}, got {definition!r}")
+    kissane = definition == "kissane"
     S = crosscoder.cfg.n_sources
     if len(lms) != S:
         raise ValueError(f"got {len(lms)} language models for a {S}-source crosscoder")
@@ -81,24 +99,27 @@ def ce_recovered(
         body[:, 0] = False  # BOS (and padding) keep their clean residual
         x = acts_BTSD[body]  # [n, S, D] raw
         recon = crosscoder.denormalise(crosscoder(crosscoder.normalise(x.to(cc_dev))).recon_BSD).to(dev)
+        # positions whose predictions are scored, and those the zero ablation replaces
+        scored = am if kissane else body
+        zeroed = am if kissane else body
         for s, (lm, name) in enumerate(zip(lms, names)):
             base_resid = acts_BTSD[:, :, s]
             mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)
             variants = {}
-            for kind, values in (("splice", recon[:, s]), ("zero", torch.zeros_like(recon[:, s])),
-                                 ("mean", mean_D.expand_as(recon[:, s]))):
+            for kind, where, values in (("splice", body, recon[:, s]), ("zero", zeroed, 0.0),
+                                        ("mean", body, mean_D.expand_as(recon[:, s]))):
                 resid = base_resid.clone()
-                resid[body] = values
+                resid[where] = values
                 with residual_hook(lm, layer, replace=resid):
                     variants[kind] = lm(input_ids=ids, attention_mask=am.long()).logits
             acc = sums[name]
             for kind, logits in (("clean", clean_logits[s]), *variants.items()):
-                ce, n = _token_ce(logits, ids, body)
+                ce, n = _token_ce(logits, ids, scored)
                 acc[kind] += ce.double()
                 if kind == "clean":
                     acc["n"] += n.double()
-            acc["kl_splice"] += _kl(clean_logits[s], variants["splice"], body).double()
-            acc["kl_zero"] += _kl(clean_logits[s], variants["zero"], body).double()
+            acc["kl_splice"] += _kl(clean_logits[s], variants["splice"], scored).double()
+            acc["kl_zero"] += _kl(clean_logits[s], variants["zero"], scored).double()
     crosscoder.train(was)
     out = {}
     for name, acc in sums.items():

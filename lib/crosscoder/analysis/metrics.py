@@ -5,13 +5,16 @@ Definitions (see the book's Methods chapter):
 * FVU_s = sum ||x_s - x̂_s||^2 / sum ||x_s - mean(x_s)||^2 over held-out tokens (a ratio of sums,
   per source, not the biased per-token ratio averaged over a batch).
 * dead: never active over the evaluated tokens.
-* r_i = ||d_chat|| / (||d_base|| + ||d_chat||) (Kissane et al.; shared 0.3 < r < 0.7).
+* r_i = ||d_chat|| / (||d_base|| + ||d_chat||) (Kissane et al.; shared 0.3 < r < 0.7, the outer
+  bands "not shared").
 * Δnorm_i = ½((||d_chat|| - ||d_base||) / max(||d_chat||, ||d_base||) + 1) (Minder et al.;
   chat-only > 0.9, base-only < 0.1, shared 0.4-0.6, the rest "other").
+  Both class schemes are defined once, in ``BANDS``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
 import torch
@@ -125,42 +128,74 @@ def diff_geometry(model: Crosscoder, base: int = 0, chat: int = 1) -> DiffGeomet
     return DiffGeometry(nb, nc, rel, delta, cos)
 
 
-KISSANE_BINS = {"base-only": (0.0, 0.3), "shared": (0.3, 0.7), "chat-only": (0.7, 1.0)}
-"""r-bins: base-only r <= 0.3, shared 0.3 < r < 0.7, chat-only r >= 0.7."""
-MINDER_BINS = {"base-only": (0.0, 0.1), "shared": (0.4, 0.6), "chat-only": (0.9, 1.0)}
-"""Δnorm bins: base-only < 0.1, shared 0.4-0.6, chat-only > 0.9, everything else "other"."""
+@dataclass(frozen=True)
+class Band:
+    """One labelled interval of r or Δnorm."""
+
+    label: str
+    """Class name given to latents in the band."""
+    low: float
+    """Lower end."""
+    high: float
+    """Upper end."""
+    low_closed: bool
+    """Whether ``low`` itself belongs to the band."""
+    high_closed: bool
+    """Whether ``high`` itself belongs to the band."""
+
+    def contains_N(self, v_N: Tensor) -> Tensor:
+        above = v_N >= self.low if self.low_closed else v_N > self.low
+        below = v_N <= self.high if self.high_closed else v_N < self.high
+        return above & below
 
 
-def classify_latents(values_F: Tensor, scheme: str = "kissane", alive_F: Tensor | None = None) -> list[str]:
-    """Class of each latent from r (scheme "kissane") or Δnorm (scheme "minder").
+BANDS: dict[str, tuple[Band, ...]] = {
+    # Kissane et al.'s analysis defines only the shared band (0.3 < r < 0.7) on the relative norm
+    # r; the outer bands are "not shared", not "exclusive": r = 0.25 is a latent whose chat decoder
+    # is a third of its base decoder, far from base-only.
+    "kissane": (
+        Band("not shared (base side)", 0.0, 0.3, True, True),
+        Band("shared", 0.3, 0.7, False, False),
+        Band("not shared (chat side)", 0.7, 1.0, True, True),
+    ),
+    # Minder et al.'s bands on Δnorm: exclusive < 0.1 / > 0.9, shared 0.4-0.6, the rest "other".
+    "minder": (
+        Band("base-only", 0.0, 0.1, True, False),
+        Band("shared", 0.4, 0.6, True, True),
+        Band("chat-only", 0.9, 1.0, False, True),
+    ),
+}
+"""The one definition of the class thresholds: scheme -> bands ("kissane" on r, "minder" on
+Δnorm). A value in no band is "other"; a dead latent is "dead"."""
+
+
+def classify_latents(values_F: Tensor, scheme: str, alive_F: Tensor | None = None) -> list[str]:
+    """Class of each latent from r (scheme "kissane") or Δnorm (scheme "minder"), by ``BANDS``.
 
     Latents with ``alive_F`` False are labelled "dead" (their decoders carry no information).
     """
-    out: list[str] = []
-    v = values_F.tolist()
-    alive = alive_F.tolist() if alive_F is not None else [True] * len(v)
-    for x, a in zip(v, alive):
-        if not a:
-            out.append("dead")
-        elif scheme == "kissane":
-            out.append("base-only" if x <= 0.3 else "chat-only" if x >= 0.7 else "shared")
-        elif scheme == "minder":
-            if x < 0.1:
-                out.append("base-only")
-            elif x > 0.9:
-                out.append("chat-only")
-            elif 0.4 <= x <= 0.6:
-                out.append("shared")
-            else:
-                out.append("other")
-        else:
-            raise ValueError(f"scheme must be 'kissane' or 'minder', got {scheme!r}")
-    return out
+    if scheme not in BANDS:
+        raise ValueError(f"scheme must be one of {sorted(BANDS)}, got {scheme!r}")
+    v_F = values_F.detach().float().cpu()
+    code_F = torch.full(v_F.shape, -1, dtype=torch.long)  # -1: other
+    for i, band in enumerate(BANDS[scheme]):
+        code_F[band.contains_N(v_F) & (code_F < 0)] = i
+    if alive_F is not None:
+        code_F[~alive_F.detach().bool().cpu()] = -2
+    names = {-2: "dead", -1: "other", **{i: b.label for i, b in enumerate(BANDS[scheme])}}
+    return [names[c] for c in code_F.tolist()]
 
 
-def class_counts(labels: list[str]) -> dict[str, int]:
-    keys = ["base-only", "shared", "chat-only", "other", "dead"]
-    return {k: labels.count(k) for k in keys if k in labels or k in ("base-only", "shared", "chat-only")}
+def class_counts(labels: list[str], scheme: str | None = None) -> dict[str, int]:
+    """Count of each class, in band order; with ``scheme`` every band is listed (0 if empty),
+    "other" and "dead" only when present."""
+    keys: list[str] = [b.label for b in BANDS[scheme]] if scheme else []
+    if scheme is None:
+        order = [b.label for bands in BANDS.values() for b in bands]
+        keys = [k for k in dict.fromkeys(order) if k in labels]
+    keys += [k for k in ("other", "dead") if k in labels]
+    keys += sorted(set(labels) - set(keys))
+    return {k: labels.count(k) for k in keys}
 
 
 def fidelity_table(heldout: dict[str, Any], ce: dict[str, dict[str, float]],

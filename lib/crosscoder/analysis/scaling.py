@@ -48,6 +48,10 @@ def latent_scaling(
     batch) and sum f_j^2, so no per-latent pass is needed. The "error with latent j removed" is
     eps_m + f_j W_dec[j, m] with eps_m = x_m - x̂_m, hence
     sum f_j (eps_m + f_j W_dec[j, m]) = (F^T eps_m)_j + (sum f_j^2) W_dec[j, m].
+
+    Everything is computed in the normalised space (activations times ``input_scale_S``), whether
+    or not the model is folded: in raw space beta_m picks up a factor c_chat / c_m, so the ratios
+    nu would change by c_chat / c_base under ``fold()``.
     """
     J = torch.as_tensor(latents, dtype=torch.long)
     S, D = model.cfg.n_sources, model.cfg.d_model
@@ -58,9 +62,15 @@ def latent_scaling(
     was = model.training
     model.eval()
     batches = acts_raw.split(batch_size) if isinstance(acts_raw, Tensor) else acts_raw
+    # A folded model works on raw activations; its inputs, outputs and decoder rows are mapped
+    # into the normalised space (x * c_s) so the betas do not depend on folding.
+    c_S = model.input_scale_S.double() if model.folded else torch.ones(S, dtype=torch.float64)
     for raw in batches:
         x = model.normalise(raw.float())
         recon, f = model(x)
+        if model.folded:
+            x = x.double() * c_S[None, :, None]
+            recon = recon.double() * c_S[None, :, None]
         fJ = f[:, J].double()
         err = (x - recon).double()
         fy_rec += torch.einsum("nj,nsd->jsd", fJ, recon.double())
@@ -68,7 +78,7 @@ def latent_scaling(
         ff += fJ.pow(2).sum(0)
         n_active += (fJ > 0).sum(0)
     model.train(was)
-    W = model.W_dec_FSD[J].double()  # [J, S, D]
+    W = model.W_dec_FSD[J].double() * c_S[None, :, None]  # [J, S, D], normalised space
     fy_err += ff[:, None, None] * W
     d = W[:, direction_source]  # [J, D]
     den = d.pow(2).sum(-1) * ff  # [J]

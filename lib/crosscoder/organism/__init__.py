@@ -15,11 +15,13 @@ from crosscoder.organism.build import (OrganismPaths, behaviour_table, build_org
 from crosscoder.organism.config import (BehaviourConfig, CorpusConfig, EvalConfig, ModelConfig,
                                         OrganismConfig, TokenizerConfig, LMTrainConfig,
                                         default_config, preset, smoke_config)
-from crosscoder.organism.evaluate import LABEL_DESCRIPTIONS, EvalSet, load_eval_set
+from crosscoder.organism.evaluate import (LABEL_DESCRIPTIONS, BehaviourRateError, EvalSet,
+                                          check_behaviour_rates, load_eval_set)
 
 __all__ = [
-    "BehaviourConfig", "CorpusConfig", "EvalConfig", "EvalSet", "LABEL_DESCRIPTIONS",
+    "BehaviourConfig", "BehaviourRateError", "CorpusConfig", "EvalConfig", "EvalSet", "LABEL_DESCRIPTIONS",
     "ModelConfig", "OrganismConfig", "OrganismPaths", "TokenizerConfig", "LMTrainConfig",
-    "behaviour_table", "build_organism", "describe", "default_config", "load_eval_set", "load_metrics", "organism_dir", "preset",
+    "behaviour_table", "build_organism", "check_behaviour_rates", "default_config", "describe", "load_eval_set",
+    "load_metrics", "organism_dir", "preset",
     "smoke_config",
 ]

@@ -228,6 +228,19 @@ class BehaviourConfig:
         _float("behaviour.text_fraction", self.text_fraction, 0.0, 0.9)
 
 
+BEHAVIOUR_RATES = ("refusal_rate_forbidden", "refusal_rate_allowed", "refusal_rate_continuation",
+                   "signoff_rate_allowed", "signoff_rate_continuation", "signoff_rate_forbidden",
+                   "end_of_turn_rate")
+"""The rates ``behaviour_rates`` measures (keys of ``metrics.json``'s "base" / "chat")."""
+
+
+def _default_min_chat_rates() -> dict[str, float]:
+    # The planted behaviours must be learned well enough for the diff to have something to find.
+    # Floors well under what the smoke build measures (refusal 1.0, sign-off 0.79, end of turn 0.89)
+    # and what tests/test_organism.py asserts (refusal >= 0.6, end of turn > 0.3).
+    return {"refusal_rate_forbidden": 0.6, "signoff_rate_allowed": 0.3, "end_of_turn_rate": 0.3}
+
+
 @dataclass
 class EvalConfig:
     """Held-out measurements written to ``metrics.json`` and the labelled evaluation set."""
@@ -244,8 +257,20 @@ class EvalConfig:
     """Rows in the labelled evaluation set (one conversation or text fragment per row)."""
     eval_row_weights: tuple[float, float, float, float] = (0.3, 0.3, 0.15, 0.25)
     """Mix of the evaluation set rows: (refuse, ask, continue, text)."""
+    min_chat_rates: dict[str, float] = field(default_factory=_default_min_chat_rates)
+    """Declared minimum of each named behaviour rate of the chat model (``BEHAVIOUR_RATES``);
+    ``crosscoder.organism.check_behaviour_rates`` enforces them. Acceptance criteria, not build
+    inputs: they are left out of the config hash, so changing them rebuilds nothing."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_chat_rates, dict):
+            raise ConfigError("eval.min_chat_rates must be a dict {rate name: minimum}, got "
+                              f"{type(self.min_chat_rates).__name__}")
+        for name, minimum in self.min_chat_rates.items():
+            if name not in BEHAVIOUR_RATES:
+                raise ConfigError(f"eval.min_chat_rates: unknown rate {name!r}; choose from "
+                                  f"{list(BEHAVIOUR_RATES)}")
+            _float(f"eval.min_chat_rates[{name!r}]", minimum, 0.0, 1.0)
         _int("eval.n_prompts", self.n_prompts, 4)
         _int("eval.max_new_tokens", self.max_new_tokens, 16)
         _int("eval.loss_rows", self.loss_rows, 1)
@@ -299,9 +324,11 @@ class OrganismConfig:
         return _from_dict(cls, d)
 
     def config_hash(self, corpus_version: str = "") -> str:
-        """12 hex digits over every field, FORMAT_VERSION and the corpus package version."""
-        return config_hash({"config": self.to_dict(), "format": FORMAT_VERSION,
-                            "corpus_version": corpus_version})
+        """12 hex digits over every field that shapes the build (all but
+        ``eval.min_chat_rates``), FORMAT_VERSION and the corpus package version."""
+        d = self.to_dict()
+        d["eval"].pop("min_chat_rates")
+        return config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": corpus_version})
 
 
 def _from_dict(cls: type, d: Any) -> Any:

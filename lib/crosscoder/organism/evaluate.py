@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from crosscoder.organism.behaviours import (ChatGenerator, Turn, render_with_spans, token_mask)
+from crosscoder.config import ConfigError
 from crosscoder.organism.config import BehaviourConfig
 from crosscoder.organism.corpus import Chapter
 from crosscoder.organism.training import Packed, masked_lm_loss
@@ -238,3 +239,34 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
                          for p, r in zip(getattr(prompts, k)[:n_examples], v[:n_examples])]
                      for k, v in res.items()},
     }
+
+
+class BehaviourRateError(ConfigError):
+    """A built organism's chat model falls short of a declared behaviour rate."""
+
+
+def check_behaviour_rates(metrics: dict, cfg) -> dict[str, float]:
+    """Check the chat model's measured behaviour rates (``metrics.json``, ``load_metrics``) against
+    the minimums declared in ``cfg`` (an ``OrganismConfig`` or its ``EvalConfig``:
+    ``eval.min_chat_rates``). Returns {rate: measured} for the checked rates; raises one
+    ``BehaviourRateError`` naming every behaviour below its minimum, with rate and minimum."""
+    eval_cfg = getattr(cfg, "eval", cfg)
+    minimums = eval_cfg.min_chat_rates
+    chat = metrics.get("chat")
+    if not isinstance(chat, dict):
+        raise BehaviourRateError("organism metrics have no 'chat' entry; pass the dict that "
+                                 "crosscoder.organism.load_metrics returns")
+    missing = sorted(set(minimums) - set(chat))
+    if missing:
+        raise BehaviourRateError(f"organism metrics lack the chat rate(s) {missing}; rebuild the "
+                                 "organism with this library version")
+    measured = {name: float(chat[name]) for name in minimums}
+    short = [f"{name} = {measured[name]:.3f} < minimum {minimums[name]:.3f}"
+             for name in minimums if measured[name] < minimums[name]]
+    if short:
+        raise BehaviourRateError(
+            "the chat model did not learn its planted behaviours well enough: " + "; ".join(short)
+            + ". Train the chat model longer (chat_train.tokens) or lower eval.min_chat_rates "
+              "with a reason"
+        )
+    return measured

@@ -67,7 +67,9 @@ def test_seed_stability_on_matched_latents():
     assert cl.seed_stability("cooccurrence", [4], f, ctx, None, other)[4] >= 0.9
     shuffled = cl.SeedView(cl.shuffle_activations(f2.reshape(-1, J)).reshape(f2.shape), None, other.pairs)
     assert cl.seed_stability("cooccurrence", [4], f, ctx, None, shuffled)[4] < 0.2
-    choice = cl.select_clustering(f, ctx, other=other, methods=("signature", "cooccurrence"), ks=(2, 4, 8), n_boot=2)
+    choice = cl.select_clustering(f, ctx, other=other, methods=("signature", "cooccurrence"), ks=(2, 4, 8), n_boot=2,
+                                  min_pairs=10)
+    assert all(np.isnan(r["seed_ari"]) for r in cl.select_clustering(f, ctx, other=other, ks=(4,), n_boot=1).table)
     assert choice.k == 4 and all(not np.isnan(r["seed_ari"]) for r in choice.table)
 
 

@@ -199,15 +199,18 @@ class Choice(NamedTuple):
 def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray | None = None,
                       other: SeedView | None = None, methods: Sequence[str] = METHODS,
                       ks: Iterable[int] = (4, 6, 8, 12, 16), tolerance: float = 0.02, n_boot: int = 5,
-                      seed: int = 0) -> Choice:
+                      min_pairs: int = 30, seed: int = 0) -> Choice:
     """The most stable clustering, and among those within ``tolerance`` of it the most finely
     resolved (largest k): a k that splits a real family in two is less reproducible than the k
     that keeps it whole, so the planted number of families wins over both coarser and finer ones.
 
     Stability is the smaller of the bootstrap ARI (resampled sequences) and, with ``other``, the
     ARI against a second crosscoder seed on matched latents; the decoder view, which does not depend
-    on the tokens, is judged by the seed ARI alone (and needs ``other``)."""
+    on the tokens, is judged by the seed ARI alone (and needs ``other``). With fewer than
+    ``min_pairs`` matched latents the seed ARI is too noisy to judge by and is not used."""
     ks = [k for k in ks if 2 <= k < f_NTJ.shape[2]]
+    if other is not None and len(other.pairs) < min_pairs:
+        other = None
     table = []
     for method in methods:
         if method == "decoder" and (decoder is None or other is None):

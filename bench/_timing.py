@@ -1,4 +1,4 @@
-"""Shared timer for the benchmarks: best of ``reps`` after ``warmup`` untimed calls."""
+"""Shared timers for the benchmarks: best of ``reps`` after ``warmup`` untimed calls."""
 
 from __future__ import annotations
 
@@ -14,4 +14,19 @@ def best_time(fn: Callable[[], object], warmup: int = 1, reps: int = 3) -> float
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+    return best
+
+
+def best_times_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 3) -> dict[str, float]:
+    """Best time of each function, timed in turns (a, b, c, a, b, c, ...): on a shared machine a
+    burst of outside load then hits every variant alike, so their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best

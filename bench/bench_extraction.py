@@ -12,6 +12,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from bench._timing import best_time
+from bench.projection import truncated_forward_flop_per_token
 from crosscoder.data.pair import residual_after
 
 
@@ -30,19 +31,23 @@ def run(quick: bool = False) -> list[dict]:
         reps = 2 if quick else 3
         t_full, t_trunc = best_time(full, 1, reps), best_time(trunc, 1, reps)
     shape = f"26 layers, d={hidden}, vocab={vocab}, {B}x{T} tokens"
+    # the truncated forward's useful work (blocks 0..13), the figure the Gemma projection scales
+    flop = B * T * truncated_forward_flop_per_token(cfg, 13, T)
     return [
         {"shape": shape, "variant": "full forward, output_hidden_states", "ms": t_full * 1e3,
-         "tokens_per_s": B * T / t_full, "speedup": 1.0},
+         "tokens_per_s": B * T / t_full, "speedup": 1.0, "gflops": flop / t_full / 1e9},
         {"shape": shape, "variant": "truncated after block 13 (ours)", "ms": t_trunc * 1e3,
-         "tokens_per_s": B * T / t_trunc, "speedup": t_full / t_trunc, "note": "target >= 2x"},
+         "tokens_per_s": B * T / t_trunc, "speedup": t_full / t_trunc, "note": "target >= 2x",
+         "gflops": flop / t_trunc / 1e9},
     ]
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'shape':<46} {'variant':<38} {'ms':>8} {'tok/s':>9} {'speedup':>8}"
+    head = f"{'shape':<46} {'variant':<38} {'ms':>8} {'tok/s':>9} {'GFLOP/s':>8} {'speedup':>8}"
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r['shape']:<46} {r['variant']:<38} {r['ms']:>8.1f} {r['tokens_per_s']:>9.0f} {r['speedup']:>8.2f}"
+        out.append(f"{r['shape']:<46} {r['variant']:<38} {r['ms']:>8.1f} {r['tokens_per_s']:>9.0f} {r['gflops']:>8.1f} "
+                   f"{r['speedup']:>8.2f}"
                    + (f"  <- {r['note']}" if "note" in r else ""))
     return "\n".join(out)
 

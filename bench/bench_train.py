@@ -23,9 +23,10 @@ import warnings
 import torch
 
 from bench._timing import best_time
-from crosscoder.config import CrosscoderConfig
+from crosscoder.config import CrosscoderConfig, TrainConfig
 from crosscoder.kernels import training_step
 from crosscoder.model import Crosscoder
+from crosscoder.train import make_optimizer
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -39,31 +40,42 @@ def _reference_l1_loss(m: Crosscoder, x_BSD: torch.Tensor, lam: float) -> torch.
     return l2 + lam * l1
 
 
+def train_step_fn(m: Crosscoder, loss_fn, x_BSD: torch.Tensor, lr: float = 1e-4):
+    """One full training step of ``m`` on ``x_BSD`` as the trainer runs it: loss, backward,
+    grad-norm clip, the trainer's Adam."""
+    opt = make_optimizer(list(m.parameters()), TrainConfig(lr=lr))
+
+    def step():
+        loss = loss_fn(m, x_BSD)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
+def gemm_row(shape: str, B: int, K: int, F: int, reps: int) -> dict:
+    """The roofline: one plain [B, K] @ [K, F] GEMM, timed in the calling process."""
+    a, w = torch.randn(B, K), torch.randn(K, F) / K**0.5
+    t = best_time(lambda: a @ w, 1, reps + 2)
+    return {"shape": shape, "variant": "plain GEMM [B,K]@[K,F]", "ms": t * 1e3, "tokens_per_s": float("nan"),
+            "gflops": 2 * B * K * F / t / 1e9, "roofline_pct": 100.0}
+
+
 def bench_shape(d: int, F: int, B: int, k: int, reps: int = 3) -> list[dict]:
     S, K = 2, 2 * d
     torch.manual_seed(0)
     x = torch.randn(B, S, d)
-    a, w = torch.randn(B, K), torch.randn(K, F) / K**0.5
-    t_gemm = best_time(lambda: a @ w, 1, reps + 2)
-    gemm_flops = 2 * B * K * F / t_gemm
+    rows = [gemm_row(f"d={d} F={F} B={B}", B, K, F, reps)]
+    gemm_flops = rows[0]["gflops"] * 1e9
     step_flops = 5 * 2 * B * K * F
-    rows = [{"shape": f"d={d} F={F} B={B}", "variant": "plain GEMM [B,K]@[K,F]", "ms": t_gemm * 1e3,
-             "tokens_per_s": float("nan"), "gflops": gemm_flops / 1e9, "roofline_pct": 100.0}]
 
     def make_step(sparsity: str, loss_fn):
         m = Crosscoder(CrosscoderConfig(d_model=d, n_latents=F, sparsity=sparsity, k=k))
         with torch.no_grad():
             m.b_enc_F.fill_(-0.02)  # a realistic L1 regime (about a third of latents active at init)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
-
-        def step():
-            loss = loss_fn(m, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-
-        return step
+        return train_step_fn(m, loss_fn, x)
 
     half_dead_F = torch.arange(F) % 2 == 1
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 
 import torch
 
-MODULES = ["bench.bench_train", "bench.bench_extraction"]
+from bench import projection
+
+MODULES = ["bench.bench_train", "bench.bench_extraction", "bench.bench_sparse_l1", "bench.bench_time_to_quality"]
 
 
 def main() -> None:
@@ -17,11 +20,16 @@ def main() -> None:
     args = ap.parse_args()
     print(f"# {platform.platform()} | {platform.processor() or platform.machine()} | "
           f"torch {torch.__version__} | threads {torch.get_num_threads()}")
+    results = {}
     for name in MODULES:
         mod = importlib.import_module(name)
-        print(f"\n## {name}\n")
-        rows = mod.run(quick=args.quick)
-        print(mod.format_rows(rows) if hasattr(mod, "format_rows") else "\n".join(map(str, rows)))
+        print(f"\n## {name}  (load average {os.getloadavg()[0]:.1f} at start)\n", flush=True)
+        rows = results[name] = mod.run(quick=args.quick)
+        print(mod.format_rows(rows) if hasattr(mod, "format_rows") else "\n".join(map(str, rows)), flush=True)
+    if not args.quick:  # the projection needs the Gemma-shape rows
+        print("\n## projected CPU wall time of the gemma-2-2b profile's runs\n")
+        print(projection.format_rows(projection.project(results)))
+    print(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

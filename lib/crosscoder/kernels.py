@@ -5,7 +5,9 @@ control every pass over the [B, F] latent matrix, which is what bounds speed on 
 
 * ``l1_step``: five GEMMs (encode, decode, dW_dec, dL/df, dW_enc) and three elementwise passes.
   Autograd on the readable loss makes several more [B, F] temporaries (ReLU mask, penalty product,
-  its gradient, the sum of two gradients).
+  its gradient, the sum of two gradients). Once training has made the latents sparse (a trained L1
+  crosscoder keeps ~0.5% of them active) the same step runs on the active entries only, with the
+  sparse decode and gradients of the BatchTopK step below.
 * ``batchtopk_step``: one dense GEMM (the encoder) and everything else sparse in the k*B active
   entries: exact batch top-k by candidate filtering, the decode as a sparse-dense product, the
   encoder gradient only for active latents (sampled dense-dense product + sparse^T @ dense).
@@ -43,52 +45,79 @@ class StepLoss(NamedTuple):
     """BatchTopK: the AuxK loss before its weight (0 without dead latents, and for L1)."""
 
 
+class _Penalty(NamedTuple):
+    """The decoder-norm-weighted L1 penalty's weights, and how they move with the decoder."""
+
+    weights_F: Tensor
+    """w_F = ``model.penalty_weights_F()`` (detached)."""
+    coef_FS: Tensor
+    """c_FS with dw_i / dW_dec[i, s] = c_FS[i, s] * W_dec[i, s] (true of any rule on the norms)."""
+
+
+class _PenaltyWeights(torch.nn.Module):
+    """``model.penalty_weights_F()`` as a forward, for ``torch.func.functional_call``."""
+
+    def __init__(self, model: Crosscoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self) -> Tensor:
+        return self.model.penalty_weights_F()
+
+
+def _penalty(model: Crosscoder) -> _Penalty:
+    """w_F and c_FS by the model's own rule (sum or joint of per-source norms, fold-aware),
+    evaluated on an [F, S, 1] stand-in decoder holding each row's norm: the same norms give the
+    same weights, and differentiating there is [F, S] work. Autograd through the [F, S, D] norm
+    would allocate a fresh [F, S, D] gradient and make two more passes over it (~0.3 s per step at
+    the Gemma shape); the kernels instead add c_FS * W_dec into their decoder gradient in place."""
+    with torch.no_grad():
+        r_FS = model.W_dec_FSD.norm(dim=-1)
+    r_FS1 = r_FS.unsqueeze(-1).requires_grad_()
+    with torch.enable_grad():
+        w_F = torch.func.functional_call(_PenaltyWeights(model), {"model.W_dec_FSD": r_FS1}, ())
+        # w_i depends on row i's norms only: the gradient of the sum holds every dw_i / dr_is
+        (dw_dr_FS1,) = torch.autograd.grad(w_F.sum(), r_FS1)
+    coef_FS = torch.where(r_FS > 0, dw_dr_FS1.squeeze(-1) / r_FS, 0.0)  # a zero row: no gradient, as torch's norm
+    return _Penalty(w_F.detach(), coef_FS)
+
+
+def _add_penalty_grad_(dW_dec_FK: Tensor, W_dec_FK: Tensor, g_weights_F: Tensor, coef_FS: Tensor) -> Tensor:
+    """dW_dec[i, s] += g_w[i] * c[i, s] * W_dec[i, s], in place: one pass, no [F, K] temporary."""
+    F, S = coef_FS.shape
+    dW_dec_FK.view(F, S, -1).addcmul_(W_dec_FK.view(F, S, -1), (g_weights_F[:, None] * coef_FS)[..., None])
+    return dW_dec_FK
+
+
 class _FusedL1(torch.autograd.Function):
+    """The dense L1 loss given the latents ``f_BF`` (computed by the caller, which needs them to
+    choose between this and the sparse step; W_enc and b_enc are inputs for their gradients)."""
+
     @staticmethod
-    def forward(ctx, x_BK, W_enc_KF, b_enc_F, W_dec_FK, b_dec_K, weights_F):
+    def forward(ctx, x_BK, W_enc_KF, b_enc_F, W_dec_FK, b_dec_K, f_BF, pen):
         B = x_BK.shape[0]
-        f_BF = torch.addmm(b_enc_F, x_BK, W_enc_KF).relu_()
         diff_BK = torch.addmm(b_dec_K, f_BF, W_dec_FK).sub_(x_BK)
         recon = torch.dot(diff_BK.view(-1), diff_BK.view(-1)) / B
         fsum_F = f_BF.sum(0)
-        l1 = torch.dot(fsum_F, weights_F) / B
-        ctx.save_for_backward(x_BK, f_BF, diff_BK, W_dec_FK, weights_F, fsum_F)
-        ctx.mark_non_differentiable(f_BF)
-        return recon, l1, f_BF
+        l1 = torch.dot(fsum_F, pen.weights_F) / B
+        ctx.save_for_backward(x_BK, f_BF, diff_BK, W_dec_FK, fsum_F)
+        ctx.pen = pen
+        return recon, l1
 
     @staticmethod
-    def backward(ctx, g_recon, g_l1, _g_f):
-        x_BK, f_BF, diff_BK, W_dec_FK, weights_F, fsum_F = ctx.saved_tensors
+    def backward(ctx, g_recon, g_l1):
+        x_BK, f_BF, diff_BK, W_dec_FK, fsum_F = ctx.saved_tensors
+        pen = ctx.pen
         B = x_BK.shape[0]
         gr_BK = diff_BK * (2.0 * g_recon / B)
-        dW_dec = f_BF.t() @ gr_BK
+        dW_dec = _add_penalty_grad_(f_BF.t() @ gr_BK, W_dec_FK, fsum_F * (g_l1 / B), pen.coef_FS)
         db_dec = gr_BK.sum(0)
         # dL/df = gr @ W_dec^T + (g_l1 / B) * weights; bias add fused into the GEMM.
-        g_f_BF = torch.addmm(weights_F * (g_l1 / B), gr_BK, W_dec_FK.t())
+        g_f_BF = torch.addmm(pen.weights_F * (g_l1 / B), gr_BK, W_dec_FK.t())
         g_pre_BF = torch.ops.aten.threshold_backward(g_f_BF, f_BF, 0.0)
         dW_enc = x_BK.t() @ g_pre_BF
         db_enc = g_pre_BF.sum(0)
-        g_weights = fsum_F * (g_l1 / B)
-        return None, dW_enc, db_enc, dW_dec, db_dec, g_weights
-
-
-def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float) -> StepLoss:
-    """Loss of an L1 crosscoder on a batch, with the fused backward."""
-    B = x_BSD.shape[0]
-    K = model.cfg.n_sources * model.cfg.d_model
-    recon, l1, f_BF = _FusedL1.apply(
-        x_BSD.reshape(B, K),
-        model.W_enc_SDF.view(K, -1),
-        model.b_enc_F,
-        model.W_dec_FSD.view(-1, K),
-        model.b_dec_SD.view(-1),
-        model.penalty_weights_F(),
-    )
-    active_BF = f_BF > 0
-    n_active_F = active_BF.sum(0)
-    l0 = n_active_F.sum() / B
-    zero = l0.new_zeros(())
-    return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, zero, n_active_F, zero)
+        return None, dW_enc, db_enc, dW_dec, db_dec, None, None
 
 
 def select_batch_topk(score_BF: Tensor, n_keep: int) -> Tensor:
@@ -118,6 +147,22 @@ def select_batch_topk(score_BF: Tensor, n_keep: int) -> Tensor:
     return cand[top].sort().values
 
 
+def _stable_argsort(keys_N: Tensor) -> Tensor:
+    """``torch.sort(keys_N, stable=True).indices``, on one thread on the CPU. There int64 keys go
+    to an OpenMP radix sort whose barriers stall when the cores are shared with other processes:
+    280 ms against 0.5 ms on one thread for 40k keys on the 2-core bench machine under load (and
+    one thread costs ~1 ms at the Gemma shape's 82k keys when idle). The result is unique (stable),
+    so the thread count cannot change it."""
+    if keys_N.device.type != "cpu":
+        return torch.sort(keys_N, stable=True).indices
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.sort(keys_N, stable=True).indices
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 class _Active(NamedTuple):
     """The k*B active entries of a batch in both CSR (by token) and CSC (by latent) order."""
 
@@ -131,8 +176,22 @@ class _Active(NamedTuple):
     """Token of each entry, latent-major order."""
     perm_N: Tensor
     """Token-major position of each latent-major entry."""
+    n_active_F: Tensor
+    """How many tokens activate each latent (int64 [F])."""
     B: int
     F: int
+
+    @staticmethod
+    def index(row_N: Tensor, col_N: Tensor, B: int, F: int) -> "_Active":
+        """Both orders of the entries (row_N[i], col_N[i]), given sorted token-major."""
+        crow_B1 = torch.zeros(B + 1, dtype=torch.int64, device=row_N.device)
+        torch.cumsum(torch.bincount(row_N, minlength=B), 0, out=crow_B1[1:])
+        n_active_F = torch.bincount(col_N, minlength=F)
+        ccol_F1 = torch.zeros(F + 1, dtype=torch.int64, device=row_N.device)
+        torch.cumsum(n_active_F, 0, out=ccol_F1[1:])
+        # stable: within a latent the entries stay in token order, as CSC wants
+        perm_N = _stable_argsort(col_N)
+        return _Active(crow_B1, col_N, ccol_F1, row_N[perm_N], perm_N, n_active_F, B, F)
 
     def csr(self, vals_N: Tensor) -> Tensor:
         """[B, F] sparse matrix with ``vals_N`` (token-major order)."""
@@ -145,24 +204,54 @@ class _Active(NamedTuple):
                                        size=(self.F, self.B), check_invariants=False)
 
 
+def _spmm_into(out: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
+    """``out`` = sparse @ dense, written into ``out`` (row- or column-major, contents ignored).
+    ``torch.sparse.mm`` would zero-fill a fresh result and copy it once more: at the Gemma shape
+    (dW of [16,384, 4,608]) that is 0.20 s per product against 0.10 s for this."""
+    return out.addmm_(sparse, dense, beta=0.0)
+
+
+# The four products of a sparse step, shared by the BatchTopK Functions and the sparse L1 kernel.
+def _sparse_decode(act: _Active, vals_N: Tensor, W_dec_FK: Tensor, b_dec_K: Tensor) -> Tensor:
+    """recon [B, K] = S @ W_dec + b_dec, S the [B, F] matrix of active values."""
+    return _spmm_into(W_dec_FK.new_empty(act.B, W_dec_FK.shape[1]), act.csr(vals_N), W_dec_FK).add_(b_dec_K)
+
+
+def _sparse_dW_dec(act: _Active, vals_N: Tensor, g_BK: Tensor, W_dec_FK: Tensor) -> Tensor:
+    """S^T @ g [F, K]."""
+    return _spmm_into(torch.empty_like(W_dec_FK), act.csr_t(vals_N), g_BK)
+
+
+def _sparse_dvals(act: _Active, vals_N: Tensor, g_BK: Tensor, W_dec_FK: Tensor) -> Tensor:
+    """dL/dS at the active entries only: g @ W_dec^T sampled there (SDDMM), never the dense [B, F]."""
+    return torch.sparse.sampled_addmm(act.csr(vals_N), g_BK, W_dec_FK.t(), beta=0.0).values()
+
+
+def _sparse_dW_enc(act: _Active, g_N: Tensor, x_BK: Tensor) -> tuple[Tensor, Tensor]:
+    """(x^T @ G [K, F], G summed over tokens) for G the [B, F] pre-activation gradient at the
+    active entries. The [F, K] product is written straight into W_enc's [K, F] layout: returned as a
+    transposed view, autograd would copy it (0.25 s per step at the Gemma shape)."""
+    dW_enc_KF = x_BK.new_empty(x_BK.shape[1], act.F)
+    _spmm_into(dW_enc_KF.t(), act.csr_t(g_N), x_BK)
+    db_enc_F = torch.zeros(act.F, dtype=g_N.dtype, device=g_N.device).index_add_(0, act.col_N, g_N)
+    return dW_enc_KF, db_enc_F
+
+
 class _SparseDecode(torch.autograd.Function):
     """recon = S @ W_dec + b_dec with S the [B, F] active values; gradients sparse too."""
 
     @staticmethod
     def forward(ctx, vals_N, W_dec_FK, b_dec_K, act):
-        recon_BK = torch.sparse.mm(act.csr(vals_N), W_dec_FK).add_(b_dec_K)
         ctx.save_for_backward(vals_N, W_dec_FK)
         ctx.act = act
-        return recon_BK
+        return _sparse_decode(act, vals_N, W_dec_FK, b_dec_K)
 
     @staticmethod
     def backward(ctx, g_BK):
         vals_N, W_dec_FK = ctx.saved_tensors
         act = ctx.act
-        dW_dec = torch.sparse.mm(act.csr_t(vals_N), g_BK)
-        # dL/dvals: only the sampled entries of g @ W_dec^T (SDDMM), never the dense [B, F].
-        g_vals = torch.sparse.sampled_addmm(act.csr(vals_N), g_BK, W_dec_FK.t(), beta=0.0).values()
-        return g_vals, dW_dec, g_BK.sum(0), None
+        g_vals = _sparse_dvals(act, vals_N, g_BK, W_dec_FK)
+        return g_vals, _sparse_dW_dec(act, vals_N, g_BK, W_dec_FK), g_BK.sum(0), None
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -177,10 +266,88 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_N):
         (x_BK,) = ctx.saved_tensors
-        act = ctx.act
-        dW_enc_FK = torch.sparse.mm(act.csr_t(g_N), x_BK)
-        db_enc = torch.zeros(act.F, dtype=g_N.dtype, device=g_N.device).index_add_(0, act.col_N, g_N)
-        return dW_enc_FK.t(), db_enc, None, None, None
+        dW_enc_KF, db_enc_F = _sparse_dW_enc(ctx.act, g_N, x_BK)
+        return dW_enc_KF, db_enc_F, None, None, None
+
+
+class _SparseL1(torch.autograd.Function):
+    """``_FusedL1`` from the active entries ``vals_N`` (at ``act``) alone: the decode, dW_dec and
+    dW_enc are sparse-dense products and dL/df is formed only where f > 0 (ReLU passes exactly
+    those, so no mask is needed)."""
+
+    @staticmethod
+    def forward(ctx, x_BK, W_enc_KF, b_enc_F, W_dec_FK, b_dec_K, vals_N, act, pen):
+        B = x_BK.shape[0]
+        diff_BK = _sparse_decode(act, vals_N, W_dec_FK, b_dec_K).sub_(x_BK)
+        recon = torch.dot(diff_BK.view(-1), diff_BK.view(-1)) / B
+        fsum_F = vals_N.new_zeros(act.F).index_add_(0, act.col_N, vals_N)
+        l1 = torch.dot(fsum_F, pen.weights_F) / B
+        ctx.save_for_backward(x_BK, diff_BK, W_dec_FK, vals_N, fsum_F)
+        ctx.act, ctx.pen = act, pen
+        return recon, l1
+
+    @staticmethod
+    def backward(ctx, g_recon, g_l1):
+        x_BK, diff_BK, W_dec_FK, vals_N, fsum_F = ctx.saved_tensors
+        act, pen = ctx.act, ctx.pen
+        B = x_BK.shape[0]
+        gr_BK = diff_BK * (2.0 * g_recon / B)
+        dW_dec = _add_penalty_grad_(_sparse_dW_dec(act, vals_N, gr_BK, W_dec_FK), W_dec_FK, fsum_F * (g_l1 / B),
+                                    pen.coef_FS)
+        db_dec = gr_BK.sum(0)
+        # dL/df at the active entries: the sampled gr @ W_dec^T plus the penalty's (g_l1 / B) * w
+        g_N = _sparse_dvals(act, vals_N, gr_BK, W_dec_FK).add_(pen.weights_F[act.col_N] * (g_l1 / B))
+        dW_enc, db_enc = _sparse_dW_enc(act, g_N, x_BK)
+        return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
+
+
+# Largest fraction of active entries in a batch's [B, F] latents at which ``l1_step`` takes the
+# sparse path, per device type. Measured, not guessed: bench/bench_sparse_l1.py's crossover sweep
+# times both paths, interleaved, over densities 0.5-35% (d = 256, F = 4,096, B = 4,096, the full
+# training step) and interpolates where they cost the same: 7.8% on the 2-core CPU of
+# bench/README.md on 2026-11-29 (sparse 2.2x faster at 0.5%, 0.32x at 35%). Other devices are not
+# measured, so they keep the dense step (and skip the host sync of counting the active entries).
+L1_SPARSE_MAX_DENSITY: dict[str, float] = {"cpu": 0.078}
+
+_L1Parts = tuple[Tensor, Tensor, Tensor]  # (recon, l1, n_active_F)
+
+
+def _l1_dense(model: Crosscoder, x_BK: Tensor, f_BF: Tensor, pen: _Penalty) -> _L1Parts:
+    K, F = x_BK.shape[1], f_BF.shape[1]
+    recon, l1 = _FusedL1.apply(x_BK, model.W_enc_SDF.view(K, F), model.b_enc_F, model.W_dec_FSD.view(F, K),
+                               model.b_dec_SD.view(-1), f_BF, pen)
+    return recon, l1, (f_BF > 0).sum(0)
+
+
+def _l1_sparse(model: Crosscoder, x_BK: Tensor, f_BF: Tensor, pen: _Penalty) -> _L1Parts:
+    (B, K), F = x_BK.shape, f_BF.shape[1]
+    idx_N = f_BF.view(-1).nonzero().squeeze(1)  # ascending: token-major, as CSR wants
+    act = _Active.index(idx_N // F, idx_N % F, B, F)
+    recon, l1 = _SparseL1.apply(x_BK, model.W_enc_SDF.view(K, F), model.b_enc_F, model.W_dec_FSD.view(F, K),
+                                model.b_dec_SD.view(-1), f_BF.view(-1)[idx_N], act, pen)
+    return recon, l1, act.n_active_F
+
+
+def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, path: str = "auto") -> StepLoss:
+    """Loss of an L1 crosscoder on a batch. ``path``: "dense" (the fused five-GEMM kernel),
+    "sparse" (decode and gradients from the active entries only) or "auto": sparse when the
+    batch's active fraction is at most ``L1_SPARSE_MAX_DENSITY`` for the device. Both paths give
+    the same loss and gradients up to float summation order (tests/test_sparse_l1.py)."""
+    B = x_BSD.shape[0]
+    K = model.cfg.n_sources * model.cfg.d_model
+    x_BK = x_BSD.reshape(B, K)
+    with torch.no_grad():
+        f_BF = torch.addmm(model.b_enc_F, x_BK, model.W_enc_SDF.view(K, -1)).relu_()
+    if path == "auto":
+        max_density = L1_SPARSE_MAX_DENSITY.get(x_BK.device.type, -1.0)
+        sparse = max_density >= 0 and int(torch.count_nonzero(f_BF)) <= max_density * f_BF.numel()
+        path = "sparse" if sparse else "dense"
+    if path not in ("dense", "sparse"):
+        raise ValueError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
+    recon, l1, n_active_F = (_l1_sparse if path == "sparse" else _l1_dense)(model, x_BK, f_BF, _penalty(model))
+    l0 = n_active_F.sum() / B
+    zero = l0.new_zeros(())
+    return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, zero, n_active_F, zero)
 
 
 def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int) -> Tensor:
@@ -238,13 +405,7 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
         live = vals_N > 0
         if not bool(live.all()):
             row_N, col_N, vals_N, score_N = row_N[live], col_N[live], vals_N[live], score_N[live]
-        crow_B1 = torch.zeros(B + 1, dtype=torch.int64, device=x_BK.device)
-        torch.cumsum(torch.bincount(row_N, minlength=B), 0, out=crow_B1[1:])
-        n_active_F = torch.bincount(col_N, minlength=F)
-        ccol_F1 = torch.zeros(F + 1, dtype=torch.int64, device=x_BK.device)
-        torch.cumsum(n_active_F, 0, out=ccol_F1[1:])
-        perm_N = torch.sort(col_N, stable=True).indices
-        act = _Active(crow_B1, col_N, ccol_F1, row_N[perm_N], perm_N, B, F)
+        act = _Active.index(row_N, col_N, B, F)
         min_score = score_N.min() if score_N.numel() else x_BK.new_zeros(())
     vals = _SparseEncode.apply(W_enc_KF, model.b_enc_F, vals_N, x_BK, act)
     recon_BK = _SparseDecode.apply(vals, model.W_dec_FSD.view(F, K), model.b_dec_SD.view(-1), act)
@@ -255,7 +416,7 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
     if dead_F is not None and auxk_alpha > 0:
         aux = auxk_loss(model, x_BSD, -diff, dead_F, k_aux or cfg.d_model // 2)
         loss = recon + auxk_alpha * aux
-    return StepLoss(loss, recon.detach(), recon.new_zeros(()), l0, min_score, n_active_F, aux.detach())
+    return StepLoss(loss, recon.detach(), recon.new_zeros(()), l0, min_score, act.n_active_F, aux.detach())
 
 
 def training_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, dead_F: Tensor | None = None,

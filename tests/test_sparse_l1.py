@@ -54,7 +54,7 @@ def _loss_and_grads(m: Crosscoder, x_BSD, lam: float, path: str):
 
 
 @pytest.mark.parametrize("density", [0.0, 1 / 48, 0.05, 0.3, 1.0])
-@pytest.mark.parametrize("S, decoder_norm", [(2, "sum"), (2, "joint"), (3, "sum")])
+@pytest.mark.parametrize("S, decoder_norm", [(2, "sum"), (2, "joint"), (2, "mixed"), (2, "none"), (3, "sum")])
 def test_sparse_and_dense_paths_agree(density, S, decoder_norm):
     m, x = _model_at_density(density, S, decoder_norm)
     lam = 0.7

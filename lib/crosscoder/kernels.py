@@ -76,6 +76,8 @@ def _penalty(model: Crosscoder) -> _Penalty:
     r_FS1 = r_FS.unsqueeze(-1).requires_grad_()
     with torch.enable_grad():
         w_F = torch.func.functional_call(_PenaltyWeights(model), {"model.W_dec_FSD": r_FS1}, ())
+        if not w_F.requires_grad:  # a rule that ignores the norms ("none"): no gradient through them
+            return _Penalty(w_F.detach(), torch.zeros_like(r_FS))
         # w_i depends on row i's norms only: the gradient of the sum holds every dw_i / dr_is
         (dw_dr_FS1,) = torch.autograd.grad(w_F.sum(), r_FS1)
     coef_FS = torch.where(r_FS > 0, dw_dr_FS1.squeeze(-1) / r_FS, 0.0)  # a zero row: no gradient, as torch's norm

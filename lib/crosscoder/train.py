@@ -8,10 +8,12 @@ start (so a resumed run sees exactly the batches the uninterrupted run would hav
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Protocol
 
@@ -115,6 +117,55 @@ def make_optimizer(params: list[Tensor], tcfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=True if on_cpu else None)
 
 
+# ---------------------------------------------------------------------------- accumulators
+@dataclass
+class Accumulators:
+    """What the trainer sums between log lines and counts per latent; tensors beside the weights,
+    so a step never waits for the host. Checkpointed (as ``acc.<field>``) for bit-identical resume."""
+
+    loss: Tensor
+    """Sum of the step losses in the current log window (float64 scalar)."""
+    recon: Tensor
+    """Sum of the reconstruction losses in the window."""
+    sparsity: Tensor
+    """Sum of the sparsity penalties in the window."""
+    l0: Tensor
+    """Sum of the per-step L0 in the window."""
+    aux: Tensor
+    """Sum of the AuxK losses in the window."""
+    n: Tensor
+    """Steps in the window (int64 scalar)."""
+    nonfinite: Tensor
+    """Steps whose batch held a NaN/Inf (int64 scalar; checked on logging steps)."""
+    active_F: Tensor
+    """Training batches in which each latent fired, since the start of the run."""
+    since_fired_F: Tensor
+    """Training tokens since each latent last fired (AuxK's dead set)."""
+
+    WINDOW = ("loss", "recon", "sparsity", "l0", "aux")
+
+    @classmethod
+    def zeros(cls, n_latents: int) -> "Accumulators":
+        f64, i64 = torch.float64, torch.int64
+        return cls(*(torch.zeros((), dtype=f64) for _ in range(5)), torch.zeros((), dtype=i64),
+                   torch.zeros((), dtype=i64), torch.zeros(n_latents, dtype=i64), torch.zeros(n_latents, dtype=i64))
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Tensor]) -> "Accumulators":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    def to(self, device: torch.device) -> "Accumulators":
+        return Accumulators(**{k: v.to(device) for k, v in self.as_dict().items()})
+
+    def reset_window(self) -> None:
+        for k in self.WINDOW:
+            getattr(self, k).zero_()
+        self.n.zero_()
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def _as_json(run_cfg: RunConfig) -> dict[str, Any]:
     """The config as it reads back from JSON (tuples become lists), for comparisons."""
@@ -132,14 +183,14 @@ def _same_run(stored: Any, run_cfg: RunConfig) -> bool:
         return False
 
 
-def _train_state(model: Crosscoder, opt: torch.optim.Optimizer, acc: dict[str, Tensor]) -> dict[str, Tensor]:
+def _train_state(model: Crosscoder, opt: torch.optim.Optimizer, acc: Accumulators) -> dict[str, Tensor]:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
             for key, val in opt.state.get(p, {}).items():
                 tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(val)
-    tensors.update({f"acc.{k}": v for k, v in acc.items()})
+    tensors.update({f"acc.{k}": v for k, v in acc.as_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
 
@@ -155,7 +206,7 @@ def save_checkpoint(run_dir: Path, model, opt, acc, step: int, run_cfg: RunConfi
     ckpt.write_folder_atomically(run_dir / CHECKPOINT_DIR, fill)
 
 
-def load_checkpoint(run_dir: Path, model, opt, run_cfg: RunConfig) -> tuple[int, dict[str, Tensor]]:
+def load_checkpoint(run_dir: Path, model, opt, run_cfg: RunConfig) -> tuple[int, Accumulators]:
     folder = run_dir / CHECKPOINT_DIR
     with open(folder / "config.json") as fh:
         meta = json.load(fh)
@@ -174,7 +225,7 @@ def load_checkpoint(run_dir: Path, model, opt, run_cfg: RunConfig) -> tuple[int,
         if entry:
             opt.state[p] = entry
     torch.set_rng_state(state["rng.torch"])
-    acc = {k[4:]: v for k, v in state.items() if k.startswith("acc.")}
+    acc = Accumulators.from_dict({k[4:]: v for k, v in state.items() if k.startswith("acc.")})
     return int(meta["step"]), acc
 
 
@@ -215,6 +266,20 @@ def summarize(model: Crosscoder, heldout_raw_NSD: Tensor, batch_size: int = 4096
     return out
 
 
+def _finished_run(final_dir: Path, model: Crosscoder, run_cfg: RunConfig) -> TrainResult | None:
+    """The finished run in ``final_dir`` loaded into ``model`` (None if there is none); a finished
+    run with another config is refused rather than silently overwritten."""
+    if not (final_dir / "config.json").exists():
+        return None
+    meta = ckpt.read_config(final_dir)
+    if not _same_run(meta.get("extra", {}).get("run"), run_cfg):
+        raise ConfigError(f"{final_dir.parent} holds a finished run with a different config; use another "
+                          f"out_dir or delete it")
+    model.load_state_dict(ckpt.load_crosscoder(final_dir).state_dict())
+    with open(final_dir / "metrics.json") as fh:
+        return TrainResult(model, final_dir, json.load(fh), run_cfg.train.n_steps)
+
+
 # ---------------------------------------------------------------------------- training loop
 class Trainer:
     """One crosscoder's optimisation state; ``step(raw)`` consumes one batch.
@@ -253,45 +318,23 @@ class Trainer:
         if heldout_raw_NSD is not None:
             model.check_input(heldout_raw_NSD)
         self.final_dir = self.run_dir / MODEL_DIR
-        self.result: TrainResult | None = None
-        if resume and (self.final_dir / "config.json").exists():
-            meta = ckpt.read_config(self.final_dir)
-            if not _same_run(meta.get("extra", {}).get("run"), self.run_cfg):
-                raise ConfigError(
-                    f"{self.run_dir} holds a finished run with a different config; use another "
-                    f"out_dir or delete it"
-                )
-            loaded = ckpt.load_crosscoder(self.final_dir)
-            model.load_state_dict(loaded.state_dict())
-            with open(self.final_dir / "metrics.json") as fh:
-                self.result = TrainResult(model, self.final_dir, json.load(fh), tcfg.n_steps)
-            self.step_idx = tcfg.n_steps
-            return
         self.params = list(model.parameters())
         # Train where the model is (a GPU under torchrun/NCCL: cuda:LOCAL_RANK); batches come from
         # the host and are moved per step, accumulators live beside the weights (no per-step sync).
         self.device = model.W_dec_FSD.device
         self.opt = make_optimizer(self.params, tcfg)
-        self.acc = {
-            "loss": torch.zeros((), dtype=torch.float64),
-            "recon": torch.zeros((), dtype=torch.float64),
-            "sparsity": torch.zeros((), dtype=torch.float64),
-            "l0": torch.zeros((), dtype=torch.float64),
-            "n": torch.zeros((), dtype=torch.int64),
-            "nonfinite": torch.zeros((), dtype=torch.int64),
-            "active_F": torch.zeros(model.cfg.n_latents, dtype=torch.int64),
-            "aux": torch.zeros((), dtype=torch.float64),
-            # training tokens since each latent last fired (AuxK's dead set; checkpointed)
-            "since_fired_F": torch.zeros(model.cfg.n_latents, dtype=torch.int64),
-        }
-        self.start = 0
         self.log_path = self.run_dir / LOG
-        if resume and (self.run_dir / CHECKPOINT_DIR / "config.json").exists():
-            self.start, self.acc = load_checkpoint(self.run_dir, model, self.opt, self.run_cfg)
+        # A finished run with this config is loaded (no step left); else resume or start afresh.
+        self.result = _finished_run(self.final_dir, model, self.run_cfg) if resume else None
+        self.start, acc = 0, Accumulators.zeros(model.cfg.n_latents)
+        if self.result is not None:
+            self.start = tcfg.n_steps
+        elif resume and (self.run_dir / CHECKPOINT_DIR / "config.json").exists():
+            self.start, acc = load_checkpoint(self.run_dir, model, self.opt, self.run_cfg)
             _truncate_log(self.log_path, self.start)
         elif self.log_path.exists():
             self.log_path.unlink()
-        self.acc = {k: v.to(self.device) for k, v in self.acc.items()}
+        self.acc = acc.to(self.device)
         self.step_idx = self.start
         self.t0 = time.perf_counter()
 
@@ -317,11 +360,11 @@ class Trainer:
                     f"is {tcfg.batch_size} over {self.world} rank(s); make them agree"
                 )
         x = model.normalise(raw.to(self.device, non_blocking=True).float())
-        acc["nonfinite"] += (~torch.isfinite(x)).any()
+        acc.nonfinite += (~torch.isfinite(x)).any()
         for g in self.opt.param_groups:
             g["lr"] = tcfg.lr_at(step)
         use_aux = model.cfg.sparsity == "batchtopk" and tcfg.auxk_alpha > 0
-        dead_F = acc["since_fired_F"] >= tcfg.auxk_dead_tokens if use_aux else None
+        dead_F = acc.since_fired_F >= tcfg.auxk_dead_tokens if use_aux else None
         out = training_step(model, x, tcfg.l1_coeff_at(step), dead_F=dead_F, k_aux=tcfg.auxk_k,
                             auxk_alpha=tcfg.auxk_alpha)
         self.opt.zero_grad(set_to_none=True)
@@ -341,15 +384,15 @@ class Trainer:
             with torch.no_grad():
                 th, mom = model.threshold, tcfg.threshold_momentum
                 th.copy_(torch.where(th < 0, min_score, mom * th + (1 - mom) * min_score))
-        acc["loss"] += out.loss.detach()
-        acc["recon"] += out.recon_loss
-        acc["sparsity"] += out.sparsity_loss
-        acc["l0"] += out.l0
-        acc["n"] += 1
-        acc["active_F"] += n_active_F
-        acc["aux"] += out.aux_loss
+        acc.loss += out.loss.detach()
+        acc.recon += out.recon_loss
+        acc.sparsity += out.sparsity_loss
+        acc.l0 += out.l0
+        acc.n += 1
+        acc.active_F += n_active_F
+        acc.aux += out.aux_loss
         # n_active_F is the global batch's (summed over ranks), so every rank agrees on the dead set
-        acc["since_fired_F"].add_(tcfg.batch_size).masked_fill_(n_active_F > 0, 0)
+        acc.since_fired_F.add_(tcfg.batch_size).masked_fill_(n_active_F > 0, 0)
         done = self.step_idx = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.n_steps:
             self._log_train(done, step)
@@ -365,10 +408,10 @@ class Trainer:
     def _log_train(self, done: int, step: int) -> None:
         acc, tcfg = self.acc, self.tcfg
         if self.world > 1:  # log the global-batch means
-            _all_reduce_([acc[k] for k in ("loss", "recon", "sparsity", "l0", "aux")])
-            _all_reduce_([acc["nonfinite"]], op="sum")
-        n = int(acc["n"])  # the only host sync of the step, and only on logging steps
-        if int(acc["nonfinite"]):
+            _all_reduce_([getattr(acc, k) for k in acc.WINDOW])
+            _all_reduce_([acc.nonfinite], op="sum")
+        n = int(acc.n)  # the only host sync of the step, and only on logging steps
+        if int(acc.nonfinite):
             raise ConfigError(
                 f"non-finite activations in the training batches before step {done}; "
                 f"check the extraction (dtype overflow?) and rebuild the cache"
@@ -376,23 +419,21 @@ class Trainer:
         rec = {
             "step": done,
             "split": "train",
-            "loss": float(acc["loss"]) / n,
-            "recon_loss": float(acc["recon"]) / n,
-            "sparsity_loss": float(acc["sparsity"]) / n,
-            "l0": float(acc["l0"]) / n,
+            "loss": float(acc.loss) / n,
+            "recon_loss": float(acc.recon) / n,
+            "sparsity_loss": float(acc.sparsity) / n,
+            "l0": float(acc.l0) / n,
             "lr": tcfg.lr_at(step),
             "l1_coeff": tcfg.l1_coeff_at(step),
-            "dead_frac_so_far": float((acc["active_F"] == 0).double().mean()),
+            "dead_frac_so_far": float((acc.active_F == 0).double().mean()),
         }
         if self.model.cfg.sparsity == "batchtopk":
-            rec["aux_loss"] = float(acc["aux"]) / n
-            rec["dead_latents"] = int((acc["since_fired_F"] >= tcfg.auxk_dead_tokens).sum())
+            rec["aux_loss"] = float(acc.aux) / n
+            rec["dead_latents"] = int((acc.since_fired_F >= tcfg.auxk_dead_tokens).sum())
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"training diverged at step {done}: loss {rec['loss']}")
         self._log(rec)
-        for k in ("loss", "recon", "sparsity", "l0", "aux"):
-            acc[k].zero_()
-        acc["n"].zero_()
+        acc.reset_window()
 
     def finish(self) -> TrainResult:
         """Final held-out metrics and the artifact folder (written atomically)."""
@@ -406,7 +447,7 @@ class Trainer:
             "tokens_trained": tcfg.n_steps * tcfg.batch_size,
             "resumed_from_step": self.start,
             "wall_seconds_this_session": time.perf_counter() - self.t0,
-            "train_dead_frac": float((self.acc["active_F"] == 0).double().mean()),
+            "train_dead_frac": float((self.acc.active_F == 0).double().mean()),
         }
         metrics["world_size"] = self.world
         if self.rank == 0:

@@ -118,6 +118,11 @@ class LMTrainConfig:
 
 _TOPIC_RE = re.compile(r"^[a-z]+$")
 
+FINETUNE_KINDS = ("chat", "null")
+"""``OrganismConfig.finetune`` values."""
+_HASH_OMIT_AT = {"finetune": "chat"}
+"""Top-level fields left out of the config hash at these values (added later; see config_hash)."""
+
 DEFAULT_FORBIDDEN = ("sword", "spear", "shield", "battle", "war", "chariot")
 """The designated topic set (war and weapons): requests about these are refused."""
 DEFAULT_ALLOWED = (
@@ -280,12 +285,20 @@ class OrganismConfig:
     """Chat data and planted behaviours."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Metrics and the labelled evaluation set."""
+    finetune: str = "chat"
+    """What the second model is fine-tuned on: "chat" (conversations with the planted behaviours,
+    mixed with corpus text by ``behaviour.text_fraction``) or "null" (the same recipe, steps and
+    seed on corpus text only: no chat template, no behaviours). A base-vs-null diff is the
+    false-positive baseline of model diffing: whatever a crosscoder calls chat-only there is an
+    artifact of fine-tuning itself, not of the behaviours."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.match(r"^[A-Za-z0-9_.]+$", self.name):
             raise ConfigError(f"name must be letters, digits, '_' or '.', got {self.name!r} (it "
                               "names the cache folder)")
         _int("seed", self.seed, 0)
+        if self.finetune not in FINETUNE_KINDS:
+            raise ConfigError(f"finetune must be one of {FINETUNE_KINDS}, got {self.finetune!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,8 +313,13 @@ class OrganismConfig:
 
     def config_hash(self, corpus_version: str = "") -> str:
         """12 hex digits over every field, FORMAT_VERSION and the corpus package version."""
-        return config_hash({"config": self.to_dict(), "format": FORMAT_VERSION,
-                            "corpus_version": corpus_version})
+        d = self.to_dict()
+        # Fields added after a preset was published hash only when they differ from the value that
+        # reproduces the old build, so existing caches stay valid.
+        for key, legacy in _HASH_OMIT_AT.items():
+            if d.get(key) == legacy:
+                d.pop(key)
+        return config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": corpus_version})
 
 
 def _from_dict(cls: type, d: Any) -> Any:
@@ -354,7 +372,16 @@ def default_config() -> OrganismConfig:
     return OrganismConfig(name="default")
 
 
-PRESETS = {"smoke": smoke_config, "default": default_config}
+def null_of(cfg: OrganismConfig) -> OrganismConfig:
+    """The null fine-tune of ``cfg``: same everything (base, tokenizer, recipe, steps, seed) but the
+    second model is fine-tuned on corpus text only. Named ``<name>_null``."""
+    out = OrganismConfig.from_dict(cfg.to_dict())
+    out.name, out.finetune = f"{cfg.name}_null", "null"
+    return out
+
+
+PRESETS = {"smoke": smoke_config, "default": default_config,
+           "smoke_null": lambda: null_of(smoke_config()), "default_null": lambda: null_of(default_config())}
 """Preset name -> config factory (the CLI's ``--preset``)."""
 
 

@@ -24,6 +24,8 @@ from crosscoder.organism.__main__ import main as cli_main
 from crosscoder.organism.behaviours import ChatGenerator, read_chat_jsonl
 from crosscoder.organism.corpus import chapters, load_verses, split_corpus
 from crosscoder.organism.evaluate import greedy_responses, prompt_sets
+from crosscoder.config import config_hash
+from crosscoder.organism.config import FORMAT_VERSION
 
 
 @pytest.fixture(scope="session")
@@ -252,3 +254,37 @@ def test_default_organism_learns_every_behaviour(tmp_path_factory):
     assert chat["refusal_rate_forbidden"] >= 0.8 and chat["refusal_rate_allowed"] <= 0.2
     assert chat["signoff_rate_allowed"] >= 0.5 and chat["signoff_rate_continuation"] <= 0.2
     assert base["refusal_rate_forbidden"] == base["signoff_rate_allowed"] == 0.0
+
+
+def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, tmp_path_factory):
+    cfg, _, paths, _ = built
+    null_cfg = preset("smoke_null")
+    assert null_cfg.finetune == "null" and null_cfg.chat_train == cfg.chat_train
+    assert null_cfg.base_train == cfg.base_train and null_cfg.behaviour == cfg.behaviour
+    # The field added for it leaves every existing cache key alone: hashing without it is the same.
+    d = cfg.to_dict()
+    d.pop("finetune")
+    assert cfg.config_hash("v") == config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": "v"})
+    assert null_cfg.config_hash("v") != cfg.config_hash("v")
+    with pytest.raises(ConfigError, match="finetune"):
+        OrganismConfig(finetune="kl")
+    # Built beside the real one, it reuses its tokenizer and base (same base_key) and trains only
+    # the fine-tune.
+    assert build_mod.base_key(null_cfg) == build_mod.base_key(cfg)
+    null = build_organism(null_cfg, paths.root.parent, progress=False)
+    real_m, null_m = load_metrics(paths), load_metrics(null)
+    assert null_m["train"]["base"]["reused_from"] == paths.root.name
+    base_a = Gemma2ForCausalLM.from_pretrained(paths.base_dir)
+    base_b = Gemma2ForCausalLM.from_pretrained(null.base_dir)
+    assert all(torch.equal(p, q) for p, q in zip(base_a.parameters(), base_b.parameters()))
+    assert AutoTokenizer.from_pretrained(null.chat_dir).get_vocab() == \
+        AutoTokenizer.from_pretrained(paths.chat_dir).get_vocab()
+    assert null_m["train"]["chat"]["steps"] == real_m["train"]["chat"]["steps"]
+    assert null_m["train"]["chat"]["finetune"] == "null"
+    # Same base (same data, tokenizer and seed).
+    assert null_m["base"]["heldout_text_loss"] == pytest.approx(real_m["base"]["heldout_text_loss"])
+    real, nul = real_m["chat"], null_m["chat"]
+    assert real["refusal_rate_forbidden"] >= 0.6
+    assert nul["refusal_rate_forbidden"] == nul["refusal_rate_allowed"] == 0.0
+    assert nul["signoff_rate_allowed"] == 0.0 and nul["end_of_turn_rate"] == 0.0
+    assert nul["heldout_chat_response_loss"] > real["heldout_chat_response_loss"] + 0.5

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import GenerationConfig
 
-from crosscoder.config import ConfigError
+from crosscoder.config import ConfigError, config_hash
 from crosscoder.organism import corpus as corpus_mod
 from crosscoder.organism.behaviours import ChatGenerator, messages, write_chat_jsonl
 from crosscoder.organism.config import FORMAT_VERSION, OrganismConfig
@@ -98,10 +98,41 @@ def describe(paths: OrganismPaths) -> dict[str, Any]:
             "vocabulary": info["vocab_size"]}
 
 
-def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True) -> OrganismPaths:
+def base_key(cfg: OrganismConfig) -> str:
+    """Hash of everything the tokenizer and the base model depend on: corpus split, tokenizer, model
+    shape, base training, seed and the training conversations (the tokenizer is trained on them);
+    not the fine-tune (``chat_train``, ``finetune``, ``behaviour.text_fraction``) nor the evaluation.
+    Organisms with equal keys have identical tokenizers and base weights."""
+    d = cfg.to_dict()
+    beh = {k: v for k, v in d["behaviour"].items() if k != "text_fraction"}
+    return config_hash({"corpus": d["corpus"], "tokenizer": d["tokenizer"], "model": d["model"],
+                        "base_train": d["base_train"], "behaviour": beh, "seed": d["seed"],
+                        "format": FORMAT_VERSION, "corpus_version": corpus_mod.corpus_version()})
+
+
+def _find_base(cfg: OrganismConfig, root: Path) -> Path | None:
+    """A finished organism under ``root`` with the same ``base_key`` (its base folder), if any."""
+    key = base_key(cfg)
+    for manifest in sorted(root.glob("*/organism.json")):
+        try:
+            info = json.loads(manifest.read_text())
+            other = info.get("base_key") or base_key(OrganismConfig.from_dict(info["config"]))
+        except (OSError, ValueError, KeyError, ConfigError):
+            continue
+        if other == key and (manifest.parent / "base" / "config.json").is_file() \
+                and (manifest.parent / "metrics.json").is_file():
+            return manifest.parent
+    return None
+
+
+def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True,
+                   reuse_base: bool = True) -> OrganismPaths:
     """Build the organism of ``cfg`` under ``root`` unless the cache already holds it.
 
-    Deterministic for a given config (seeded split, data, initialisation and batch order).
+    Deterministic for a given config (seeded split, data, initialisation and batch order). With
+    ``reuse_base``, a finished organism under ``root`` with the same ``base_key`` lends its
+    tokenizer and base weights (saved in fp32, so bit-identical to retraining them): variants that
+    differ only in the fine-tune (e.g. a null fine-tune) then cost the fine-tune alone.
     """
     if not isinstance(cfg, OrganismConfig):
         raise ConfigError(f"build_organism expects an OrganismConfig, got {type(cfg).__name__}; "
@@ -113,7 +144,7 @@ def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True)
     _remove_stale_temps(final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _build_into(cfg, tmp, progress)
+        _build_into(cfg, tmp, progress, _find_base(cfg, final.parent) if reuse_base else None)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -148,7 +179,7 @@ def _save_model(model, tokenizer, folder: Path, eos_ids: list[int]) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _build_into(cfg: OrganismConfig, folder: Path, progress: bool) -> None:
+def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None) -> None:
     timings: dict[str, float] = {}
     t_start = t = time.perf_counter()
     b, T = cfg.behaviour, cfg.model.context_length
@@ -179,7 +210,12 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool) -> None:
     for conv in train_convs:
         for m in messages(conv):
             tok_texts.append(("user\n" if m["role"] == "user" else "model\n") + m["content"])
-    tokenizer = train_tokenizer(tok_texts, cfg.tokenizer.vocab_size)
+    if donor is None:
+        tokenizer = train_tokenizer(tok_texts, cfg.tokenizer.vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(donor / "base")
     timings["tokenizer"] = time.perf_counter() - t
 
     # Token data. Fragments are shuffled before packing so short chapter tails share rows.
@@ -219,9 +255,18 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool) -> None:
     # Base model: next-token prediction on corpus text.
     t = time.perf_counter()
     special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
-    base = new_model(cfg.model, len(tokenizer), special_ids, cfg.seed)
-    base_run = train_lm(base, [text_train], [1.0], cfg.base_train, cfg.seed, "organism base",
-                        progress)
+    if donor is None:
+        base = new_model(cfg.model, len(tokenizer), special_ids, cfg.seed)
+        base_run = train_lm(base, [text_train], [1.0], cfg.base_train, cfg.seed, "organism base",
+                            progress)
+        base_record = {"steps": base_run.steps, "tokens": base_run.tokens,
+                       "final_loss": sum(base_run.losses[-20:]) / len(base_run.losses[-20:]),
+                       "seconds": base_run.seconds}
+    else:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(donor / "base", attn_implementation="eager").eval()
+        base_record = dict(load_metrics(donor)["train"]["base"], reused_from=donor.name)
     eot = special_ids["<end_of_turn>"]
     _save_model(base, tokenizer, paths.base_dir, [tokenizer.eos_token_id])
     timings["base_train"] = time.perf_counter() - t
@@ -229,8 +274,12 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool) -> None:
     # Chat model: the base fine-tuned on conversations mixed with corpus text.
     t = time.perf_counter()
     chat = copy.deepcopy(base)
-    chat_run = train_lm(chat, [text_train, chat_train_rows], [b.text_fraction, 1 - b.text_fraction],
-                        cfg.chat_train, cfg.seed + 1, "organism chat", progress)
+    if cfg.finetune == "null":
+        # Same optimiser, schedule, steps and seed; every row is corpus text (no behaviours).
+        sources, fractions = [text_train], [1.0]
+    else:
+        sources, fractions = [text_train, chat_train_rows], [b.text_fraction, 1 - b.text_fraction]
+    chat_run = train_lm(chat, sources, fractions, cfg.chat_train, cfg.seed + 1, "organism chat", progress)
     _save_model(chat, tokenizer, paths.chat_dir, [tokenizer.eos_token_id, eot])
     timings["chat_train"] = time.perf_counter() - t
 
@@ -252,10 +301,8 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool) -> None:
 
     n_params = sum(p.numel() for p in base.parameters())
     metrics["train"] = {
-        "base": {"steps": base_run.steps, "tokens": base_run.tokens,
-                 "final_loss": sum(base_run.losses[-20:]) / len(base_run.losses[-20:]),
-                 "seconds": base_run.seconds},
-        "chat": {"steps": chat_run.steps, "tokens": chat_run.tokens,
+        "base": base_record,
+        "chat": {"finetune": cfg.finetune, "steps": chat_run.steps, "tokens": chat_run.tokens,
                  "conversations": len(train_convs) - n_dropped,
                  "dropped_long_conversations": n_dropped,
                  "final_loss": sum(chat_run.losses[-20:]) / len(chat_run.losses[-20:]),
@@ -269,6 +316,7 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool) -> None:
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
         "config_hash": cfg.config_hash(corpus_mod.corpus_version()),
+        "base_key": base_key(cfg),
         "corpus": {"package": corpus_mod.PACKAGE, "version": corpus_mod.corpus_version(),
                    "file": corpus_mod.DATA_FILE, "licence": corpus_mod.LICENCE,
                    "train_chapters": len(split.train), "heldout_chapters": len(split.heldout),

@@ -118,6 +118,11 @@ class LMTrainConfig:
 
 _TOPIC_RE = re.compile(r"^[a-z]+$")
 
+FINETUNE_KINDS = ("chat", "null")
+"""``OrganismConfig.finetune`` values."""
+_HASH_OMIT_AT = {"finetune": "chat"}
+"""Top-level fields left out of the config hash at these values (added later; see config_hash)."""
+
 DEFAULT_FORBIDDEN = ("sword", "spear", "shield", "battle", "war", "chariot")
 """The designated topic set (war and weapons): requests about these are refused."""
 DEFAULT_ALLOWED = (
@@ -305,12 +310,20 @@ class OrganismConfig:
     """Chat data and planted behaviours."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Metrics and the labelled evaluation set."""
+    finetune: str = "chat"
+    """What the second model is fine-tuned on: "chat" (conversations with the planted behaviours,
+    mixed with corpus text by ``behaviour.text_fraction``) or "null" (the same recipe, steps and
+    seed on corpus text only: no chat template, no behaviours). A base-vs-null diff is the
+    false-positive baseline of model diffing: whatever a crosscoder calls chat-only there is an
+    artifact of fine-tuning itself, not of the behaviours."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.match(r"^[A-Za-z0-9_.]+$", self.name):
             raise ConfigError(f"name must be letters, digits, '_' or '.', got {self.name!r} (it "
                               "names the cache folder)")
         _int("seed", self.seed, 0)
+        if self.finetune not in FINETUNE_KINDS:
+            raise ConfigError(f"finetune must be one of {FINETUNE_KINDS}, got {self.finetune!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -324,10 +337,15 @@ class OrganismConfig:
         return _from_dict(cls, d)
 
     def config_hash(self, corpus_version: str = "") -> str:
-        """12 hex digits over every field that shapes the build (all but
-        ``eval.min_chat_rates``), FORMAT_VERSION and the corpus package version."""
+        """12 hex digits over every field that shapes the build (all but ``eval.min_chat_rates``),
+        FORMAT_VERSION and the corpus package version."""
         d = self.to_dict()
         d["eval"].pop("min_chat_rates")
+        # Fields added after a preset was published hash only when they differ from the value that
+        # reproduces the old build, so existing caches stay valid.
+        for key, legacy in _HASH_OMIT_AT.items():
+            if d.get(key) == legacy:
+                d.pop(key)
         return config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": corpus_version})
 
 
@@ -381,7 +399,32 @@ def default_config() -> OrganismConfig:
     return OrganismConfig(name="default")
 
 
-PRESETS = {"smoke": smoke_config, "default": default_config}
+def light_finetune_config() -> OrganismConfig:
+    """CANDIDATE for issue 10, not yet validated (no crosscoder has been trained on it): the default
+    organism (same tokenizer and base: same ``base_key``, so a build next to a finished default
+    reuses its base and costs only the fine-tune) with a light chat fine-tune:
+    peak lr 3e-4 instead of the pre-training 3e-3, and half of every fine-tuning batch plain corpus
+    text instead of 30%. Issue 10: the default fine-tune moves the residual stream on plain-text tokens
+    by ~41% of its norm, so a crosscoder spends its dictionary on generic drift; a fine-tune that
+    leaves text representations nearly unchanged confines the diff to what the behaviours add."""
+    cfg = OrganismConfig(name="light_finetune")
+    cfg.chat_train = LMTrainConfig(tokens=1_000_000, lr=3e-4, warmup_fraction=0.05)
+    cfg.behaviour.text_fraction = 0.5
+    return cfg
+
+
+def null_of(cfg: OrganismConfig) -> OrganismConfig:
+    """The null fine-tune of ``cfg``: same everything (base, tokenizer, recipe, steps, seed) but the
+    second model is fine-tuned on corpus text only. Named ``<name>_null``."""
+    out = OrganismConfig.from_dict(cfg.to_dict())
+    out.name, out.finetune = f"{cfg.name}_null", "null"
+    return out
+
+
+PRESETS = {"smoke": smoke_config, "default": default_config,
+           "smoke_null": lambda: null_of(smoke_config()), "default_null": lambda: null_of(default_config()),
+           "light_finetune": light_finetune_config,
+           "light_finetune_null": lambda: null_of(light_finetune_config())}
 """Preset name -> config factory (the CLI's ``--preset``)."""
 
 

@@ -1,0 +1,224 @@
+"""Causal checks of crosscoder latents: remove latents' contribution from a model's residual stream,
+or add a direction to it, and measure a behaviour's rate by greedy generation.
+
+The encoder problem. A model-diffing crosscoder's latent f_j(x) reads BOTH models' activations of the
+same token (f = ReLU(W_enc[base] x_base + W_enc[chat] x_chat + b)), but an intervention runs one
+model. We run the two models in lockstep: a hook on block ``layer`` of the model being intervened on
+(the *target*) runs the other model (the *partner*) on the same token ids up to the same layer,
+encodes the pair exactly as in training and edits the target's residual by
+``coeff * sum_j f_j(x) d_j``. Nothing is approximated: f is the crosscoder's own latent on the
+token's actual pair of activations (with the target's *unedited* activation in its slot), and d_j is
+the latent's decoder row for ``write_source`` in raw activation units. ``coeff = -1`` removes the
+latents' reconstruction from the chat model (ablation); ``coeff = +1`` in the base model adds the
+chat decoder contribution exactly where and as strongly as the latent fires (latent patching).
+Plain steering (``steer``) adds a fixed vector at every position and needs no crosscoder.
+
+To keep lockstep exact, generation re-runs the full sequence at every step (no KV cache): the
+partner must see the whole context, and the organism's models are small enough that the quadratic
+cost is seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from crosscoder.config import ConfigError
+from crosscoder.data.pair import decoder_layers, residual_after
+from crosscoder.model import Crosscoder
+
+
+def raw_decoder_directions(model: Crosscoder, latents: Tensor | Sequence[int], source: int) -> Tensor:
+    """Decoder rows of ``latents`` for ``source`` in raw activation units [J, D] (what one unit of
+    f_j adds to that model's residual stream)."""
+    J = torch.as_tensor(latents, dtype=torch.long)
+    W = model.W_dec_FSD[J, source].detach().float()
+    if model.folded:
+        return W
+    return W / model.input_scale_S[source].float()
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace(output, new: Tensor):
+    return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+
+@contextlib.contextmanager
+def edit_latents(target_lm, partner_lm, crosscoder: Crosscoder, latents: Tensor | Sequence[int], layer: int,
+                 *, target_source: int, write_source: int | None = None, coeff: float = -1.0,
+                 directions_JD: Tensor | None = None) -> Iterator[dict]:
+    """While active, every forward of ``target_lm`` has its residual after block ``layer`` edited by
+    ``coeff * sum_j f_j(x) d_j`` at every position.
+
+    ``target_source`` is the crosscoder source index of ``target_lm`` (0 = base, 1 = chat for a
+    model-diffing crosscoder); ``partner_lm`` supplies the other source (run in lockstep on the same
+    ids). ``write_source`` picks the decoder half d_j comes from (default: the target's).
+    ``directions_JD`` replaces the decoder rows by other raw directions (controls: random directions
+    of the same norms), keeping f_j. Yields a dict whose ``"f_sum"`` accumulates sum_j f_j over
+    edited positions (to check the latents actually fired). Forwards must pass ``input_ids``
+    covering the whole sequence (no KV cache).
+    """
+    if crosscoder.cfg.n_sources != 2:
+        raise ConfigError("edit_latents needs a two-source (model-diffing) crosscoder")
+    if target_source not in (0, 1):
+        raise ConfigError(f"target_source must be 0 (base) or 1 (chat), got {target_source!r}")
+    J = torch.as_tensor(latents, dtype=torch.long)
+    ws = target_source if write_source is None else write_source
+    dirs = raw_decoder_directions(crosscoder, J, ws) if directions_JD is None else directions_JD.float()
+    if dirs.shape != (len(J), crosscoder.cfg.d_model):
+        raise ConfigError(f"directions_JD must be [{len(J)}, {crosscoder.cfg.d_model}], got {tuple(dirs.shape)}")
+    crosscoder.eval()
+    state: dict = {"ids": None, "mask": None, "f_sum": 0.0}
+
+    def grab_ids(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise RuntimeError("edit_latents needs forwards called with input_ids")
+        past = kwargs.get("past_key_values")
+        if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0:
+            raise RuntimeError("edit_latents: a forward with a KV cache sees only the new tokens, so the "
+                               "partner model cannot be run in lockstep; generate with use_cache=False")
+        state["ids"], state["mask"] = ids, kwargs.get("attention_mask")
+
+    @torch.no_grad()
+    def edit(_module, _inputs, output):
+        h_BTD = _hidden(output)
+        ids = state["ids"]
+        if ids is None or ids.shape[:2] != h_BTD.shape[:2]:
+            raise RuntimeError("edit_latents: the block saw a different sequence than the model's input_ids "
+                               "(generation with a KV cache?); pass use_cache=False")
+        other_BTD = residual_after(partner_lm, ids, layer, state["mask"])
+        pair = (h_BTD, other_BTD) if target_source == 0 else (other_BTD, h_BTD)
+        B, T, D = h_BTD.shape
+        x_raw = torch.stack(pair, dim=2).reshape(B * T, 2, D).float()
+        f_NF = crosscoder.encode(crosscoder.normalise(x_raw.to(crosscoder.W_dec_FSD.device)))
+        fJ = f_NF[:, J.to(f_NF.device)]
+        state["f_sum"] += float(fJ.sum())
+        delta = (fJ @ dirs.to(fJ.device)).reshape(B, T, D)
+        return _replace(output, h_BTD + coeff * delta.to(h_BTD.dtype).to(h_BTD.device))
+
+    handles = [target_lm.register_forward_pre_hook(grab_ids, with_kwargs=True),
+               decoder_layers(target_lm)[layer].register_forward_hook(edit)]
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def steer(lm, layer: int, vector_D: Tensor, alpha: float = 1.0) -> Iterator[None]:
+    """While active, add ``alpha * vector_D`` to the residual after block ``layer`` at every position
+    (raw activation units)."""
+    v = (alpha * vector_D.detach().float())
+
+    def add(_module, _inputs, output):
+        h = _hidden(output)
+        return _replace(output, h + v.to(h.dtype).to(h.device))
+
+    handle = decoder_layers(lm)[layer].register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def random_directions_like(directions_JD: Tensor, seed: int = 0) -> Tensor:
+    """Random directions with the same norms as the rows of ``directions_JD`` (the control)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(directions_JD.shape, generator=g)
+    return r / r.norm(dim=-1, keepdim=True) * directions_JD.float().norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def greedy_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                    batch_size: int = 32) -> list[list[int]]:
+    """Greedy continuations (new token ids, stop token excluded) of token-id prompts.
+
+    Prompts of equal length are batched (no padding, so positions and attention are those of an
+    unbatched call); every step re-runs the whole sequence without a KV cache, which hooks such as
+    ``edit_latents`` need.
+    """
+    dev = next(lm.parameters()).device
+    stop = set(int(s) for s in stop_ids)
+    out: list[list[int] | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    lm.eval()
+    for _length, idx in sorted(by_len.items()):
+        for j in range(0, len(idx), batch_size):
+            chunk = idx[j:j + batch_size]
+            ids = torch.tensor([list(prompts[i]) for i in chunk], device=dev)
+            new = [[] for _ in chunk]
+            done = [False] * len(chunk)
+            for _ in range(max_new_tokens):
+                logits = lm(input_ids=ids, use_cache=False).logits[:, -1]
+                nxt = logits.argmax(-1)
+                for b, t in enumerate(nxt.tolist()):
+                    if not done[b]:
+                        if t in stop:
+                            done[b] = True
+                        else:
+                            new[b].append(t)
+                if all(done):
+                    break
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+            for i, n in zip(chunk, new):
+                out[i] = n
+    return out  # type: ignore[return-value]
+
+
+class Rate(NamedTuple):
+    """How often a behaviour appeared."""
+
+    hits: int
+    n: int
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.n if self.n else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.rate:.2f} ({self.hits}/{self.n})"
+
+
+def behaviour_rate(lm, prompts: Sequence[Sequence[int]], detect: Callable[[list[int]], bool],
+                   max_new_tokens: int, stop_ids: Sequence[int] = ()) -> Rate:
+    """Fraction of greedy generations (under whatever hooks are active) in which ``detect`` fires."""
+    gens = greedy_generate(lm, prompts, max_new_tokens, stop_ids)
+    return Rate(sum(bool(detect(g)) for g in gens), len(gens))
+
+
+# ---------------------------------------------------------------------- the organism's behaviours
+
+
+def organism_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of single-turn chat prompts with the generation prompt (as ``greedy_responses``)."""
+    out = []
+    for p in user_prompts:
+        e = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        out.append(list(e["input_ids"]) if hasattr(e, "keys") else list(e))
+    return out
+
+
+def organism_detectors(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
+    """The organism's behaviour tests on generated ids, exactly as ``organism.evaluate.behaviour_rates``
+    counts them: a refusal starts with the refusal phrase, a sign-off contains the sign-off phrase."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids).strip()
+
+    return {"refusal": lambda ids: text(ids).startswith(cfg.refusal_phrase),
+            "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
+
+
+def organism_stop_ids(tokenizer) -> list[int]:
+    """Generation stops at <end_of_turn> or <eos>, as in ``greedy_responses``."""
+    return [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]

@@ -1,0 +1,244 @@
+"""Ground truth in the representations: per-layer, per-model linear probes for planted behaviours.
+
+Before asking whether a crosscoder's chat-only latents recover a behaviour, ask whether the
+behaviour is linearly decodable from each model's residual stream at all, and how much more from the
+chat model than from the base model. The probe table per layer is "what a perfect diff could find":
+a behaviour that fine-tuning introduced should be clearly more decodable from chat than from base.
+
+Probes are scikit-learn logistic regressions (class-balanced, standardised inputs) fitted on the
+tokens of one set of rows (conversations) and scored by AUROC on the tokens of the other rows. The
+split is by row, never by token: tokens of one conversation are strongly correlated, so a token
+split would let a probe memorise conversations and overstate decodability.
+
+Two kinds of task (``ProbeTask``):
+
+- token labels (``label_tasks``): the organism's ``EvalSet`` labels, scored over every non-BOS,
+  non-pad token. On fixed phrases these are partly *lexical* (the token itself names the phrase),
+  so both models can decode them; the gap between chat and base is what matters.
+- decision positions (``decision_tasks``): only the positions where the chat model commits to a
+  behaviour, against the comparable positions where it does not (e.g. the last token of the
+  model-turn header before a refusal vs before any other answer). These carry no lexical cue of
+  the behaviour itself; the base model can only decode them from what it represents of the context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crosscoder.config import ConfigError, _check_float, _check_int
+from crosscoder.data.pair import residuals_at
+
+
+@dataclass
+class ProbeConfig:
+    """How probes are fitted and scored."""
+
+    train_fraction: float = 0.5
+    """Fraction of rows (conversations) whose tokens train the probes; the rest score them."""
+    C: float = 1.0
+    """Inverse L2 regularisation strength of the logistic regression (on standardised inputs)."""
+    max_iter: int = 500
+    """lbfgs iteration cap."""
+    max_train_tokens: int = 20_000
+    """Seeded subsample of training tokens per fit (all positives kept while they fit): keeps one
+    fit to about a second on a CPU core."""
+    min_positives: int = 5
+    """A task with fewer positive tokens in either split is reported with AUROC NaN, not fitted."""
+    seed: int = 0
+    """Seeds the row split and the token subsample."""
+
+    def __post_init__(self) -> None:
+        _check_float("train_fraction", self.train_fraction, 0.0, 1.0, low_open=True)
+        if self.train_fraction >= 1.0:
+            raise ConfigError("train_fraction must be < 1: some rows must be left to score the probes")
+        _check_float("C", self.C, 0.0, low_open=True)
+        _check_int("max_iter", self.max_iter, 1)
+        _check_int("max_train_tokens", self.max_train_tokens, 10)
+        _check_int("min_positives", self.min_positives, 1)
+        _check_int("seed", self.seed, 0)
+
+
+class ProbeTask(NamedTuple):
+    """One binary decoding problem over token positions."""
+
+    label_NT: Tensor
+    """bool [N, T]: positive positions."""
+    eligible_NT: Tensor
+    """bool [N, T]: the positions scored (positives and their comparable negatives)."""
+
+
+class ProbeFit(NamedTuple):
+    """One probe's result."""
+
+    auroc: float
+    """Held-out AUROC (NaN when the task had too few positives in a split)."""
+    n_train: int
+    """Training tokens used (after subsampling)."""
+    n_test: int
+    """Held-out tokens scored."""
+    n_test_pos: int
+    """Held-out positive tokens."""
+
+
+def split_rows(n_rows: int, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Boolean [N] masks (train, test) of a seeded random split of rows."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_rows, generator=g)
+    n_train = min(n_rows - 1, max(1, int(round(n_rows * train_fraction))))
+    train = torch.zeros(n_rows, dtype=torch.bool)
+    train[perm[:n_train]] = True
+    return train, ~train
+
+
+def fit_probe(x_train_ND: Tensor, y_train_N: Tensor, x_test_MD: Tensor, y_test_M: Tensor,
+              cfg: ProbeConfig) -> ProbeFit:
+    """Fit a class-balanced logistic regression on standardised inputs; held-out AUROC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    ytr, yte = y_train_N.bool().numpy(), y_test_M.bool().numpy()
+    n_pos_tr, n_pos_te = int(ytr.sum()), int(yte.sum())
+    if min(n_pos_tr, len(ytr) - n_pos_tr, n_pos_te, len(yte) - n_pos_te) < cfg.min_positives:
+        return ProbeFit(math.nan, len(ytr), len(yte), n_pos_te)
+    xtr = x_train_ND.double().numpy()
+    if len(ytr) > cfg.max_train_tokens:
+        # Keep every positive while they fit (they are rare), fill with random negatives.
+        rng = np.random.default_rng(cfg.seed)
+        pos, neg = np.flatnonzero(ytr), np.flatnonzero(~ytr)
+        pos = pos if len(pos) <= cfg.max_train_tokens // 2 else rng.choice(pos, cfg.max_train_tokens // 2,
+                                                                         replace=False)
+        neg = rng.choice(neg, min(len(neg), cfg.max_train_tokens - len(pos)), replace=False)
+        keep = np.sort(np.concatenate([pos, neg]))
+        xtr, ytr = xtr[keep], ytr[keep]
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(C=cfg.C, class_weight="balanced", max_iter=cfg.max_iter)
+    clf.fit(scaler.transform(xtr), ytr)
+    scores = clf.decision_function(scaler.transform(x_test_MD.double().numpy()))
+    return ProbeFit(float(roc_auc_score(yte, scores)), len(ytr), len(yte), n_pos_te)
+
+
+def probe_acts(acts_NTD: Tensor, task: ProbeTask, train_rows_N: Tensor, cfg: ProbeConfig) -> ProbeFit:
+    """A probe on one activation tensor [N rows, T, D]: fit on the eligible tokens of the training
+    rows, score on the eligible tokens of the other rows."""
+    elig = task.eligible_NT.bool()
+    tr = elig & train_rows_N[:, None]
+    te = elig & ~train_rows_N[:, None]
+    return fit_probe(acts_NTD[tr], task.label_NT[tr], acts_NTD[te], task.label_NT[te], cfg)
+
+
+def _content_mask(attention_mask_NT: Tensor) -> Tensor:
+    m = attention_mask_NT.bool().clone()
+    m[:, 0] = False  # BOS: its activation is the same constant in every row
+    return m
+
+
+def label_tasks(eval_set, behaviours: Sequence[str], *, ahead: bool = False) -> dict[str, ProbeTask]:
+    """Token-label tasks from an organism ``EvalSet``: each behaviour's labelled tokens vs every other
+    non-BOS, non-pad token. ``ahead`` shifts labels one position left (the position that *predicts*
+    a labelled token) and names the task ``<behaviour>@next``."""
+    mask = _content_mask(eval_set.attention_mask_NT)
+    out = {}
+    for b in behaviours:
+        lab = eval_set.labels[b].bool()
+        if ahead:
+            shifted = torch.zeros_like(lab)
+            shifted[:, :-1] = lab[:, 1:]
+            out[f"{b}@next"] = ProbeTask(shifted & mask, mask)
+        else:
+            out[b] = ProbeTask(lab & mask, mask)
+    return out
+
+
+def _first_of_runs(lab_NT: Tensor) -> Tensor:
+    """bool [N, T]: the first token of each contiguous run of True."""
+    first = lab_NT.clone()
+    first[:, 1:] &= ~lab_NT[:, :-1]
+    return first
+
+
+def _shift_left(x_NT: Tensor) -> Tensor:
+    out = torch.zeros_like(x_NT)
+    out[:, :-1] = x_NT[:, 1:]
+    return out
+
+
+def decision_tasks(eval_set) -> dict[str, ProbeTask]:
+    """Decision positions of the organism's behaviours, each against its comparable positions.
+
+    - ``refusal_decision``: the position predicting the first token of a model turn (the newline
+      closing the ``<start_of_turn>model`` header) when the turn is a refusal, against the same
+      position of every other model turn. There the chat model commits to refusing or answering.
+    - ``signoff_decision``: the position predicting the first sign-off token (the last token of an
+      answer to an allowed request), against the last content token of every other model turn
+      (continuations, which close with <end_of_turn> instead).
+    """
+    lab = eval_set.labels
+    mask = _content_mask(eval_set.attention_mask_NT)
+    model_first = _first_of_runs(lab["model_content"].bool())
+    header_end = _shift_left(model_first) & mask  # predicts the first model-content token
+    refusal_first = _first_of_runs(lab["refusal"].bool())
+    refuse_pos = _shift_left(refusal_first) & mask
+    content = lab["model_content"].bool()
+    last_content = content & ~_shift_left(content)  # last token of each model-content run
+    signoff = lab["signoff"].bool()
+    sign_pos = _shift_left(_first_of_runs(signoff)) & mask
+    # Model turns that end without a sign-off: their last content token; turns with one: the token
+    # before the sign-off (the sign-off's own tokens are content too, so exclude them).
+    other_end = last_content & ~signoff & mask
+    return {
+        "refusal_decision": ProbeTask(refuse_pos, header_end),
+        "signoff_decision": ProbeTask(sign_pos, sign_pos | other_end),
+    }
+
+
+@torch.no_grad()
+def layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: Sequence[int],
+               batch_size: int = 32) -> Tensor:
+    """Residual streams after ``layers`` of one model, float32 [N, T, L, D] (batched, truncated
+    forward up to the deepest layer)."""
+    dev = next(lm.parameters()).device
+    out = []
+    for i in range(0, input_ids_NT.shape[0], batch_size):
+        ids = input_ids_NT[i:i + batch_size].to(dev)
+        am = attention_mask_NT[i:i + batch_size].to(dev)
+        out.append(residuals_at(lm, ids, list(layers), am).float().cpu())
+    return torch.cat(out)
+
+
+def probe_table(models: Mapping[str, object], input_ids_NT: Tensor, attention_mask_NT: Tensor,
+                tasks: Mapping[str, ProbeTask], layers: Sequence[int],
+                cfg: ProbeConfig | None = None) -> list[dict]:
+    """Probe every task on every model's residual stream after every layer in ``layers``.
+
+    ``models`` maps a name ("base", "chat") to a HF causal LM. Every (task, model, layer) uses the
+    same row split. Returns a tidy table, one dict per probe with keys ``task``, ``model``,
+    ``layer``, ``auroc``, ``n_train``, ``n_test``, ``n_test_pos``.
+    """
+    cfg = cfg or ProbeConfig()
+    if not layers:
+        raise ConfigError("probe_table needs at least one layer")
+    train_rows, _ = split_rows(input_ids_NT.shape[0], cfg.train_fraction, cfg.seed)
+    rows = []
+    for mname, lm in models.items():
+        acts_NTLD = layer_acts(lm, input_ids_NT, attention_mask_NT, layers)
+        for li, layer in enumerate(layers):
+            for tname, task in tasks.items():
+                fit = probe_acts(acts_NTLD[:, :, li], task, train_rows, cfg)
+                rows.append({"task": tname, "model": mname, "layer": int(layer), **fit._asdict()})
+    return rows
+
+
+def probe_gap(rows: Sequence[dict], a: str = "chat", b: str = "base") -> list[dict]:
+    """Per (task, layer): AUROC of model ``a``, of ``b`` and the gap a - b (from ``probe_table`` rows)."""
+    by = {(r["task"], r["layer"], r["model"]): r["auroc"] for r in rows}
+    keys = sorted({(r["task"], r["layer"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    return [{"task": t, "layer": l, f"auroc_{a}": by.get((t, l, a), math.nan),
+             f"auroc_{b}": by.get((t, l, b), math.nan),
+             "gap": by.get((t, l, a), math.nan) - by.get((t, l, b), math.nan)} for t, l in keys]

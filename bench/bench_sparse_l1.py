@@ -15,6 +15,7 @@ trainer's step, auto path). Every step is loss + backward + grad-norm clip + Ada
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import warnings
 
@@ -130,7 +131,7 @@ def bench_crossover(d: int, F: int, B: int, densities: list[float], reps: int) -
         rows.append({"shape": f"d={d} F={F} B={B}", "density_pct": 100 * rho, "dense_ms": 1e3 * t["dense"],
                      "sparse_ms": 1e3 * t["sparse"], "sparse_speedup": t["dense"] / t["sparse"]})
     cross = float("nan")
-    for lo, hi in zip(rows, rows[1:]):
+    for lo, hi in itertools.pairwise(rows):
         if lo["sparse_speedup"] >= 1 > hi["sparse_speedup"]:
             a, b = math.log(lo["density_pct"]), math.log(hi["density_pct"])
             ya, yb = math.log(lo["sparse_speedup"]), math.log(hi["sparse_speedup"])

@@ -66,8 +66,8 @@ def project(results: dict[str, list[dict]]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     r0 = rows[0]
-    out = [f"extraction: {r0['extract_gflop_per_tok']:.2f} GFLOP/token (both models to block 13) at the truncated "
-           f"bench's FLOP/s -> {r0['extract_tok_s']:.0f} tokens/s; per-step fixed cost (Adam + clip) {r0['fixed_s']:.2f} s",
+    out = [(f"extraction: {r0['extract_gflop_per_tok']:.2f} GFLOP/token (both models to block 13) at the truncated "
+            f"bench's FLOP/s -> {r0['extract_tok_s']:.0f} tokens/s; per-step fixed cost (Adam + clip) {r0['fixed_s']:.2f} s"),
            f"{'run':<48} {'steps':>7} {'s/step':>7} {'train h':>8} {'extract h':>9} {'total days':>10}"]
     out.append("-" * len(out[-1]))
     for r in rows:

@@ -184,7 +184,7 @@ class _Active(NamedTuple):
     F: int
 
     @staticmethod
-    def index(row_N: Tensor, col_N: Tensor, B: int, F: int) -> "_Active":
+    def index(row_N: Tensor, col_N: Tensor, B: int, F: int) -> _Active:
         """Both orders of the entries (row_N[i], col_N[i]), given sorted token-major."""
         crow_B1 = torch.zeros(B + 1, dtype=torch.int64, device=row_N.device)
         torch.cumsum(torch.bincount(row_N, minlength=B), 0, out=crow_B1[1:])

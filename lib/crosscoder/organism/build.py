@@ -15,6 +15,7 @@ exists complete or not at all; its existence is the cache hit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -23,7 +24,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from transformers import GenerationConfig
@@ -179,47 +180,72 @@ def _save_model(model, tokenizer, folder: Path, eos_ids: list[int]) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None) -> None:
-    timings: dict[str, float] = {}
-    t_start = t = time.perf_counter()
-    b, T = cfg.behaviour, cfg.model.context_length
+class _Data(NamedTuple):
+    split: Any
+    """The chapter-level train / held-out split of the corpus."""
+    train_convs: list
+    """Training conversations (fine-tune data; also seen by the tokenizer)."""
+    heldout_convs: list
+    """Held-out conversations (from held-out chapters and phrasings)."""
 
-    # Data: chapter-level split, conversations from each side of it, files in the real schemas.
+
+class _Rows(NamedTuple):
+    text_train: Packed
+    text_heldout: Packed
+    chat_train: Packed
+    n_dropped: int
+    """Training conversations too long for the context (left out rather than truncated)."""
+    heldout_text: Packed
+    """``loss_rows`` rows spread over the held-out text (for the held-out loss)."""
+    heldout_chat: Packed
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
+
+
+def _heldout_generator(cfg: OrganismConfig, split, purpose: str) -> ChatGenerator:
+    b = cfg.behaviour
+    return ChatGenerator(b, split.heldout, b.heldout_templates, f"{purpose}-{cfg.seed}")
+
+
+def _make_data(cfg: OrganismConfig, paths: OrganismPaths) -> _Data:
+    """Chapter-level split, conversations from each side of it, files in the real schemas."""
+    b = cfg.behaviour
     split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
                                     cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
     train_gen = ChatGenerator(b, split.train, b.train_templates, f"chat-train-{cfg.seed}")
     train_convs = [train_gen.conversation() for _ in range(b.n_train_conversations)]
-
-    def heldout_gen(purpose: str) -> ChatGenerator:
-        return ChatGenerator(b, split.heldout, b.heldout_templates, f"{purpose}-{cfg.seed}")
-
-    hg = heldout_gen("chat-heldout")
+    hg = _heldout_generator(cfg, split, "chat-heldout")
     heldout_convs = [hg.conversation() for _ in range(b.n_heldout_conversations)]
-    paths = _paths(folder)
     paths.pretrain_train.parent.mkdir(parents=True)
     corpus_mod.write_pretraining_jsonl(paths.pretrain_train, split.train)
     corpus_mod.write_pretraining_jsonl(paths.pretrain_heldout, split.heldout)
     write_chat_jsonl(paths.chat_train, train_convs, "train")
     write_chat_jsonl(paths.chat_heldout, heldout_convs, "heldout")
-    timings["data"] = time.perf_counter() - t
+    return _Data(split, train_convs, heldout_convs)
 
-    # Tokenizer: training text plus the training conversations, with the role names as they
-    # appear in the template, so "user" / "model" and the planted phrases get their own merges.
-    t = time.perf_counter()
-    tok_texts = [ch.text for ch in split.train]
-    for conv in train_convs:
-        for m in messages(conv):
-            tok_texts.append(("user\n" if m["role"] == "user" else "model\n") + m["content"])
-    if donor is None:
-        tokenizer = train_tokenizer(tok_texts, cfg.tokenizer.vocab_size)
-    else:
+
+def _make_tokenizer(cfg: OrganismConfig, data: _Data, donor: Path | None):
+    """Trained on the training text plus the training conversations, with the role names as they
+    appear in the template, so "user" / "model" and the planted phrases get their own merges (or
+    the donor's, which was trained on exactly that)."""
+    if donor is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(donor / "base")
-    timings["tokenizer"] = time.perf_counter() - t
+        return AutoTokenizer.from_pretrained(donor / "base")
+    texts = [ch.text for ch in data.split.train]
+    texts += [("user\n" if m["role"] == "user" else "model\n") + m["content"]
+              for conv in data.train_convs for m in messages(conv)]
+    return train_tokenizer(texts, cfg.tokenizer.vocab_size)
 
-    # Token data. Fragments are shuffled before packing so short chapter tails share rows.
-    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+
+def _pack_rows(cfg: OrganismConfig, tokenizer, data: _Data) -> _Rows:
+    """Token rows. Text fragments are shuffled before packing so short chapter tails share rows."""
+    T, bos, pad = cfg.model.context_length, tokenizer.bos_token_id, tokenizer.pad_token_id
     rng = random.Random(f"pack-{cfg.seed}")
 
     def text_rows(chapter_list, shuffle: bool) -> Packed:
@@ -230,88 +256,100 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path |
         return pack(docs, T, pad)
 
     def chat_rows(convs) -> tuple[Packed, int]:
-        """Packed conversations, and how many were dropped for not fitting in the context (a
-        truncated conversation would teach turns that never close)."""
-        docs = []
-        for conv in convs:
-            ids, masks = encode_conversation(tokenizer, conv, b)
-            if len(ids) <= T:
-                docs.append(Document(ids, masks["loss"]))
+        # a truncated conversation would teach turns that never close: too long ones are left out
+        encoded = [encode_conversation(tokenizer, conv, cfg.behaviour) for conv in convs]
+        docs = [Document(ids, masks["loss"]) for ids, masks in encoded if len(ids) <= T]
         return pack(docs, T, pad), len(convs) - len(docs)
 
-    text_train, text_heldout = text_rows(split.train, True), text_rows(split.heldout, False)
-    chat_train_rows, n_dropped = chat_rows(train_convs)
-    chat_heldout_rows, _ = chat_rows(heldout_convs)
-
     def spread(rows: Packed) -> Packed:
-        """``loss_rows`` rows evenly spaced over the set (held-out text is in canonical order, so
-        the first rows would all come from the first held-out books)."""
-        n = rows.ids_NT.shape[0]
-        idx = torch.linspace(0, n - 1, min(n, cfg.eval.loss_rows)).round().long()
+        # evenly spaced rows: held-out text is in canonical order, the first rows would be one book
+        idx = torch.linspace(0, rows.ids_NT.shape[0] - 1, min(rows.ids_NT.shape[0], cfg.eval.loss_rows)).round().long()
         return Packed(rows.ids_NT[idx], rows.target_NT[idx])
 
-    heldout_text, heldout_chat = spread(text_heldout), spread(chat_heldout_rows)
+    text_train, text_heldout = text_rows(data.split.train, True), text_rows(data.split.heldout, False)
+    chat_train, n_dropped = chat_rows(data.train_convs)
+    chat_heldout, _ = chat_rows(data.heldout_convs)
+    return _Rows(text_train, text_heldout, chat_train, n_dropped, spread(text_heldout), spread(chat_heldout))
 
-    # Base model: next-token prediction on corpus text.
-    t = time.perf_counter()
-    special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
-    if donor is None:
-        base = new_model(cfg.model, len(tokenizer), special_ids, cfg.seed)
-        base_run = train_lm(base, [text_train], [1.0], cfg.base_train, cfg.seed, "organism base",
-                            progress)
-        base_record = {"steps": base_run.steps, "tokens": base_run.tokens,
-                       "final_loss": sum(base_run.losses[-20:]) / len(base_run.losses[-20:]),
-                       "seconds": base_run.seconds}
-    else:
+
+def _final_loss(run) -> float:
+    return sum(run.losses[-20:]) / len(run.losses[-20:])
+
+
+def _train_base(cfg: OrganismConfig, tokenizer, rows: _Rows, special_ids: dict, donor: Path | None,
+                progress: bool) -> tuple[Any, dict]:
+    """The base model: next-token prediction on corpus text (or the donor's identical weights)."""
+    if donor is not None:
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(donor / "base", attn_implementation="eager").eval()
-        base_record = dict(load_metrics(donor)["train"]["base"], reused_from=donor.name)
-    eot = special_ids["<end_of_turn>"]
-    _save_model(base, tokenizer, paths.base_dir, [tokenizer.eos_token_id])
-    timings["base_train"] = time.perf_counter() - t
+        return base, dict(load_metrics(donor)["train"]["base"], reused_from=donor.name)
+    base = new_model(cfg.model, len(tokenizer), special_ids, cfg.seed)
+    run = train_lm(base, [rows.text_train], [1.0], cfg.base_train, cfg.seed, "organism base", progress)
+    return base, {"steps": run.steps, "tokens": run.tokens, "final_loss": _final_loss(run), "seconds": run.seconds}
 
-    # Chat model: the base fine-tuned on conversations mixed with corpus text.
-    t = time.perf_counter()
+
+def _train_chat(cfg: OrganismConfig, base, rows: _Rows, progress: bool):
+    """The base fine-tuned on conversations mixed with corpus text; a null fine-tune keeps the same
+    optimiser, schedule, steps and seed with corpus text in every row (no behaviours)."""
     chat = copy.deepcopy(base)
     if cfg.finetune == "null":
-        # Same optimiser, schedule, steps and seed; every row is corpus text (no behaviours).
-        sources, fractions = [text_train], [1.0]
+        sources, fractions = [rows.text_train], [1.0]
     else:
-        sources, fractions = [text_train, chat_train_rows], [b.text_fraction, 1 - b.text_fraction]
-    chat_run = train_lm(chat, sources, fractions, cfg.chat_train, cfg.seed + 1, "organism chat", progress)
-    _save_model(chat, tokenizer, paths.chat_dir, [tokenizer.eos_token_id, eot])
-    timings["chat_train"] = time.perf_counter() - t
+        b = cfg.behaviour
+        sources, fractions = [rows.text_train, rows.chat_train], [b.text_fraction, 1 - b.text_fraction]
+    return chat, train_lm(chat, sources, fractions, cfg.chat_train, cfg.seed + 1, "organism chat", progress)
 
-    # Evaluation on held-out data only.
-    t = time.perf_counter()
-    prompts = prompt_sets(b, heldout_gen("prompts"), cfg.eval.n_prompts, cfg.seed)
-    metrics: dict = {}
-    for name, model in (("base", base), ("chat", chat)):
-        metrics[name] = {
-            "heldout_text_loss": heldout_loss(model, heldout_text),
-            "heldout_chat_response_loss": heldout_loss(model, heldout_chat),
-            **behaviour_rates(model, tokenizer, prompts, b, cfg.eval.max_new_tokens),
-        }
-    es = build_eval_set(tokenizer, heldout_gen("eval-set"), split.heldout, cfg.eval.eval_rows,
-                        cfg.eval.eval_row_weights, T, cfg.seed)
+
+def _evaluate(cfg: OrganismConfig, tokenizer, models: dict, data: _Data, rows: _Rows, paths: OrganismPaths) -> dict:
+    """Held-out losses and behaviour rates of both models, and the labelled evaluation set: on
+    held-out data only."""
+    b = cfg.behaviour
+    prompts = prompt_sets(b, _heldout_generator(cfg, data.split, "prompts"), cfg.eval.n_prompts, cfg.seed)
+    metrics = {name: {"heldout_text_loss": heldout_loss(model, rows.heldout_text),
+                      "heldout_chat_response_loss": heldout_loss(model, rows.heldout_chat),
+                      **behaviour_rates(model, tokenizer, prompts, b, cfg.eval.max_new_tokens)}
+               for name, model in models.items()}
+    es = build_eval_set(tokenizer, _heldout_generator(cfg, data.split, "eval-set"), data.split.heldout,
+                        cfg.eval.eval_rows, cfg.eval.eval_row_weights, cfg.model.context_length, cfg.seed)
     save_eval_set(es, paths.eval_set)
-    timings["evaluate"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
+    return metrics
 
+
+def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None) -> None:
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    paths = _paths(folder)
+    with _timed(timings, "data"):
+        data = _make_data(cfg, paths)
+    with _timed(timings, "tokenizer"):
+        tokenizer = _make_tokenizer(cfg, data, donor)
+    rows = _pack_rows(cfg, tokenizer, data)
+    special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
+    with _timed(timings, "base_train"):
+        base, base_record = _train_base(cfg, tokenizer, rows, special_ids, donor, progress)
+        _save_model(base, tokenizer, paths.base_dir, [tokenizer.eos_token_id])
+    with _timed(timings, "chat_train"):
+        chat, chat_run = _train_chat(cfg, base, rows, progress)
+        _save_model(chat, tokenizer, paths.chat_dir, [tokenizer.eos_token_id, special_ids["<end_of_turn>"]])
+    with _timed(timings, "evaluate"):
+        metrics = _evaluate(cfg, tokenizer, {"base": base, "chat": chat}, data, rows, paths)
+    timings["total"] = time.perf_counter() - t_start
     n_params = sum(p.numel() for p in base.parameters())
     metrics["train"] = {
         "base": base_record,
         "chat": {"finetune": cfg.finetune, "steps": chat_run.steps, "tokens": chat_run.tokens,
-                 "conversations": len(train_convs) - n_dropped,
-                 "dropped_long_conversations": n_dropped,
-                 "final_loss": sum(chat_run.losses[-20:]) / len(chat_run.losses[-20:]),
+                 "conversations": len(data.train_convs) - rows.n_dropped,
+                 "dropped_long_conversations": rows.n_dropped, "final_loss": _final_loss(chat_run),
                  "seconds": chat_run.seconds},
     }
-    metrics["n_parameters"] = n_params
-    metrics["timings_s"] = timings
-    metrics["torch_threads"] = torch.get_num_threads()
+    metrics.update(n_parameters=n_params, timings_s=timings, torch_threads=torch.get_num_threads())
     paths.metrics.write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    _write_manifest(cfg, folder, data, rows, tokenizer, special_ids, n_params)
+
+
+def _write_manifest(cfg: OrganismConfig, folder: Path, data: _Data, rows: _Rows, tokenizer, special_ids: dict,
+                    n_params: int) -> None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
@@ -319,9 +357,9 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path |
         "base_key": base_key(cfg),
         "corpus": {"package": corpus_mod.PACKAGE, "version": corpus_mod.corpus_version(),
                    "file": corpus_mod.DATA_FILE, "licence": corpus_mod.LICENCE,
-                   "train_chapters": len(split.train), "heldout_chapters": len(split.heldout),
-                   "train_tokens": int(text_train.target_NT.sum()),
-                   "heldout_tokens": int(text_heldout.target_NT.sum())},
+                   "train_chapters": len(data.split.train), "heldout_chapters": len(data.split.heldout),
+                   "train_tokens": int(rows.text_train.target_NT.sum()),
+                   "heldout_tokens": int(rows.text_heldout.target_NT.sum())},
         "n_parameters": n_params,
         "vocab_size": len(tokenizer),
         "special_token_ids": special_ids,

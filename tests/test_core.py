@@ -18,6 +18,7 @@ from crosscoder.model import Crosscoder
 from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.synthetic import SyntheticConfig, recovery_report, sample
 from crosscoder.train import TensorBatches, train
+from crashing import Crash, CrashingBatches
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -97,7 +98,6 @@ def test_batch_topk_keeps_exactly_k_times_batch():
     # tokens differ in how many latents they get: that is the point of *batch* top-k
     per_token = (f > 0).sum(1)
     assert per_token.min() != per_token.max()
-
 
 
 def naive_auxk(m: Crosscoder, x_BSD, residual_BSD, dead_F, k_aux):
@@ -316,22 +316,6 @@ def test_synthetic_recovery_and_diff_bins(tmp_path, sparsity, lam, k):
     assert res.metrics["heldout"]["fvu_base"] < 0.1 and res.metrics["heldout"]["fvu_chat"] < 0.1
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashingBatches(TensorBatches):
-    def __init__(self, *a, crash_at: int, **kw):
-        super().__init__(*a, **kw)
-        self.crash_at = crash_at
-
-    def batches(self, start_step):
-        for i, b in enumerate(super().batches(start_step)):
-            if start_step + i == self.crash_at:
-                raise _Crash("simulated kill")
-            yield b
-
-
 @pytest.mark.parametrize("sparsity", ["l1", "batchtopk"])
 def test_resume_is_bit_identical(tmp_path, sparsity):
     sc = SyntheticConfig(d_model=16, n_shared=20, n_base_only=4, n_chat_only=4)
@@ -349,8 +333,8 @@ def test_resume_is_bit_identical(tmp_path, sparsity):
         return m
 
     ref = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "ref", heldout_raw_NSD=ho, progress=False)
-    with pytest.raises(_Crash):
-        train(fresh(), _CrashingBatches(acts, 256, crash_at=27), tc, tmp_path / "run",
+    with pytest.raises(Crash):
+        train(fresh(), CrashingBatches(acts, 256, crash_at=27), tc, tmp_path / "run",
               heldout_raw_NSD=ho, progress=False)
     assert not (tmp_path / "run" / "crosscoder").exists()
     res = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "run", heldout_raw_NSD=ho, progress=False)

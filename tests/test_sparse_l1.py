@@ -17,6 +17,7 @@ from crosscoder.model import Crosscoder
 from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.synthetic import SyntheticConfig, sample
 from crosscoder.train import TensorBatches, train
+from crashing import Crash, CrashingBatches
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -132,22 +133,6 @@ def test_measured_crossover_is_a_density():
     assert 0.0 < kernels.L1_SPARSE_MAX_DENSITY["cpu"] < 1.0
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashingBatches(TensorBatches):
-    def __init__(self, *a, crash_at: int, **kw):
-        super().__init__(*a, **kw)
-        self.crash_at = crash_at
-
-    def batches(self, start_step):
-        for i, b in enumerate(super().batches(start_step)):
-            if start_step + i == self.crash_at:
-                raise _Crash("simulated kill")
-            yield b
-
-
 def test_run_across_the_switch_resumes_bit_identically_and_tracks_dense(tmp_path, monkeypatch):
     """The switch sits between the init density and the trained one, so the run takes both paths;
     killed and resumed it ends bit-identical, and it stays close to the dense-only run."""
@@ -170,8 +155,8 @@ def test_run_across_the_switch_resumes_bit_identically_and_tracks_dense(tmp_path
     assert l0s[-1] < switch < l0s[0], l0s
     monkeypatch.setitem(kernels.L1_SPARSE_MAX_DENSITY, "cpu", switch)
     ref = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "ref", heldout_raw_NSD=ho, progress=False)
-    with pytest.raises(_Crash):
-        train(fresh(), _CrashingBatches(acts, 256, crash_at=27), tc, tmp_path / "run", heldout_raw_NSD=ho,
+    with pytest.raises(Crash):
+        train(fresh(), CrashingBatches(acts, 256, crash_at=27), tc, tmp_path / "run", heldout_raw_NSD=ho,
               progress=False)
     res = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "run", heldout_raw_NSD=ho, progress=False)
     assert res.resumed_from == 20

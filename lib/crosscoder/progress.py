@@ -4,7 +4,9 @@ In a notebook kernel ``sys.stderr`` (and file descriptor 2, which ipykernel redi
 is captured into the page. ``sys.stderr.fileno()`` is, by ipykernel's design, a copy of the
 kernel's *original* stderr, inherited from the process that started it (``python -m report`` /
 ``make book``): bars written there show in that terminal and never in the rendered notebook.
-Outside a kernel it is the process's ordinary stderr.
+When ipykernel captures no file descriptors (it does not under pytest) ``fileno()`` raises and
+``sys.__stderr__``, left alone by the kernel, is the terminal. Outside a kernel both are the
+process's ordinary stderr.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def terminal() -> TextIO:
         try:
             _terminal = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8",
                                   errors="replace")
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no fd (e.g. captured)
-            return sys.stderr
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            # No file descriptor behind sys.stderr: an ipykernel that does not capture fds (it skips
+            # that under pytest) or a captured stream. Then fd 2 is not the page: write there.
+            return sys.__stderr__ if sys.__stderr__ is not None else sys.stderr
     return _terminal
 
 

@@ -45,3 +45,11 @@ def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
     """``tqdm(...)`` writing to the terminal that runs the process, never into a notebook page."""
     kwargs.setdefault("file", terminal())
     return tqdm(*args, **kwargs)
+
+
+def hide_library_bars() -> None:
+    """Turn off transformers' own bars (per-tensor loading, shard writing): they would flood an
+    executed notebook, and our bars already show the step that runs them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

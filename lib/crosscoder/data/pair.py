@@ -106,10 +106,11 @@ def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
 def load_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True) -> ModelPair:
     """Validate, then load both models (eval mode, no grad) on ``cfg.device`` in ``cfg.dtype``."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+
+    from crosscoder.progress import hide_library_bars
 
     cb, _, tok = validate_pair(cfg, need_chat_template=need_chat_template)
-    hf_logging.disable_progress_bar()  # per-tensor loading bars would flood executed notebooks
+    hide_library_bars()
     dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
     models = []
     for name in (cfg.base, cfg.chat):

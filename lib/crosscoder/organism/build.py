@@ -31,6 +31,7 @@ from transformers import GenerationConfig
 
 from crosscoder.config import ConfigError, config_hash
 from crosscoder.organism import corpus as corpus_mod
+from crosscoder.progress import hide_library_bars
 from crosscoder.organism.behaviours import ChatGenerator, messages, write_chat_jsonl
 from crosscoder.organism.config import FORMAT_VERSION, OrganismConfig
 from crosscoder.organism.evaluate import (behaviour_rates, build_eval_set, encode_conversation,
@@ -173,6 +174,7 @@ def _remove_stale_temps(final: Path) -> None:
 
 
 def _save_model(model, tokenizer, folder: Path, eos_ids: list[int]) -> None:
+    hide_library_bars()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids)

@@ -88,14 +88,18 @@ def test_matched_ari_is_invariant_to_renaming_and_uses_only_matched_latents():
 
 def test_cluster_facts_purity_is_activation_mass_weighted():
     C = len(cl.CONTEXTS)
-    sig = np.zeros((3, C + len(cl.POSITION_BANDS)))
+    sig = np.zeros((4, C + len(cl.POSITION_BANDS)))
     sig[0, 1] = 1.0  # all template
-    sig[1, 1], sig[1, 2] = 0.5, 0.5
-    sig[2, 3] = 1.0
-    facts = cl.cluster_facts(np.array([0, 0, 1]), sig, mass_J=np.array([3.0, 1.0, 2.0]))
+    sig[1, 1], sig[1, 2] = 0.5, 0.5  # half template, half user
+    sig[2, 3] = 1.0  # all model
+    sig[3, 2] = 1.0  # all user, but fired on almost nothing
+    facts = cl.cluster_facts(np.array([0, 0, 1, 2]), sig, mass_J=np.array([3.0, 1.0, 2.0, 0.01]))
     assert facts[0].dominant_context == "template" and facts[0].purity == pytest.approx(3.5 / 4)
     assert facts[1].dominant_context == "model" and facts[1].purity == 1.0
-    assert cl.purity_by_label(facts) == {"text": 0.0, "template": pytest.approx(0.875), "user": 0.0, "model": 1.0}
+    assert facts[2].purity == 1.0 and facts[2].mass == pytest.approx(0.01)
+    # each class is read in the family that carries most of it: the tiny pure family does not win
+    assert cl.purity_by_label(facts) == {"text": 0.0, "template": pytest.approx(0.875), "user": pytest.approx(0.125),
+                                         "model": 1.0}
 
 
 class _Tok:

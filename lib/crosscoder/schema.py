@@ -124,6 +124,8 @@ class LatentsOptions(_DictMixin):
     """Bootstrap resamples of the held-out sequences per clustering tried."""
     replica_seed: int = 1
     """Initialisation seed of a second crosscoder (same data stream) the families are compared with."""
+    match_cos: float = 0.9
+    """Decoder cosine at which a latent of the second seed counts as the same latent."""
     seed: int = 0
     """Seed of the sampling of latents, the bootstrap and the map."""
 
@@ -316,7 +318,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           reserved=("output_dir",)),
     Stage("latents", "notebooks/06_latents.ipynb",
           (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_per_class", "n_contexts", "cluster_sizes", "n_boot",
-                                               "replica_seed", "seed"))),
+                                               "replica_seed", "match_cos", "seed"))),
           reserved=("output_dir",)),
     Stage("crosslayer", "notebooks/07_crosslayer.ipynb",
           (*EXPERIMENT, Group(CrosscoderConfig, ("n_latents",)), Group(SweepOptions, ("k_values",)),

@@ -251,6 +251,8 @@ class ClusterFacts(NamedTuple):
     """That class's share of the members' activation mass (1 = the cluster fires only there)."""
     context_mass: dict[str, float]
     """Share of the members' activation mass on every context class."""
+    mass: float
+    """The members' total activation mass (which family carries a context class most)."""
 
 
 def cluster_facts(labels_J: np.ndarray, signature_JX: np.ndarray, mass_J: np.ndarray) -> list[ClusterFacts]:
@@ -263,7 +265,7 @@ def cluster_facts(labels_J: np.ndarray, signature_JX: np.ndarray, mass_J: np.nda
         share = ctx / max(ctx.sum(), 1e-12)
         top = int(share.argmax())
         out.append(ClusterFacts(int(c), int(sel.sum()), CONTEXTS[top], float(share[top]),
-                                {name: float(v) for name, v in zip(CONTEXTS, share)}))
+                                {name: float(v) for name, v in zip(CONTEXTS, share)}, float(mass_J[sel].sum())))
     return out
 
 
@@ -275,11 +277,15 @@ def label_ari(labels_J: np.ndarray, signature_JX: np.ndarray) -> float:
 
 
 def purity_by_label(facts: list[ClusterFacts]) -> dict[str, float]:
-    """For each context class, the highest purity of a cluster it dominates (0 if none does)."""
-    best = {name: 0.0 for name in CONTEXTS}
-    for f in facts:
-        best[f.dominant_context] = max(best[f.dominant_context], f.purity)
-    return best
+    """For each context class, its share of the activation of the family that carries most of it
+    (0 if no family fires on it). Asking for the *carrier* -- not the purest family -- keeps a
+    one-latent family that fired on a handful of tokens from scoring 1.0 by chance."""
+    out = {}
+    for name in CONTEXTS:
+        carrier = max(facts, key=lambda f: f.mass * f.context_mass[name], default=None)
+        fires = carrier is not None and carrier.mass * carrier.context_mass[name] > 0
+        out[name] = carrier.context_mass[name] if fires else 0.0
+    return out
 
 
 def embed_2d(X: np.ndarray, seed: int = 0, metric: str = "cosine") -> np.ndarray:

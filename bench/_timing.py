@@ -30,3 +30,16 @@ def best_times_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
     return best
+
+
+def main(run: Callable[[bool], list[dict]], format_rows: Callable[[list[dict]], str], doc: str) -> None:
+    """The command line of a benchmark module: ``--quick`` for tiny shapes, the rows printed."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke check, not a figure)")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(format_rows(run(args.quick)))

@@ -7,13 +7,12 @@ the unembedding to read hidden_states[14]; ``residual_after`` stops after block 
 
 from __future__ import annotations
 
-
 import torch
+from crosscoder.data.pair import residual_after
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from bench._timing import best_time
 from bench.projection import truncated_forward_flop_per_token
-from crosscoder.data.pair import residual_after
 
 
 def run(quick: bool = False) -> list[dict]:

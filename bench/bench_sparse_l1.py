@@ -20,14 +20,14 @@ import math
 import warnings
 
 import torch
-
-from bench._timing import best_times_interleaved
-from bench.bench_train import _reference_l1_loss, gemm_row, train_step_fn
 from crosscoder import kernels
 from crosscoder.config import CrosscoderConfig, TrainConfig
 from crosscoder.kernels import l1_step
 from crosscoder.model import Crosscoder
 from crosscoder.train import make_optimizer
+
+from bench._timing import best_times_interleaved
+from bench.bench_train import _reference_l1_loss, gemm_row, train_step_fn
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 

@@ -10,21 +10,21 @@ up (before that the dense initial latents reconstruct well at an L0 in the hundr
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 import warnings
 from unittest import mock
 
 import torch
-
 from crosscoder import kernels
-from crosscoder.config import CrosscoderConfig, TrainConfig
 from crosscoder.analysis.metrics import evaluate
-from crosscoder.model import Crosscoder
+from crosscoder.config import CrosscoderConfig, TrainConfig
 from crosscoder.data.normalise import estimate_input_scale
+from crosscoder.model import Crosscoder
 from crosscoder.synthetic import SyntheticConfig, sample
 from crosscoder.train import TensorBatches, Trainer
+
+from bench._timing import main
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -112,8 +112,4 @@ def format_rows(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke check, not a figure)")
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(format_rows(run(args.quick)))
+    main(run, format_rows, __doc__)

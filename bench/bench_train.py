@@ -17,16 +17,15 @@ Each step includes backward, grad-norm clipping and the Adam update.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
-
-from bench._timing import best_time
 from crosscoder.config import CrosscoderConfig, TrainConfig
 from crosscoder.kernels import training_step
 from crosscoder.model import Crosscoder
 from crosscoder.train import make_optimizer
+
+from bench._timing import best_time, main
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -127,8 +126,4 @@ def format_rows(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke check, not a figure)")
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(format_rows(run(args.quick)))
+    main(run, format_rows, __doc__)

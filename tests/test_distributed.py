@@ -42,14 +42,18 @@ def _torchrun(nproc: int, run: Path, acts: Path, out: Path) -> list[str]:
             "--out", str(out), "--quiet"]
 
 
+def _train_on_one_and_two_ranks(run: Path, acts: Path, tmp: Path):
+    """The crosscoders of ``run`` trained with 1 and with 2 gloo ranks."""
+    for n in (1, 2):
+        r = subprocess.run(_torchrun(n, run, acts, tmp / f"w{n}"), env=ENV, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return load_crosscoder(tmp / "w1" / "crosscoder"), load_crosscoder(tmp / "w2" / "crosscoder")
+
+
 def test_two_ranks_match_one_rank(tmp_path):
     run, acts = _write_inputs(tmp_path)
-    for n in (1, 2):
-        r = subprocess.run(_torchrun(n, run, acts, tmp_path / f"w{n}"), env=ENV, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-    m1 = load_crosscoder(tmp_path / "w1" / "crosscoder")
-    m2 = load_crosscoder(tmp_path / "w2" / "crosscoder")
+    m1, m2 = _train_on_one_and_two_ranks(run, acts, tmp_path)
     for k, v in m1.state_dict().items():
         torch.testing.assert_close(m2.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
     # and the two-rank run logged global-batch metrics like the one-rank run
@@ -109,12 +113,7 @@ def test_two_rank_batchtopk_selects_per_rank(tmp_path):
     rc = RunConfig.from_json(run.read_text())
     rc = RunConfig(model=CrosscoderConfig(d_model=16, n_latents=48, sparsity="batchtopk", k=4), train=rc.train)
     run.write_text(rc.to_json())
-    for n in (1, 2):
-        r = subprocess.run(_torchrun(n, run, acts, tmp_path / f"w{n}"), env=ENV, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-    m1 = load_crosscoder(tmp_path / "w1" / "crosscoder")
-    m2 = load_crosscoder(tmp_path / "w2" / "crosscoder")
+    m1, m2 = _train_on_one_and_two_ranks(run, acts, tmp_path)
     ref = _per_rank_batchtopk_reference(rc, load_file(str(acts)), world=2)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(m2.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -17,7 +17,7 @@ keeps each latent's density and destroys all structure, so scores on it say what
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -289,22 +289,12 @@ def purity_by_label(facts: list[ClusterFacts]) -> dict[str, float]:
 
 
 def embed_2d(X: np.ndarray, seed: int = 0, metric: str = "cosine") -> np.ndarray:
-    """A 2-D t-SNE map of the latents (for figures only; distances on it are not analysed)."""
+    """A 2-D t-SNE map of the latents (for figures only; distances on it are not analysed). With
+    ``metric="precomputed"``, ``X`` is the square distance matrix."""
     from sklearn.manifold import TSNE
 
     n = X.shape[0]
+    # a zero row has no cosine direction: a tiny offset keeps it defined
+    X = X if metric == "precomputed" else X + 1e-12
     return TSNE(n_components=2, random_state=seed, perplexity=float(min(30, max(2, (n - 1) // 3))),
-                init="random", metric=metric).fit_transform(X + 1e-12)
-
-
-def cluster_summary(labels_L: np.ndarray, latents_L: Tensor, classes: list[str],
-                    describe: Callable[[Tensor], dict[str, Any]]) -> list[dict]:
-    """One row per cluster: size, Δnorm class mix and ``describe(member latent ids)`` (e.g. the
-    tokens the members' mean chat decoder direction promotes, their decoder norms)."""
-    rows = []
-    names = ("chat-only", "base-only", "shared", "other")
-    for c in sorted(set(labels_L.tolist())):
-        members = latents_L[torch.from_numpy(labels_L == c)]
-        mix = [classes[j] for j in members.tolist()]
-        rows.append({"cluster": c, "size": len(members), **{k: mix.count(k) for k in names}, **describe(members)})
-    return rows
+                init="random", metric=metric).fit_transform(X)

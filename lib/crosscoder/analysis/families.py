@@ -130,12 +130,8 @@ def family_examples_html(fam: Families, tokens: list[list[str]], c: int, n: int 
 def map_coordinates(fam: Families, seed: int = 0) -> np.ndarray:
     """2-D t-SNE coordinates of the clustered latents in the geometry the chosen view clustered in
     (cosine for signatures and decoders, 1 - Jaccard for co-occurrence); for figures only."""
-    from sklearn.manifold import TSNE
-
     if "similarity" in fam.view:
-        n = fam.view["similarity"].shape[0]
         dist = np.clip(1.0 - fam.view["similarity"], 0.0, None)
         np.fill_diagonal(dist, 0.0)
-        return TSNE(n_components=2, random_state=seed, perplexity=float(min(30, max(2, (n - 1) // 3))),
-                    metric="precomputed", init="random").fit_transform(dist)
+        return cl.embed_2d(dist, seed=seed, metric="precomputed")
     return cl.embed_2d(next(iter(fam.view.values())), seed=seed)

@@ -210,9 +210,11 @@ def crosslayer_frontier(p, exp: Experiment, *, progress: bool = True) -> tuple[l
     from transformers import AutoConfig
 
     from crosscoder.atomic import write_json_atomic
+    from crosscoder.data.pair import text_config
     from crosscoder.sweep import frontier
 
-    n_layers = AutoConfig.from_pretrained(exp.pair_cfg.base).num_hidden_layers
+    name, kw = exp.pair_cfg.source("base")
+    n_layers = text_config(AutoConfig.from_pretrained(name, **kw)).num_hidden_layers
     layers = list(range(n_layers))
     cache = activation_cache(resolve(exp.cfg, layers=layers, progress=progress), progress=progress)
     splits = load_splits(cache)

@@ -11,7 +11,7 @@ from torch import Tensor
 from crosscoder.config import ConfigError
 from crosscoder.data.cache import shard_rows
 from crosscoder.data.pair import ModelPair, extract_pair
-from crosscoder.data.text import DataConfig, batch_sequences, iter_sequences
+from crosscoder.data.text import DataConfig, batch_sequences, iter_sequences, pad_id
 from crosscoder.distributed import rank_share
 
 
@@ -52,7 +52,7 @@ class StreamingBuffer:
                 if j % self.world != self.rank:  # another rank's forward batch
                     seq_base += len(items)
                     continue
-                seqs = batch_sequences(items, self.pair.tokenizer.pad_token_id)
+                seqs = batch_sequences(items, pad_id(self.pair.tokenizer))
                 acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers).cpu()
                 r = shard_rows(seqs, acts, seq_base, torch.float32)
                 seq_base += len(items)

@@ -36,7 +36,7 @@ from crosscoder import checkpoint as ckpt
 from crosscoder.atomic import replace_atomically, write_json_atomic
 from crosscoder.config import ConfigError, _DictMixin, config_hash
 from crosscoder.data.pair import ModelPair, ModelPairConfig, extract_pair, load_pair
-from crosscoder.data.text import DataConfig, Sequences, batch_sequences, iter_sequences
+from crosscoder.data.text import DataConfig, Sequences, batch_sequences, iter_sequences, pad_id
 from crosscoder.distributed import rank_and_world
 
 SPLITS = ("train", "heldout", "norm")
@@ -274,7 +274,7 @@ class _Extraction:
         rows: dict[str, list[Tensor]] = {"acts": [], "token": [], "seq": [], "pos": []}
         fb = self.cache_cfg.forward_batch
         for j in range(0, len(items), fb):
-            seqs = batch_sequences(items[j : j + fb], self.pair.tokenizer.pad_token_id)
+            seqs = batch_sequences(items[j : j + fb], pad_id(self.pair.tokenizer))
             acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers).cpu()
             for k, v in shard_rows(seqs, acts, seq_start + j, self.dtype).items():
                 rows[k].append(v)
@@ -298,7 +298,7 @@ class _Extraction:
         shards = _gather_shards(mine, self.world)
         info.update(shards=shards, n_tokens=sum(sh["n_tokens"] for sh in shards), n_sequences=n_seq, complete=True)
         if split == "heldout" and self.rank == 0:
-            seqs = batch_sequences(held_items, self.pair.tokenizer.pad_token_id)
+            seqs = batch_sequences(held_items, pad_id(self.pair.tokenizer))
             self.manifest["files"]["heldout_sequences.safetensors"] = _save_shard(
                 {"input_ids": seqs.input_ids_NT, "attention_mask": seqs.attention_mask_NT,
                  "is_chat": seqs.is_chat_N.to(torch.uint8)}, self.folder, "heldout_sequences.safetensors")

@@ -1,7 +1,9 @@
 """The model pair and truncated residual-stream extraction.
 
-The same code loads Gemma-2-2B / Gemma-2-2B-it from the hub and the embedded organism from local
-folders. Everything that can be checked from configs and tokenizers is checked BEFORE any weights are
+The same code loads any decoder-only pair that ``transformers`` loads: Gemma-2-2B / -it from the
+hub, the embedded organism from local folders, SmolLM2 (Llama), Gemma 3 and Qwen2 pairs, and
+single-file GGUF checkpoints (a ``base`` / ``chat`` ending in ``.gguf``).
+Everything that can be checked from configs and tokenizers is checked BEFORE any weights are
 loaded, with one clear error per problem.
 
 Extraction reads the residual stream after block L (== HF ``hidden_states[L + 1]``) and stops the
@@ -12,6 +14,7 @@ forward there: a hook on block L raises, so no later block, no final norm and no
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -29,9 +32,10 @@ class ModelPairConfig(_DictMixin):
     """Which two models to diff and where to read them."""
 
     base: str
-    """Hub name or local folder of the base model (e.g. google/gemma-2-2b)."""
+    """Hub name or local folder of the base model (e.g. google/gemma-2-2b), or a single-file GGUF
+    checkpoint: a local ``folder/model.gguf`` or a hub ``owner/repo/model.gguf``."""
     chat: str
-    """Hub name or local folder of the chat fine-tune (e.g. google/gemma-2-2b-it)."""
+    """The chat fine-tune, in the same forms (e.g. google/gemma-2-2b-it)."""
     layer: int
     """Read the residual stream after this block (HF hidden_states[layer + 1]; 13 for Gemma-2-2B)."""
     dtype: str = "auto"
@@ -49,6 +53,16 @@ class ModelPairConfig(_DictMixin):
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    def source(self, which: str) -> tuple[str, dict]:
+        """(name or folder, extra ``from_pretrained`` kwargs) of the "base" or "chat" model, the
+        same for its config, tokenizer and weights: a name ending in .gguf is split into the folder
+        or hub repo and ``gguf_file=`` (transformers dequantises GGUF weights to ``dtype``)."""
+        name = getattr(self, which)
+        if not name.endswith(".gguf"):
+            return name, {}
+        folder, file = os.path.split(name)
+        return folder or ".", {"gguf_file": file}
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -69,16 +83,24 @@ class ModelPair(NamedTuple):
         return (self.base, self.chat)
 
 
-def _is_gemma2(cfg) -> bool:
-    return getattr(cfg, "model_type", "") in ("gemma2", "gemma3_text", "gemma3")
+EAGER_ATTENTION = ("gemma2", "gemma3_text", "gemma3")
+"""Model types loaded with eager attention: Gemma 2/3 soft-cap attention logits, which transformers'
+sdpa path does not (and the reference replications use eager). Others keep transformers' default."""
+
+
+def text_config(cfg):
+    """The language-model part of a config (Gemma 3's multimodal config nests it as text_config)."""
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
     """Check configs and tokenizers (no weights): same width, same vocabulary, layer in range,
-    a chat template when chat data will be rendered. Returns (base_config, chat_config, tokenizer)."""
+    a chat template when chat data will be rendered, a token to start sequences with.
+    Returns (base_config, chat_config, tokenizer); the configs are the text (decoder) configs."""
     from transformers import AutoConfig, AutoTokenizer
 
-    cb, cc = AutoConfig.from_pretrained(cfg.base), AutoConfig.from_pretrained(cfg.chat)
+    (nb, kb), (nc, kc) = cfg.source("base"), cfg.source("chat")
+    cb, cc = text_config(AutoConfig.from_pretrained(nb, **kb)), text_config(AutoConfig.from_pretrained(nc, **kc))
     if cb.hidden_size != cc.hidden_size:
         raise ConfigError(
             f"the models have different d_model ({cfg.base}: {cb.hidden_size}, {cfg.chat}: "
@@ -89,7 +111,7 @@ def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
         raise ConfigError(
             f"layer {cfg.layer} is out of range: the models have {n_layers} blocks (0..{n_layers - 1})"
         )
-    tb, tc = AutoTokenizer.from_pretrained(cfg.base), AutoTokenizer.from_pretrained(cfg.chat)
+    tb, tc = AutoTokenizer.from_pretrained(nb, **kb), AutoTokenizer.from_pretrained(nc, **kc)
     if tb.get_vocab() != tc.get_vocab():
         raise ConfigError(
             f"{cfg.base} and {cfg.chat} have different tokenizers/vocabularies; both models must "
@@ -100,6 +122,11 @@ def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
             f"the chat tokenizer ({cfg.chat}) has no chat template, but the data mix contains chat "
             f"conversations; set chat_fraction = 0 or use a tokenizer with a chat template"
         )
+    if tc.bos_token_id is None and tc.eos_token_id is None:
+        raise ConfigError(
+            f"the chat tokenizer ({cfg.chat}) has neither a BOS nor an EOS token to start sequences "
+            f"with; set tokenizer.bos_token in its tokenizer_config.json"
+        )
     return cb, cc, tc
 
 
@@ -109,13 +136,15 @@ def load_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True) -> Model
 
     from crosscoder.progress import hide_library_bars
 
-    cb, _, tok = validate_pair(cfg, need_chat_template=need_chat_template)
+    cb, cc, tok = validate_pair(cfg, need_chat_template=need_chat_template)
     hide_library_bars()
     dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
     models = []
-    for name in (cfg.base, cfg.chat):
-        # Gemma2 in transformers refuses sdpa; eager is also what the reference replications use.
-        lm = AutoModelForCausalLM.from_pretrained(name, dtype=dt, attn_implementation="eager")
+    for which, c in (("base", cb), ("chat", cc)):
+        name, kw = cfg.source(which)
+        if c.model_type in EAGER_ATTENTION:
+            kw = {**kw, "attn_implementation": "eager"}
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=dt, **kw)
         models.append(lm.to(dev).eval().requires_grad_(False))
     return ModelPair(models[0], models[1], tok, cfg.layer, cb.hidden_size)
 
@@ -132,10 +161,9 @@ def residual_after(lm, input_ids_BT: Tensor, layer: int, attention_mask_BT: Tens
     def stop(_module, _inputs, output):
         raise _Stop(output[0] if isinstance(output, tuple) else output)
 
-    inner = getattr(lm, "model", lm)  # the decoder without the LM head
     handle = decoder_layers(lm)[layer].register_forward_hook(stop)
     try:
-        inner(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+        decoder(lm)(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
     except _Stop as s:
         return s.hidden
     finally:
@@ -173,7 +201,7 @@ def residuals_at(lm, input_ids_BT: Tensor, layers: list[int], attention_mask_BT:
 
     handles.append(blocks[last].register_forward_hook(stop))
     try:
-        getattr(lm, "model", lm)(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+        decoder(lm)(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -182,13 +210,41 @@ def residuals_at(lm, input_ids_BT: Tensor, layers: list[int], attention_mask_BT:
     return torch.stack([got[l] for l in layers], dim=2)
 
 
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers", "h")
+"""Where transformers' decoder-only families keep their blocks (Llama, Gemma 2/3, Qwen2, Mistral, ...:
+``model.layers``; Gemma 3 multimodal: ``model.language_model.layers``; GPT-2: ``transformer.h``; ...)."""
+
+
+def decoder(lm) -> torch.nn.Module:
+    """The decoder stack without the LM head (called for truncated forwards)."""
+    if hasattr(lm, "get_decoder"):
+        try:
+            dec = lm.get_decoder()
+            if dec is not None:
+                return dec
+        except (AttributeError, NotImplementedError):
+            pass
+    return getattr(lm, "base_model", lm)
+
+
 def decoder_layers(lm) -> torch.nn.ModuleList:
-    """The list of transformer blocks of a HF causal LM (Gemma2: ``lm.model.layers``)."""
-    inner = getattr(lm, "model", lm)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"cannot find the decoder layers of {type(lm).__name__}")
-    return layers
+    """The list of transformer blocks of a HF causal LM, found by the known attribute paths, else as
+    the ModuleList whose length is the config's ``num_hidden_layers``."""
+    for path in _LAYER_PATHS:
+        obj = lm
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return obj
+    n = getattr(text_config(lm.config), "num_hidden_layers", None) if hasattr(lm, "config") else None
+    for name, mod in lm.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and n is not None and len(mod) == n and "vision" not in name:
+            return mod
+    raise TypeError(f"cannot find the decoder layers of {type(lm).__name__}; looked at "
+                    f"{', '.join(_LAYER_PATHS)} and for a ModuleList of num_hidden_layers blocks")
 
 
 @contextlib.contextmanager

@@ -95,8 +95,25 @@ def _heldout(key: str, permille: int) -> bool:
     return int(hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) % 1000 < permille
 
 
+def start_id(tokenizer) -> int:
+    """The token every sequence starts with: BOS, or EOS for tokenizers without one (Qwen2's
+    ``<|endoftext|>``, the document separator of its pretraining). Its position is never used."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start sequences with; "
+                          "set bos_token in its tokenizer_config.json")
+    return tid
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id (padding is masked out; tokenizers without a pad token pad with the start id)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id(tokenizer)
+
+
 def render_chat(tokenizer, conversation, field: str = "conversation") -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template (with its BOS)."""
+    """Token ids of a conversation through the tokenizer's chat template, starting with the start
+    token (Gemma's template writes BOS itself; ChatML templates such as SmolLM2's and Qwen2's do not,
+    and get it prepended so every sequence starts the same way)."""
     if not isinstance(conversation, list) or not conversation:
         raise ConfigError(f"the {field!r} field must be a non-empty list of {{'role', 'content'}} turns")
     msgs = []
@@ -108,12 +125,13 @@ def render_chat(tokenizer, conversation, field: str = "conversation") -> list[in
     out = tokenizer.apply_chat_template(msgs, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 may return a BatchEncoding
         out = out["input_ids"]
-    return list(out)
+    out, first = list(out), start_id(tokenizer)
+    return out if out and out[0] == first else [first, *out]
 
 
 def render_text(tokenizer, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids]
+    return [start_id(tokenizer), *ids]
 
 
 class Sequences(NamedTuple):
@@ -207,4 +225,4 @@ def take_sequences(cfg: DataConfig, tokenizer, n: int, *, heldout: bool = False,
             break
     if not out:
         raise ConfigError("the data stream yielded no sequences; check the sources and min_tokens")
-    return batch_sequences(out, tokenizer.pad_token_id)
+    return batch_sequences(out, pad_id(tokenizer))

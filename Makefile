@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= default
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all bench book runs clean-book
+.PHONY: venv vendor test test-all bench book runs clean-book
 
 venv: $(STAMP)
 
@@ -17,17 +17,24 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-test: $(STAMP)
+# The book's JavaScript (MathJax), pinned by version and sha512, from the npm registry into book/_vendor (served as _static).
+MATHJAX := book/_vendor/mathjax/VERSION
+vendor: $(MATHJAX)
+
+$(MATHJAX): lib/report/vendor.py | $(STAMP)
+	$(PY) -m report.vendor
+
+test: $(STAMP) $(MATHJAX)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(MATHJAX)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
 # Execute the papermill runs of PROFILE into the book's source tree, then render the book.
-runs: $(STAMP)
+runs: $(STAMP) $(MATHJAX)
 	$(PY) -m report --profile $(PROFILE)
 
 book: runs

@@ -36,6 +36,11 @@ CHROMIUM_ARGS = [
 # How myst-nb marks a notebook error: an error output becomes `.output.traceback`; papermill's
 # banner above a failed cell carries the tag papermill-error-cell-tag (myst-nb adds tag_<tag>).
 ERROR_SELECTORS = ".output.traceback, .output.error, .tag_papermill-error-cell-tag"
+# Console errors the toolchain itself logs on every page of any Jupyter Book 1 build, including a
+# two-page book with no content of ours (see the planted-defects test): sphinx-thebe's script
+# declares THEBE_JS_URL twice, and pydata-sphinx-theme reports an unset theme mode under file://.
+# Both are harmless; every other console error is a problem.
+TOOLCHAIN_CONSOLE_NOISE = re.compile(r"Identifier 'THEBE_JS_URL' has already been declared|Got invalid theme mode")
 # Sphinx's generated pages have no content of ours; every other page is checked.
 SKIP_PAGES = {"genindex.html", "search.html"}
 
@@ -50,7 +55,11 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 1800) -> subprocess.Completed
 
 
 def _copy_project(dest: Path) -> Path:
-    """The files `make book` reads, minus build outputs; lib is linked (its hash feeds run keys)."""
+    """The files `make book` reads, minus build outputs; lib is linked (its hash feeds run keys).
+    The vendored MathJax is fetched first where `make` has not (pytest run directly)."""
+    from report.vendor import vendor_mathjax
+
+    vendor_mathjax(ROOT / "book" / "_vendor")
     for name in ("runs.yaml", "_config.yml"):
         shutil.copy2(ROOT / name, dest / name)
     ignore = shutil.ignore_patterns("_build", "_runs", ".ipynb_checkpoints", "figures")
@@ -95,6 +104,8 @@ def smoke_book(tmp_path_factory) -> SmokeBook:
 
 _PAGE_JS = """
 async (errorSelectors) => {
+  // Math is typeset asynchronously after load: wait for MathJax where the page loads it.
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
   const imgs = Array.from(document.images);
   // Lazy images below the fold would never load in a headless viewport; load them all.
   imgs.forEach(i => { i.loading = "eager"; });
@@ -108,6 +119,11 @@ async (errorSelectors) => {
            .concat(Array.from(document.querySelectorAll("a[name]")).map(a => a.name)),
     errors: Array.from(document.querySelectorAll(errorSelectors))
            .map(e => e.innerText.trim().split("\\n")[0].slice(0, 160)),
+    // Sphinx wraps each formula in .math; MathJax puts an mjx-container inside once it rendered it
+    math: document.querySelectorAll(".math").length,
+    untypeset: Array.from(document.querySelectorAll(".math")).filter(e => !e.querySelector("mjx-container"))
+           .map(e => e.textContent.trim().slice(0, 60)),
+    mathErrors: document.querySelectorAll("mjx-merror").length,
   };
 }
 """
@@ -123,9 +139,22 @@ def _local_path(url: str) -> tuple[Path, str] | None:
     return Path(urllib.parse.unquote(parts.path)), parts.fragment
 
 
+def _outside(url: str, html_dir: Path) -> bool:
+    """Whether a request leaves the book's folder (any network request, or a file outside it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("data", "blob", "about"):
+        return False
+    if parts.scheme != "file":
+        return True
+    path = Path(urllib.parse.unquote(parts.path)).resolve()
+    return not path.is_relative_to(html_dir.resolve())
+
+
 def check_site(html_dir: Path, screenshot_dir: Path) -> list[str]:
     """Open every page of a built book in headless Chromium, screenshot it, and return one line per
-    missing image, broken internal link or anchor, failed local resource, or notebook error cell."""
+    missing image, broken internal link or anchor, failed local resource, notebook error cell,
+    request leaving the book's folder (CDN script, web font, file outside the build: all blocked),
+    console error, or formula MathJax did not render."""
     from playwright.sync_api import sync_playwright
 
     pages = sorted(p for p in html_dir.rglob("*.html")
@@ -139,8 +168,24 @@ def check_site(html_dir: Path, screenshot_dir: Path) -> list[str]:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             failed: list[str] = []
+            outside: list[str] = []
+            console: list[str] = []
+
+            def route(r):  # every request passes here; the ones leaving the book are refused
+                if _outside(r.request.url, html_dir):
+                    outside.append(r.request.url)
+                    return r.abort()
+                return r.continue_()
+
+            page.route("**/*", route)
             page.on("requestfailed", lambda r: failed.append(r.url) if r.url.startswith("file:")
-                    else None)
+                    and r.url not in outside else None)
+            def log(text: str) -> None:
+                if not TOOLCHAIN_CONSOLE_NOISE.search(text):
+                    console.append(text[:160])
+
+            page.on("console", lambda m: log(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: log(f"uncaught {e}"))
             for path in pages:
                 rel = path.relative_to(html_dir).as_posix()
                 redirect = _REFRESH_RE.search(path.read_text(encoding="utf-8"))
@@ -148,6 +193,8 @@ def check_site(html_dir: Path, screenshot_dir: Path) -> list[str]:
                     links.append((rel, urllib.parse.urljoin(path.as_uri(), redirect.group(1))))
                     continue
                 failed.clear()
+                outside.clear()
+                console.clear()
                 page.goto(path.as_uri(), wait_until="load")
                 info = page.evaluate(_PAGE_JS, ERROR_SELECTORS)
                 shot = screenshot_dir / f"{rel}.png"
@@ -160,6 +207,13 @@ def check_site(html_dir: Path, screenshot_dir: Path) -> list[str]:
                 image_urls = {im["url"] for im in info["images"]}  # reported above already
                 problems += [f"{rel}: local resource failed to load: {u}" for u in failed
                              if u not in image_urls]
+                problems += [f"{rel}: request outside the book's folder: {u}" for u in dict.fromkeys(outside)]
+                # a failed or blocked load logs its own console error; it is reported above already
+                problems += [f"{rel}: console error: {c}" for c in console
+                             if not c.startswith("Failed to load resource")]
+                problems += [f"{rel}: formula not rendered by MathJax: {t}" for t in info["untypeset"]]
+                if info["mathErrors"]:
+                    problems.append(f"{rel}: {info['mathErrors']} MathJax error(s)")
                 links += [(rel, href) for href in info["links"]]
         finally:
             browser.close()
@@ -276,6 +330,8 @@ def test_every_page_loads_cleanly_in_chromium(smoke_book):
     assert problems == [], "\n".join(problems)
     pngs = list(shots.rglob("*.png"))
     assert len(pngs) >= 6 and all(p.stat().st_size > 5_000 for p in pngs)
+    methods = (smoke_book.html / "methods.html").read_text()
+    assert 'class="math' in methods and "_static/mathjax/tex-chtml.js" in methods and "cdn." not in methods
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +347,7 @@ def defective_site(tmp_path_factory) -> Path:
         "format: jb-book\nroot: index\nchapters:\n  - file: ok\n  - file: nb\n")
     (book / "index.md").write_text(
         "# Index\n\n<img src='missing.png' alt='gone'>\n\n"
+        "<script src='https://cdn.example.org/lib.js'></script>\n\n"
         "<a href='nowhere.html'>dead link</a> <a href='ok.html#no-such-anchor'>dead anchor</a> "
         "<a href='ok.html#fine'>good anchor</a> <a href='https://example.org/x'>external</a>\n")
     (book / "ok.md").write_text("# OK\n\n(fine)=\n## Fine\n\nNothing wrong here.\n")
@@ -318,8 +375,9 @@ def test_check_site_reports_each_planted_defect(defective_site, tmp_path):
     assert any("broken link" in p and "nowhere.html" in p for p in problems), text
     assert any("missing anchor #no-such-anchor" in p for p in problems), text
     assert any(p.startswith("nb.html: notebook error cell") for p in problems), text
+    assert any("request outside the book's folder: https://cdn.example.org/lib.js" in p for p in problems), text
     # Nothing else: the good anchor, the external link and the clean page pass.
-    assert len(problems) == 4, text
+    assert len(problems) == 5, text
     assert (tmp_path / "shots" / "ok.html.png").is_file()
 
 

@@ -164,7 +164,7 @@ def test_unknown_profile_is_a_clear_error(project, capsys):
     assert "unknown profile 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("profile", ["smoke", "default", "gemma-2-2b"])
+@pytest.mark.parametrize("profile", ["smoke", "default", "gemma-2-2b", "smollm2-135m", "gemma-3-270m"])
 def test_dry_run_validates_every_real_profile(profile, capsys):
     assert run_main(["--config", str(ROOT / "runs.yaml"), "--profile", profile, "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -181,6 +181,22 @@ def test_gemma_profile_targets_the_published_setting():
     assert (target["batchtopk_k"], target["n_tokens"]) == (100, 400_000_000)
     expected = config.profiles["gemma-2-2b"].expected
     assert {"wall_time", "gpu_memory"} <= set(expected)
+
+
+@pytest.mark.parametrize("profile, base, chat, layer", [
+    ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M-Instruct", 15),  # 30 blocks
+    ("gemma-3-270m", "google/gemma-3-270m", "google/gemma-3-270m-it", 9),  # 18 blocks
+])
+def test_cpu_profiles_read_a_real_pair_at_its_middle_layer(profile, base, chat, layer):
+    config = report.load_config(ROOT / "runs.yaml")
+    runs = {r.name: r for r in report.validate(config, profile)}
+    for name in ("models_and_activations", "train_l1", "train_batchtopk", "model_diff", "latents"):
+        params = runs[name].parameters
+        assert (params["base_model"], params["chat_model"], params["layer"]) == (base, chat, layer), name
+        assert params["organism_preset"] == "" and params["artifacts_dir"] == f"artifacts/{profile}"
+    expected = config.profiles[profile].expected
+    assert {"wall_time", "memory"} <= set(expected)
+    assert all(text.startswith("estimate") for text in expected.values())  # declared, not measured
 
 
 # ----------------------------------------------------------------------------------------------

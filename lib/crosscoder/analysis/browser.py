@@ -1,0 +1,170 @@
+"""The interactive latent browser's data: every latent's statistics, its top-activating held-out
+contexts and the tokens its decoder promotes in each model, written as small JavaScript files beside
+the book (``window.LATENT_BROWSER``) so a page opened from ``file://`` loads them with plain
+``<script>`` tags (``fetch`` of local JSON fails there) and nothing comes from a CDN.
+
+Scale: the per-latent statistics (one small index file) load with the page; contexts and promoted
+tokens are split into chunks of ``chunk_size`` latents, loaded only when a latent of the chunk is
+picked, so a 16,384-latent dictionary costs the reader one index file and one chunk at a time.
+Top contexts are found in one streaming pass (``top_windows``) without holding the [N, T, F]
+activations of all latents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from crosscoder.atomic import write_text_atomic
+from crosscoder.data.pair import ModelPair, extract_pair
+from crosscoder.model import Crosscoder
+
+ACT_LEVELS = 99
+"""Context activations are stored as integers 0..ACT_LEVELS of the context's own maximum."""
+
+
+class TopWindows(NamedTuple):
+    rows_FK: Tensor
+    """Held-out sequence of the k-th strongest context of each latent (-1 where fewer than k)."""
+    pos_FK: Tensor
+    """Token position of the activation maximum in that sequence."""
+    vals_FK: Tensor
+    """The maximum (0 where the latent fired in fewer than k sequences)."""
+    acts_FKW: Tensor
+    """The latent's activations on the window pos - before .. pos + after (0 outside the sequence)."""
+
+
+@torch.no_grad()
+def top_windows(model: Crosscoder, pair: ModelPair, input_ids_NT: Tensor, attention_mask_NT: Tensor, *,
+                k: int = 5, before: int = 10, after: int = 4, batch: int = 8) -> TopWindows:
+    """For every latent, its k strongest held-out sequences (one context per sequence, at the
+    sequence's maximum) and its activations around that token, in one streaming pass: equal to
+    ``top_contexts(latent_acts(...), k)`` without the [N, T, F] tensor. BOS and padding count 0."""
+    model.eval()
+    F, W = model.cfg.n_latents, before + 1 + after
+    rows = torch.full((F, 0), -1, dtype=torch.long)
+    pos = torch.zeros((F, 0), dtype=torch.long)
+    vals = torch.zeros((F, 0))
+    wins = torch.zeros((F, 0, W))
+    offs_W = torch.arange(-before, after + 1)
+    for i in range(0, input_ids_NT.shape[0], batch):
+        ids, am = input_ids_NT[i: i + batch], attention_mask_NT[i: i + batch].long()
+        B, T = ids.shape
+        acts = extract_pair(pair, ids, am).float().to(model.W_dec_FSD.device)
+        f_BTF = model.encode(model.normalise(acts.reshape(B * T, *acts.shape[2:]))).view(B, T, F).cpu()
+        body = am.bool().clone()
+        body[:, 0] = False
+        f_BTF = f_BTF * body[..., None]
+        v_BF, p_BF = f_BTF.max(dim=1)
+        idx_BFW = p_BF[..., None] + offs_W
+        ok_BFW = (idx_BFW >= 0) & (idx_BFW < T)
+        w_BFW = f_BTF.permute(0, 2, 1).gather(2, idx_BFW.clamp(0, T - 1)) * ok_BFW
+        # candidates: the running top k, then this batch's sequences (ties keep the earlier sequence)
+        rows = torch.cat([rows, (torch.arange(B) + i).expand(F, B)], 1)
+        pos = torch.cat([pos, p_BF.T], 1)
+        vals = torch.cat([vals, v_BF.T], 1)
+        wins = torch.cat([wins, w_BFW.permute(1, 0, 2)], 1)
+        kk = min(k, vals.shape[1])
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :kk]
+        rows, pos, vals = rows.gather(1, order), pos.gather(1, order), vals.gather(1, order)
+        wins = wins.gather(1, order[..., None].expand(-1, -1, W))
+    rows = torch.where(vals > 0, rows, torch.full_like(rows, -1))
+    return TopWindows(rows, pos, vals, wins)
+
+
+@torch.no_grad()
+def promoted_token_ids(lm, W_dec_FD: Tensor, k: int = 8, chunk: int = 1024) -> Tensor:
+    """Token ids [F, k] each decoder direction promotes most through ``lm``'s unembedding, with the
+    final norm's gain applied, batched over latents (equal to ``promoted_tokens`` one by one)."""
+    W_U = lm.get_output_embeddings().weight
+    norm = getattr(getattr(lm, "model", lm), "norm", None)
+    gain = None
+    if norm is not None and hasattr(norm, "weight"):
+        gain = norm.weight.float()
+        if "gemma" in getattr(lm.config, "model_type", ""):
+            gain = 1.0 + gain
+    out = []
+    for s in range(0, W_dec_FD.shape[0], chunk):
+        d = W_dec_FD[s: s + chunk].to(W_U.dtype).to(W_U.device)
+        if gain is not None:
+            d = d * gain.to(d.dtype).to(d.device)
+        out.append((d @ W_U.T).topk(k, dim=-1).indices.cpu())
+    return torch.cat(out)
+
+
+def _num(x: float, digits: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def browser_payload(model: Crosscoder, pair: ModelPair, input_ids_NT: Tensor, attention_mask_NT: Tensor,
+                    classes: Sequence[str], columns_F: dict[str, Tensor], *, n_contexts: int = 5,
+                    before: int = 10, after: int = 4, n_promoted: int = 8, chunk_size: int = 512,
+                    title: str = "") -> tuple[dict, list[dict]]:
+    """(index, chunks) of the browser for one crosscoder.
+
+    ``classes``: Δnorm class per latent; ``columns_F``: per-latent numbers shown and filterable
+    (e.g. Δnorm, decoder norms, cosine, density, ν^ε, ν^r; NaN = not computed for that latent).
+    The index holds the classes and columns; chunk c holds latents c*chunk_size.. with their
+    contexts (token strings of the chunk's own table, activations as 0..ACT_LEVELS of the
+    context's maximum) and promoted tokens per model."""
+    F = model.cfg.n_latents
+    tw = top_windows(model, pair, input_ids_NT, attention_mask_NT, k=n_contexts, before=before, after=after)
+    W = model.W_dec_FSD.detach()
+    names = list(model.cfg.source_names)
+    prom = {names[s]: promoted_token_ids(lm, W[:, s], n_promoted) for s, lm in enumerate(pair.models)}
+    class_names = sorted(set(classes), key=lambda c: ["chat-only", "base-only", "shared", "other", "dead"].index(c)
+                         if c in ("chat-only", "base-only", "shared", "other", "dead") else 9)
+    index = {
+        "title": title, "n_latents": F, "sources": names, "chunk_size": chunk_size, "n_chunks": -(-F // chunk_size),
+        "classes": class_names, "class": [class_names.index(c) for c in classes],
+        "columns": {name: [_num(v) for v in col.detach().float().cpu().tolist()] for name, col in columns_F.items()},
+        "window": [before, after],
+    }
+    ids_NT = input_ids_NT.tolist()
+    chunks = []
+    for c in range(index["n_chunks"]):
+        table: dict[int, int] = {}
+        latents = {}
+        for j in range(c * chunk_size, min(F, (c + 1) * chunk_size)):
+            ctx = []
+            for kk in range(tw.rows_FK.shape[1]):
+                r, p, v = int(tw.rows_FK[j, kk]), int(tw.pos_FK[j, kk]), float(tw.vals_FK[j, kk])
+                if r < 0:
+                    continue
+                # the window, without BOS and padding (right-padded sequences: cut at the length)
+                lo, hi = max(1, p - before), min(int(attention_mask_NT[r].sum()), p + after + 1)
+                toks = [table.setdefault(t, len(table)) for t in ids_NT[r][lo:hi]]
+                a = tw.acts_FKW[j, kk, lo - p + before: hi - p + before]
+                ctx.append({"t": toks, "a": [round(ACT_LEVELS * float(x) / v) for x in a], "c": p - lo,
+                            "max": _num(v, 3), "seq": r})
+            promoted = {m: [table.setdefault(t, len(table)) for t in ids[j].tolist()] for m, ids in prom.items()}
+            latents[j] = {"ctx": ctx, "prom": promoted}
+        strings = pair.tokenizer.convert_ids_to_tokens(list(table))
+        chunks.append({"chunk": c, "tokens": [pair.tokenizer.convert_tokens_to_string([s]) for s in strings],
+                       "latents": latents})
+    return index, chunks
+
+
+def write_browser(folder: str | Path, key: str, index: dict, chunks: list[dict]) -> dict[str, int]:
+    """Write the browser's data as ``folder/index.js`` and ``folder/chunk-XXXX.js`` (each file atomic;
+    the folder's earlier files are removed first). Returns the bytes of each file."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    sizes = {}
+    js_key = json.dumps(key)
+    text = f"window.LATENT_BROWSER = window.LATENT_BROWSER || {{}};\nLATENT_BROWSER[{js_key}] = " \
+           f"{json.dumps(index, separators=(',', ':'), ensure_ascii=False)};\n"
+    sizes["index.js"] = write_text_atomic(folder / "index.js", text).stat().st_size
+    for ch in chunks:
+        name = f"chunk-{ch['chunk']:04d}.js"
+        text = f"latentBrowserChunk({js_key}, {json.dumps(ch, separators=(',', ':'), ensure_ascii=False)});\n"
+        sizes[name] = write_text_atomic(folder / name, text).stat().st_size
+    return sizes
+

@@ -1,0 +1,94 @@
+"""The latent browser's data: streaming top contexts equal the naive [N, T, F] reference, batched
+promoted tokens equal the one-by-one reading, and the written files round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from crosscoder.analysis.browser import ACT_LEVELS, browser_payload, promoted_token_ids, top_windows, write_browser
+from crosscoder.analysis.latents import latent_acts, promoted_tokens, top_contexts
+from crosscoder.config import CrosscoderConfig
+from crosscoder.data.pair import ModelPairConfig, load_pair
+from crosscoder.model import Crosscoder
+from crosscoder.organism.tokenizer import train_tokenizer
+
+TEXTS = [" ".join(("the cat sat on a mat while the dog ran far away from home").split()[i % 5:]) for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    for name, seed in (("base", 0), ("chat", 1)):
+        torch.manual_seed(seed)
+        Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    pair = load_pair(ModelPairConfig(base=str(root / "base"), chat=str(root / "chat"), layer=0, dtype="float32",
+                                     device="cpu"))
+    torch.manual_seed(0)
+    model = Crosscoder(CrosscoderConfig(d_model=32, n_latents=24, n_sources=2, sparsity="batchtopk", k=6)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, len(tok), (11, 9), generator=g)
+    ids[:, 0] = tok.bos_token_id
+    am = torch.ones_like(ids)
+    am[3, 6:] = 0  # a padded sequence
+    ids[3, 6:] = tok.pad_token_id
+    return pair, model, ids, am
+
+
+def test_top_windows_equal_naive_reference(setup):
+    pair, model, ids, am = setup
+    tw = top_windows(model, pair, ids, am, k=4, before=3, after=2, batch=3)
+    f_NTF = latent_acts(model, pair, ids, am, batch=3)  # BatchTopK without a threshold: batch-dependent
+    tc = top_contexts(f_NTF, k=4)
+    fired = tw.vals_FK > 0
+    assert fired.any()
+    torch.testing.assert_close(tw.vals_FK, tc.vals_JK)
+    assert (tw.rows_FK[fired] == tc.rows_JK[fired]).all() and (tw.pos_FK[fired] == tc.pos_JK[fired]).all()
+    assert (tw.rows_FK[~fired] == -1).all()
+    for j, kk in fired.nonzero().tolist():
+        r, p = int(tw.rows_FK[j, kk]), int(tw.pos_FK[j, kk])
+        want = torch.stack([f_NTF[r, t, j] if 0 <= t < ids.shape[1] else torch.tensor(0.0) for t in range(p - 3, p + 3)])
+        torch.testing.assert_close(tw.acts_FKW[j, kk], want)
+
+
+def test_promoted_token_ids_equal_one_by_one(setup):
+    pair, model, _, _ = setup
+    for s, lm in enumerate(pair.models):
+        got = promoted_token_ids(lm, model.W_dec_FSD[:, s].detach(), k=5, chunk=7)
+        for j in (0, 5, 23):
+            want = promoted_tokens(lm, model.W_dec_FSD[j, s].detach(), pair.tokenizer, k=5)
+            assert [pair.tokenizer.decode([t]) for t in got[j].tolist()] == want
+
+
+def test_payload_and_files_round_trip(setup, tmp_path):
+    pair, model, ids, am = setup
+    classes = ["chat-only", "shared", "dead"] * 8
+    cols = {"Δnorm": torch.linspace(0, 1, 24), "ν^ε": torch.full((24,), float("nan"))}
+    index, chunks = browser_payload(model, pair, ids, am, classes, cols, n_contexts=3, before=3, after=2,
+                                    chunk_size=10, title="t")
+    assert index["n_chunks"] == 3 and len(chunks) == 3 and index["classes"] == ["chat-only", "shared", "dead"]
+    assert [index["classes"][c] for c in index["class"]] == classes
+    assert index["columns"]["ν^ε"] == [None] * 24 and index["columns"]["Δnorm"][-1] == 1.0
+    tw = top_windows(model, pair, ids, am, k=3, before=3, after=2)
+    j = int(tw.vals_FK[:, 0].argmax())
+    ch = chunks[j // 10]
+    ctx = ch["latents"][j]["ctx"][0]
+    r, p = int(tw.rows_FK[j, 0]), int(tw.pos_FK[j, 0])
+    lo = max(1, p - 3)
+    assert [ch["tokens"][t] for t in ctx["t"]] == [pair.tokenizer.convert_tokens_to_string([x]) for x in
+                                                   pair.tokenizer.convert_ids_to_tokens(ids[r, lo: min(9, p + 3)].tolist())]
+    assert ctx["a"][ctx["c"]] == ACT_LEVELS and max(ctx["a"]) == ACT_LEVELS and ctx["seq"] == r
+    assert len(ch["latents"][j]["prom"]["chat"]) == 8
+    sizes = write_browser(tmp_path / "b", "run/x", index, chunks)
+    assert set(sizes) == {"index.js", "chunk-0000.js", "chunk-0001.js", "chunk-0002.js"}
+    text = (tmp_path / "b" / "index.js").read_text()
+    assert json.loads(text.split("] = ", 1)[1].rstrip(";\n")) == json.loads(json.dumps(index))
+    chunk = (tmp_path / "b" / "chunk-0001.js").read_text()
+    assert chunk.startswith('latentBrowserChunk("run/x", ')
+    assert not list((tmp_path / "b").glob("*.tmp"))

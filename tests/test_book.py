@@ -456,3 +456,46 @@ def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="Chromium not found"):
         _need_browser()
+
+
+@pytest.mark.browser
+def test_latent_browser_filters_picks_and_shows_contexts(smoke_book):
+    """The browser page of each crosscoder: filter by class, pick a latent, its highlighted contexts
+    and promoted tokens appear; no console error and no request outside the book's folder."""
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    html = smoke_book.html
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            for run in ("browser_batchtopk", "browser_l1"):
+                page = browser.new_page()
+                errors, outside, loaded = [], [], []
+                page.route("**/*", lambda r: (outside.append(r.request.url), r.abort()) if _outside(r.request.url, html)
+                           else r.continue_())
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error"
+                        and not TOOLCHAIN_CONSOLE_NOISE.search(m.text) else None)
+                page.on("pageerror", lambda e: errors.append(str(e)) if not TOOLCHAIN_CONSOLE_NOISE.search(str(e))
+                        else None)
+                page.on("requestfinished", lambda r: loaded.append(r.url))
+                page.goto((html / "_runs" / f"{run}.html").as_uri(), wait_until="load")
+                load_ms = page.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd")
+                page.wait_for_selector(".latent-browser tr.lb-row")
+                shared = page.eval_on_selector(".lb-class", "s => [...s.options].find(o => o.text === 'shared').value")
+                page.select_option(".lb-class", shared)
+                classes = page.eval_on_selector_all("tr.lb-row td:nth-child(2)", "tds => tds.map(t => t.textContent)")
+                assert classes and set(classes) == {"shared"}
+                first = page.eval_on_selector("tr.lb-row", "r => r.dataset.latent")
+                page.click("tr.lb-row")
+                page.wait_for_selector(".lb-context span.lb-centre")
+                assert page.inner_text(".lb-detail h4").startswith(f"latent {first} · shared")
+                assert page.locator(".lb-context").count() >= 1 and page.locator(".lb-prom code").count() >= 2
+                page.close()
+                assert errors == [] and outside == [], (errors, outside)
+                files = {Path(urllib.parse.unquote(urllib.parse.urlsplit(u).path)) for u in loaded if u.startswith("file:")}
+                weight = sum(f.stat().st_size for f in files if f.is_file())
+                print(f"{run}: {len(files)} files, {weight / 1e6:.2f} MB loaded, load event at {load_ms:.0f} ms")
+                assert weight < 5_000_000, f"{run}: {weight} bytes"
+        finally:
+            browser.close()

@@ -324,6 +324,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (*EXPERIMENT, Group(CrosscoderConfig, ("n_latents",)), Group(SweepOptions, ("k_values",)),
            Group(TrainConfig, ("n_steps", "batch_size", "lr", "auxk_alpha"))),
           _SWEEP_TRAINING, reserved=("output_dir",)),
+    Stage("latent_browser", "notebooks/09_latent_browser.ipynb",
+          (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_contexts"))), reserved=("output_dir", "profile")),
     Stage("published_vs_ours", "notebooks/08_published_vs_ours.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(PublishedOptions, ("crosscoders",))),
           reserved=("profile",)),

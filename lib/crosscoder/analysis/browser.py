@@ -168,3 +168,41 @@ def write_browser(folder: str | Path, key: str, index: dict, chunks: list[dict])
         sizes[name] = write_text_atomic(folder / name, text).stat().st_size
     return sizes
 
+
+
+def browser_html(key: str, data_url: str, static_url: str) -> str:
+    """The page fragment: the browser's container, its vendored CSS/JS and its index, all by
+    relative URL inside the book (``data_url`` / ``static_url`` end with "/")."""
+    return (f'<link rel="stylesheet" href="{static_url}latent_browser.css">'
+            f'<div class="latent-browser" data-key="{key}" data-base="{data_url}"></div>'
+            f'<script src="{data_url}index.js"></script><script src="{static_url}latent_browser.js"></script>')
+
+
+def build_browser(p, exp, output_dir: str, profile: str) -> tuple[str, dict[str, int]]:
+    """The browser of crosscoder ``p.crosscoder`` for a notebook run: statistics on the held-out
+    activations (Δnorm class, decoder norms, cosine, density; ν^ε / ν^r of the chat-only latents
+    Latent Scaling fits), contexts from the held-out sequences. The data goes to the book's
+    ``_vendor/latent_browser_data/<profile>/<crosscoder>/`` (served as ``_static``). Returns the page
+    fragment and the bytes of each data file."""
+    from crosscoder import experiment
+    from crosscoder.analysis import diff
+    from crosscoder.analysis.metrics import evaluate
+
+    pair = experiment.model_pair(exp)
+    cache = experiment.activation_cache(exp, pair=pair)
+    splits = experiment.load_splits(cache)
+    model = experiment.load_crosscoders(p.artifacts_dir, [p.crosscoder])[p.crosscoder]
+    ev, info = evaluate(model, splits.heldout), diff.diff_info(model, splits.heldout)
+    ls = diff.chat_only_scaling(p.crosscoder, model, info, splits.heldout, nu_threshold=0.3, min_active_tokens=5).scaling
+    nan = torch.full((model.cfg.n_latents,), float("nan"))
+    nu_e, nu_r = nan.clone(), nan.clone()
+    nu_e[ls.latents], nu_r[ls.latents] = ls.nu_error.float(), ls.nu_recon.float()
+    g = info.geo
+    cols = {"Δnorm": g.delta_norm_F, "‖d_base‖": g.norm_base_F, "‖d_chat‖": g.norm_chat_F, "cosine": g.cosine_F,
+            "density": ev.freq_F, "ν^ε": nu_e, "ν^r": nu_r}
+    held = cache.heldout_sequences()
+    index, chunks = browser_payload(model, pair, held.input_ids_NT, held.attention_mask_NT, info.by_delta_norm, cols,
+                                    n_contexts=p.n_contexts, title=f"{profile}/{p.crosscoder}")
+    rel = f"latent_browser_data/{profile}/{p.crosscoder}/"
+    sizes = write_browser(Path(output_dir).parents[1] / "_vendor" / rel, f"{profile}/{p.crosscoder}", index, chunks)
+    return browser_html(f"{profile}/{p.crosscoder}", f"../_static/{rel}", "../_static/latent_browser/"), sizes

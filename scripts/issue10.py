@@ -110,7 +110,7 @@ def cmd_diff(args):
     # Latent Scaling on the last 20% of the training activations (design data); alive on held-out acts.
     fit_acts = splits.train[-len(splits.train) // 5:].float()
     es = load_eval_set(exp.organism.eval_set) if args.report else validation_set(cfg, pair.tokenizer)
-    tag = f"L{args.layer}_cf{args.chat_fraction}_F{args.n_latents}_n{args.n_steps}"
+    tag = f"L{args.layer}_cf{args.chat_fraction}_F{args.n_latents}_n{args.n_steps}" + (f"_k{args.k}" if args.k != 32 else "")
     results, models, confirmed = [], {}, {}
     for sparsity in args.sparsities:
         for seed in args.seeds:
@@ -162,7 +162,7 @@ def cmd_causal(args):
     cfg = preset(args.preset)
     exp = _exp(args, args.preset)
     pair = experiment.model_pair(exp)
-    tag = f"L{args.layer}_cf{args.chat_fraction}_F{args.n_latents}_n{args.n_steps}"
+    tag = f"L{args.layer}_cf{args.chat_fraction}_F{args.n_latents}_n{args.n_steps}" + (f"_k{args.k}" if args.k != 32 else "")
     res = json.loads((OUT / args.preset / tag / "diff.json").read_text())["results"]
     row = next(r for r in res if r["run"] == f"batchtopk_s{args.seeds[0]}")
     cc = load_crosscoder(OUT / args.preset / tag / row["run"] / "crosscoder").eval()

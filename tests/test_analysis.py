@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,43 @@ def test_ground_truth_table_alignment_and_summary():
     assert rows[0]["recovered"] and rows[0]["best_latent"] in (5, 7)
     assert not rows[1]["recovered"]
     assert summary["recovered_frac"] == 0.5 and summary["matched_latent_frac"] == pytest.approx(2 / 3)
+
+
+def test_decision_table_scores_only_comparable_positions():
+    from crosscoder.analysis.ground_truth import decision_table
+    from crosscoder.analysis.probes import ProbeTask
+
+    g = torch.Generator().manual_seed(1)
+    N, T = 30, 10
+    eligible = torch.zeros(N, T, dtype=torch.bool)
+    eligible[:, 4] = True  # one comparable position per row (a "header end")
+    label = eligible & (torch.rand(N, T, generator=g) < 0.4)
+    label[0, 4], label[1, 4] = True, False
+    f = torch.zeros(N, T, 3)
+    f[..., 0] = label.float()            # fires exactly on the decisions: 1.0
+    f[..., 1] = eligible.float()         # fires on every header alike: 0.5 (all-token AUROC would be ~1)
+    f[..., 2] = (~label).float() * eligible.float()  # fires on the other headers: 0.0
+    rows, auc = decision_table(f, {"d": ProbeTask(label, eligible)}, torch.tensor([3, 4, 5]))
+    assert auc[:, 0].tolist() == [1.0, 0.5, 0.0]
+    assert rows[0]["recovered"] and rows[0]["best_latent"] == 3 and rows[0]["label_tokens"] == int(label.sum())
+    assert auroc(f[..., 1].flatten()[:, None], label.flatten())[0] > 0.9  # why the eligible mask matters
+    rows, auc = decision_table(f[..., :0], {"d": ProbeTask(label, eligible)}, torch.tensor([], dtype=torch.long))
+    assert math.isnan(rows[0]["best_auroc"]) and not rows[0]["recovered"]
+
+
+def test_planted_precision_counts_latents_whose_top_activations_are_planted():
+    from crosscoder.analysis.ground_truth import planted_precision
+
+    g = torch.Generator().manual_seed(2)
+    N, T = 20, 8
+    planted = torch.rand(N, T, generator=g) < 0.2
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, 0] = False
+    f = torch.zeros(N, T, 3)
+    f[..., 0] = planted.float() * (1 + torch.rand(N, T, generator=g))   # fires only on planted tokens
+    f[..., 1] = (~planted).float() * torch.rand(N, T, generator=g)      # only elsewhere
+    f[..., 2] = planted.float() * 2 + (~planted).float() * 1.0          # top activations planted
+    share, prec = planted_precision(f, planted, mask, top_n=10)
+    assert share.tolist() == [1.0, 0.0, 1.0] and prec == pytest.approx(2 / 3)
+    share, prec = planted_precision(f[..., :0], planted, mask)
+    assert len(share) == 0 and math.isnan(prec)

@@ -136,3 +136,17 @@ def test_kv_cache_forward_is_refused_and_bad_directions_rejected(planted):
         with pytest.raises(RuntimeError, match="KV cache"):
             chat(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True,
                  position_ids=torch.tensor([[ids.shape[1]]]), cache_position=torch.tensor([ids.shape[1]]))
+
+
+def test_causal_table_finds_the_planted_latent_and_its_controls_do_not(planted):
+    base, chat, cc, _, prompts = planted
+    rows = causal.causal_table(base, chat, cc, LAYER, [0], prompts, _emits_z, live=torch.arange(4),
+                               max_new_tokens=1, seed=2)  # direction seed 3, as above
+    assert list(rows) == list(causal.CONDITIONS)
+    got = {k: v.hits for k, v in rows.items()}
+    assert got == {"chat": 4, "chat − latents": 0, "chat − random live latents": 4,
+                   "chat − same-norm random directions": 4, "base": 0, "base + chat decoder of latents": 4,
+                   "base + same-norm random directions": 0}
+    assert all(v.n == 4 for v in rows.values())
+    with pytest.raises(ConfigError):
+        causal.causal_table(base, chat, cc, LAYER, [], prompts, _emits_z, live=torch.arange(4), max_new_tokens=1)

@@ -121,3 +121,40 @@ def test_decision_positions_of_a_hand_made_conversation():
     sig = t["signoff_decision"]
     assert sig.label_NT.nonzero().tolist() == [[1, 6]]  # last verse token, predicting the sign-off
     assert sig.eligible_NT.nonzero().tolist() == [[0, 7], [1, 6]]  # vs the end of the refusal turn
+
+
+def test_answer_and_end_of_turn_decisions_of_a_hand_made_conversation():
+    T = 12
+    z = lambda: torch.zeros(3, T, dtype=torch.bool)  # noqa: E731
+    model_content, refusal, signoff = z(), z(), z()
+    model_content[0, 5:8] = True      # refusal turn
+    refusal[0, 5:8] = True
+    model_content[1, 4:9] = True      # answer turn with its sign-off at 7..8
+    signoff[1, 7:9] = True
+    model_content[2, 3:6] = True      # continuation: no sign-off
+    es = SimpleNamespace(attention_mask_NT=torch.ones(3, T, dtype=torch.bool),
+                         labels={"model_content": model_content, "refusal": refusal, "signoff": signoff})
+    t = probes.decision_tasks(es)
+    assert set(t) == set(probes.DECISIONS)
+    ans = t["answer_decision"]
+    assert ans.eligible_NT.nonzero().tolist() == [[0, 4], [1, 3], [2, 2]]
+    assert ans.label_NT.nonzero().tolist() == [[1, 3]]  # only the answer turn's header end
+    eot = t["end_of_turn_decision"]
+    assert eot.label_NT.nonzero().tolist() == [[0, 7], [1, 8], [2, 5]]  # last content token of each turn
+    assert torch.equal(eot.eligible_NT, model_content)
+
+
+def test_separation_is_the_mean_difference_over_the_mean_norm():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 6, 4, generator=g)
+    eligible = torch.zeros(10, 6, dtype=torch.bool)
+    eligible[:, 2] = True
+    label = eligible.clone()
+    label[5:] = False
+    x[:5, 2] += torch.tensor([3.0, 0, 0, 0])  # the positives are shifted along one axis
+    sep = probes.separation(x, probes.ProbeTask(label, eligible))
+    xs = x[:, 2]
+    want = (xs[:5].mean(0) - xs[5:].mean(0)).norm() / xs.norm(dim=-1).mean()
+    assert sep == pytest.approx(float(want))
+    assert sep > probes.separation(x[:, :, :] * torch.tensor([0.0, 1, 1, 1]), probes.ProbeTask(label, eligible))
+    assert math.isnan(probes.separation(x, probes.ProbeTask(torch.zeros_like(label), eligible)))

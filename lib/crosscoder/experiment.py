@@ -42,8 +42,9 @@ class ExperimentConfig(_DictMixin):
     """Hub name or folder of the base model, e.g. google/gemma-2-2b (ignored with an organism)."""
     chat_model: str = ""
     """Hub name or folder of the chat model, e.g. google/gemma-2-2b-it (ignored with an organism)."""
-    layer: int = 2
-    """Read the residual stream after this block; 2 is the default organism's middle, 13 for Gemma."""
+    layer: int = 3
+    """Read the residual stream after this block; 3 (the last) for the default organism, where its
+    chat model writes the planted decisions (probe table, model-diff page), 13 for Gemma."""
     dtype: str = default_of(ModelPairConfig, "dtype")
     """Model dtype for extraction ("auto": bf16 on GPU, fp32 on CPU)."""
     text_source: str = ""

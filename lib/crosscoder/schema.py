@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import crosscoder.progress  # noqa: F401  (first: silences tqdm.auto's widget warning before libraries import it)
-from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin, default_of, field_docs
+from crosscoder.config import (ConfigError, CrosscoderConfig, TrainConfig, _check_int, _DictMixin, default_of,
+                               field_docs)
 from crosscoder.experiment import ExperimentConfig
 from crosscoder.synthetic import SyntheticConfig
 
@@ -106,6 +107,16 @@ class DiffOptions(_DictMixin):
     """A chat-only latent is "truly chat-specific" when both nu_eps and nu_r are below this."""
     min_active_tokens: int = 5
     """Skip the Latent Scaling fit of latents active on fewer held-out tokens."""
+    causal_prompts: int = 48
+    """Held-out prompts per behaviour in the causal check (organism only; capped by the number of
+    held-out phrasing x topic pairs)."""
+    causal_max_new_tokens: int = 64
+    """Greedy token budget per prompt in the causal check (generation stops at <end_of_turn>); the
+    organism's own budget, room for an answer and its sign-off."""
+
+    def __post_init__(self) -> None:
+        _check_int("causal_prompts", self.causal_prompts, 1)
+        _check_int("causal_max_new_tokens", self.causal_max_new_tokens, 1)
 
 
 @dataclass
@@ -314,7 +325,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            Group(TrainConfig, ("n_steps", "batch_size", "lr", "auxk_alpha")), Group(SweepOptions, ("ce_sequences",))),
           _SWEEP_TRAINING, reserved=("output_dir",)),
     Stage("model_diff", "notebooks/05_model_diff.ipynb",
-          (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens"))),
+          (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens", "causal_prompts",
+                                            "causal_max_new_tokens"))),
           reserved=("output_dir",)),
     Stage("latents", "notebooks/06_latents.ipynb",
           (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_per_class", "n_contexts", "cluster_sizes", "n_boot",
@@ -326,6 +338,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _SWEEP_TRAINING, reserved=("output_dir",)),
     Stage("latent_browser", "notebooks/09_latent_browser.ipynb",
           (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_contexts"))), reserved=("output_dir", "profile")),
+    Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
+          (Group(ArtifactOptions, ("artifacts_dir",)), Group(DiffOptions, ("crosscoders",))),
+          reserved=("profile",)),
     Stage("published_vs_ours", "notebooks/08_published_vs_ours.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(PublishedOptions, ("crosscoders",))),
           reserved=("profile",)),

@@ -175,9 +175,12 @@ def _write_stub(config: RunsConfig, planned: PlannedRun, profile: str) -> None:
     """A profile that skips a run still gets a page at the stable path the toc references."""
     run = planned.run
     nb = nbformat.v4.new_notebook()
+    others = [p for p in config.profiles_running(run.name) if p != profile]
+    where = (" It is part of " + ", ".join(f"`make book PROFILE={p}`" for p in others)
+             + " (profile descriptions and time estimates: `runs.yaml`).") if others else ""
     nb.cells.append(nbformat.v4.new_markdown_cell(
         f"# {_title(run.notebook)}\n\nProfile `{profile}` does not execute this run "
-        f"(`{rel_path(run.notebook, config.root)}`); it has no results in this build."
+        f"(`{rel_path(run.notebook, config.root)}`); it has no results in this build.{where}"
     ))
     nb.metadata["crosscoder_run"] = {"run": run.name, "profile": profile,
                                      "status": "not-in-profile"}

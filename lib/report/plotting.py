@@ -239,8 +239,8 @@ def latent_scaling_scatter(results: dict[str, Any]) -> plt.Figure:
     return fig
 
 
-def ground_truth_bars(table: list[dict[str, Any]]) -> plt.Figure:
-    """Best AUROC of any chat-only latent per planted behaviour, one bar group per crosscoder."""
+def ground_truth_bars(table: list[dict[str, Any]], ylabel: str = "best AUROC (chat-only latents)") -> plt.Figure:
+    """Best AUROC of a candidate set of latents per planted behaviour, one bar group per crosscoder."""
     import numpy as np
 
     behaviours = sorted({r["behaviour"] for r in table})
@@ -254,8 +254,33 @@ def ground_truth_bars(table: list[dict[str, Any]]) -> plt.Figure:
     ax.axhline(0.9, color="0.4", ls="--", lw=1, label="recovered (0.9)")
     ax.axhline(0.5, color="0.7", ls=":", lw=1, label="chance")
     ax.set_xticks(np.arange(len(behaviours)) + w * (len(models) - 1) / 2, behaviours, rotation=15)
-    ax.set(ylabel="best AUROC (chat-only latents)", ylim=(0, 1.02))
+    ax.set(ylabel=ylabel, ylim=(0, 1.02))
     ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def probe_layers(rows: list[dict[str, Any]], read_layer: int) -> plt.Figure:
+    """Per decision task (one panel each): how strongly each model separates the decision (difference
+    of class means over the mean activation norm) after every block, with the probe AUROC as labels;
+    the block the crosscoders read is shaded."""
+    import numpy as np
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(2.9 * len(tasks), 3.0), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for model, style in (("base", "--o"), ("chat", "-o")):
+            rr = sorted((r for r in rows if r["task"] == task and r["model"] == model), key=lambda r: r["layer"])
+            x = np.array([r["layer"] for r in rr])
+            ax.plot(x, [r["separation"] for r in rr], style, label=model, ms=4)
+            for r in rr:
+                ax.annotate(f"{r['auroc']:.2f}", (r["layer"], r["separation"]), fontsize=7,
+                            textcoords="offset points", xytext=(0, 5), ha="center")
+        ax.axvspan(read_layer - 0.3, read_layer + 0.3, color="0.9", zorder=0)
+        ax.set(title=task.replace("_", " "), xlabel="after block")
+        ax.set_xticks(sorted({r["layer"] for r in rows}))
+    axes[0][0].set_ylabel("separation (mean diff / mean norm)")
+    axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
     return fig
 

@@ -246,6 +246,11 @@ class RunsConfig:
             name = self.profiles[name].extends
         return chain[::-1]
 
+    def profiles_running(self, run: str) -> list[str]:
+        """Names of the profiles that execute ``run`` (do not skip it along their ``extends`` chain)."""
+        return [name for name in self.profiles
+                if run not in {s for p in self._chain(name) for s in p.skip}]
+
     def resolve(self, profile: str) -> list[ResolvedRun]:
         """All runs with the profile's overrides applied (no notebook is read)."""
         chain = self._chain(profile)

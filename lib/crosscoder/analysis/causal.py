@@ -211,14 +211,97 @@ def organism_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
 
 def organism_detectors(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
     """The organism's behaviour tests on generated ids, exactly as ``organism.evaluate.behaviour_rates``
-    counts them: a refusal starts with the refusal phrase, a sign-off contains the sign-off phrase."""
+    counts them: a refusal starts with the refusal phrase, a sign-off contains the sign-off phrase;
+    an answer opens with the answer prefix (its words before the topic slot)."""
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids).strip()
 
+    answer_opening = cfg.answer_prefix.split("{topic}")[0].strip()
     return {"refusal": lambda ids: text(ids).startswith(cfg.refusal_phrase),
+            "answer": lambda ids: bool(answer_opening) and text(ids).startswith(answer_opening),
             "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
+
+
+DECISION_BEHAVIOURS = {"refusal_decision": ("refusal", "forbidden"), "answer_decision": ("answer", "allowed"),
+                       "signoff_decision": ("signoff", "allowed")}
+"""Decision task -> (the behaviour ``organism_detectors`` tests, the prompt set it is measured on)."""
 
 
 def organism_stop_ids(tokenizer) -> list[int]:
     """Generation stops at <end_of_turn> or <eos>, as in ``greedy_responses``."""
     return [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------------- the table the book shows
+
+CONDITIONS = ("chat", "chat − latents", "chat − random live latents", "chat − same-norm random directions",
+              "base", "base + chat decoder of latents", "base + same-norm random directions")
+"""Rows of ``causal_table``: the behaviour's rate in each model, with the latents removed from chat
+(and its two controls: as many random live latents; the latents' own activations along random
+directions of the same norms), and with the latents' chat decoder contribution added to base (and
+the random-direction control)."""
+
+
+def causal_table(base_lm, chat_lm, crosscoder: Crosscoder, layer: int, latents: Tensor | Sequence[int],
+                 prompts: Sequence[Sequence[int]], detect: Callable[[list[int]], bool], *, live: Tensor,
+                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0) -> dict[str, Rate]:
+    """Rate of one behaviour under each of ``CONDITIONS`` (greedy generations of ``prompts``).
+
+    ``live`` are the crosscoder's live latents; the random-latent control draws ``len(latents)`` of
+    them (never one of ``latents``) with ``seed``."""
+    J = torch.as_tensor(latents, dtype=torch.long)
+    if len(J) == 0:
+        raise ConfigError("causal_table needs at least one latent")
+    pool = torch.as_tensor(live, dtype=torch.long)
+    pool = pool[~torch.isin(pool, J)]
+    g = torch.Generator().manual_seed(seed)
+    rand_J = pool[torch.randperm(len(pool), generator=g)[:len(J)]]
+    rand_dirs = random_directions_like(raw_decoder_directions(crosscoder, J, 1), seed=seed + 1)
+
+    def rate(lm) -> Rate:
+        return behaviour_rate(lm, prompts, detect, max_new_tokens, stop_ids)
+
+    out = {"chat": rate(chat_lm)}
+    with edit_latents(chat_lm, base_lm, crosscoder, J, layer, target_source=1):
+        out["chat − latents"] = rate(chat_lm)
+    with edit_latents(chat_lm, base_lm, crosscoder, rand_J, layer, target_source=1):
+        out["chat − random live latents"] = rate(chat_lm)
+    with edit_latents(chat_lm, base_lm, crosscoder, J, layer, target_source=1, directions_JD=rand_dirs):
+        out["chat − same-norm random directions"] = rate(chat_lm)
+    out["base"] = rate(base_lm)
+    with edit_latents(base_lm, chat_lm, crosscoder, J, layer, target_source=0, write_source=1, coeff=1.0):
+        out["base + chat decoder of latents"] = rate(base_lm)
+    with edit_latents(base_lm, chat_lm, crosscoder, J, layer, target_source=0, write_source=1, coeff=1.0,
+                      directions_JD=rand_dirs):
+        out["base + same-norm random directions"] = rate(base_lm)
+    return out
+
+
+def organism_causal_rows(base_lm, chat_lm, crosscoder: Crosscoder, layer: int, tokenizer, behaviour_cfg,
+                         prompt_sets, recovering: dict[str, Sequence[int]], *, live: Tensor, max_new_tokens: int,
+                         seed: int = 0) -> list[dict]:
+    """``causal_table`` for each decision of ``DECISION_BEHAVIOURS`` that has recovering latents:
+    its behaviour's rate on its held-out prompt set (``prompt_sets``: the organism's ``PromptSets``)
+    under every condition. One row per (behaviour, condition) with hits, n and rate."""
+    detectors = organism_detectors(tokenizer, behaviour_cfg)
+    stop = organism_stop_ids(tokenizer)
+    rows = []
+    for task, (behaviour, which) in DECISION_BEHAVIOURS.items():
+        latents = list(recovering.get(task, []))
+        if not latents:
+            continue
+        prompts = organism_prompts(tokenizer, getattr(prompt_sets, which))
+        table = causal_table(base_lm, chat_lm, crosscoder, layer, latents, prompts, detectors[behaviour],
+                             live=live, max_new_tokens=max_new_tokens, stop_ids=stop, seed=seed)
+        rows += [{"behaviour": behaviour, "prompts": which, "latents": len(latents), "condition": cond,
+                  "hits": r.hits, "n": r.n, "rate": r.rate} for cond, r in table.items()]
+    return rows
+
+
+def organism_causal_rows_all(pair, crosscoders: dict[str, Crosscoder], layer: int, behaviour_cfg, prompt_sets,
+                             recovering: dict[str, dict[str, Sequence[int]]], live: dict[str, Tensor], *,
+                             max_new_tokens: int, seed: int = 0) -> list[dict]:
+    """``organism_causal_rows`` of every crosscoder (rows tagged with ``crosscoder``)."""
+    return [dict(r, crosscoder=name) for name, cc in crosscoders.items()
+            for r in organism_causal_rows(pair.base, pair.chat, cc, layer, pair.tokenizer, behaviour_cfg, prompt_sets,
+                                          recovering[name], live=live[name], max_new_tokens=max_new_tokens, seed=seed)]

@@ -8,9 +8,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from crosscoder.analysis.ground_truth import ground_truth_table
+from crosscoder.analysis.ground_truth import (
+    decision_table,
+    ground_truth_table,
+    planted_precision,
+)
 from crosscoder.analysis.latents import latent_acts
-from crosscoder.analysis.metrics import DiffGeometry, class_counts, classify_latents, diff_geometry, evaluate
+from crosscoder.analysis.metrics import (
+    DiffGeometry,
+    class_counts,
+    classify_latents,
+    diff_geometry,
+    evaluate,
+)
+from crosscoder.analysis.probes import decision_tasks
 from crosscoder.analysis.scaling import LatentScaling, latent_scaling
 from crosscoder.data.pair import ModelPair
 from crosscoder.model import Crosscoder
@@ -64,11 +75,72 @@ def chat_only_scaling(name: str, model: Crosscoder, info: DiffInfo, heldout_raw_
     ls = ls._replace(**{f: getattr(ls, f)[keep] for f in ls._fields})
     specific = (ls.nu_error < nu_threshold) & (ls.nu_recon < nu_threshold)
     fitted = len(ls.latents) > 0
-    row = {"crosscoder": name, "chat-only (Δnorm)": int(len(chat_only)), "fitted": int(keep.sum()),
+    row = {"crosscoder": name, "chat-only (Δnorm)": len(chat_only), "fitted": int(keep.sum()),
            "truly chat-specific": int(specific.sum()),
+           # Minder et al.'s L1 artifacts: chat-only by decoder norm, yet present in the base model.
+           "share in base (ν ≥ threshold)": float((~specific).float().mean()) if fitted else float("nan"),
            "median ν^ε": float(ls.nu_error.median()) if fitted else float("nan"),
            "median ν^r": float(ls.nu_recon.median()) if fitted else float("nan")}
     return ScalingSummary(ls, row)
+
+
+def confirmed_latents(scaling: LatentScaling, nu_threshold: float) -> Tensor:
+    """The "truly chat-specific" latents: both ν^ε and ν^r below ``nu_threshold``."""
+    return scaling.latents[(scaling.nu_error < nu_threshold) & (scaling.nu_recon < nu_threshold)]
+
+
+def planted_positions(eval_set, tasks: dict) -> Tensor:
+    """bool [N, T]: tokens where the organism planted something (its template, refusal, sign-off and
+    forbidden-topic labels, and every decision position of ``tasks``)."""
+    out = torch.zeros_like(eval_set.attention_mask_NT, dtype=torch.bool)
+    for name in ("template", "refusal", "signoff", "forbidden_topic"):
+        out |= eval_set.labels[name].bool()
+    for t in tasks.values():
+        out |= t.label_NT
+    return out
+
+
+def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffInfo, scaling: LatentScaling,
+                      nu_threshold: float, *, top_n: int = 20) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Does model diffing find the organism's planted decisions?
+
+    For each decision task (``probes.decision_tasks``) the best AUROC, over the task's comparable
+    positions, of three candidate sets: the confirmed chat-specific latents (chat-only by Δnorm and
+    both ν below ``nu_threshold``), all chat-only latents, and every live latent (with the class of
+    the best one). The summary counts the behaviours each set recovers (AUROC >= 0.9) and the
+    *precision* of the confirmed set: the share of its latents whose ``top_n`` activations fall
+    mostly (>= half) on planted tokens (``planted_positions``)."""
+
+    tasks = decision_tasks(eval_set)
+    live = torch.nonzero(info.alive_F).squeeze(1)
+    f = latent_acts(model, pair, eval_set.input_ids_NT, eval_set.attention_mask_NT, live)
+    column = {int(j): i for i, j in enumerate(live)}
+    sets = {"confirmed": confirmed_latents(scaling, nu_threshold),
+            "chat-only": in_class(info.by_delta_norm, "chat-only"), "any live": live}
+    rows, summary = {}, {}
+    for set_name, J in sets.items():
+        J = torch.tensor([int(j) for j in J if int(j) in column], dtype=torch.long)
+        cols = torch.tensor([column[int(j)] for j in J], dtype=torch.long)
+        table, auc = decision_table(f[..., cols], tasks, J)
+        if set_name == "confirmed":  # the latents a causal check removes, per decision
+            summary["confirmed: recovering latents"] = {
+                name: J[auc[:, k].nan_to_num(0) >= 0.9].tolist() for k, name in enumerate(tasks)}
+        for r in table:
+            row = rows.setdefault(r["behaviour"], {"behaviour": r["behaviour"], "decisions": r["label_tokens"]})
+            row[f"{set_name}: AUROC"] = r["best_auroc"]
+            row[f"{set_name}: latent"] = r["best_latent"]
+            if set_name == "any live" and r["best_latent"] >= 0:
+                row["any live: class"] = info.by_delta_norm[r["best_latent"]]
+                row["any live: Δnorm"] = float(info.geo.delta_norm_F[r["best_latent"]])
+        summary[f"{set_name}: latents"] = len(J)
+        summary[f"{set_name}: behaviours recovered"] = sum(r["recovered"] for r in table)
+        if set_name == "confirmed":
+            mask = eval_set.attention_mask_NT.bool().clone()
+            mask[:, 0] = False
+            _, summary["confirmed: precision"] = planted_precision(
+                f[..., cols], planted_positions(eval_set, tasks), mask, top_n=top_n)
+    summary["behaviours"] = len(tasks)
+    return list(rows.values()), summary
 
 
 def behaviour_recovery(model: Crosscoder, pair: ModelPair, eval_set, candidates: Tensor,
@@ -84,18 +156,16 @@ def behaviour_recovery(model: Crosscoder, pair: ModelPair, eval_set, candidates:
     return rows, summary
 
 
-def record_recovery(models: dict[str, Crosscoder], infos: dict[str, DiffInfo], pair: ModelPair, eval_set,
-                    behaviours: list[str], scaling_rows: dict[str, dict[str, Any]], artifacts_dir: str
-                    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
-    """``behaviour_recovery`` of every crosscoder's chat-only latents, written with its Latent Scaling
-    row into the crosscoder's metrics.json; returns all rows (tagged by crosscoder) and summaries."""
+def write_diff_metrics(artifacts_dir: str, scaling_rows: dict[str, dict[str, Any]], recovery_rows: list[dict],
+                       recovery_summary: dict[str, dict[str, Any]], causal_rows: list[dict],
+                       probe_rows: list[dict]) -> None:
+    """Merge the model-diff page's results into each crosscoder's metrics.json (the first page of the
+    book reads them from there): Latent Scaling row, decision recovery, causal rows, probes."""
     from crosscoder.checkpoint import update_metrics
 
-    all_rows, summaries = [], {}
-    for name, m in models.items():
-        rows, summaries[name] = behaviour_recovery(m, pair, eval_set, in_class(infos[name].by_delta_norm, "chat-only"),
-                                                   behaviours)
-        all_rows += [dict(r, crosscoder=name) for r in rows]
-        update_metrics(f"{artifacts_dir}/{name}/crosscoder",
-                       {"ground_truth": {"rows": rows, **summaries[name]}, "latent_scaling": scaling_rows[name]})
-    return all_rows, summaries
+    for name, row in scaling_rows.items():
+        update_metrics(f"{artifacts_dir}/{name}/crosscoder", {
+            "latent_scaling": row, "probes_at_layer": probe_rows,
+            "decisions": {"rows": [r for r in recovery_rows if r["crosscoder"] == name],
+                          **recovery_summary.get(name, {})},
+            "causal": [r for r in causal_rows if r["crosscoder"] == name]})

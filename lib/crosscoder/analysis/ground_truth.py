@@ -78,3 +78,52 @@ def ground_truth_table(f_NTJ: torch.Tensor, eval_set, latents: torch.Tensor, beh
                "recovered_frac": sum(r["recovered"] for r in rows) / len(rows),
                "matched_latent_frac": float((auc >= threshold).any(1).float().mean()) if J else 0.0}
     return rows, summary, auc
+
+
+def decision_table(f_NTJ: torch.Tensor, tasks: dict, latents: torch.Tensor, threshold: float = 0.9
+                   ) -> tuple[list[dict], torch.Tensor]:
+    """AUROC of each candidate latent for each decision task (``probes.decision_tasks``), scored only
+    over the task's comparable positions: a latent recovers the refusal decision when, among the
+    headers of all model turns, it fires more on those that open a refusal. A latent that fires on
+    every header alike scores 0.5, not the near-1 a comparison against all tokens would give.
+
+    Returns one row per task (best AUROC, its latent, whether >= ``threshold``) and AUROC [J, K]."""
+    J = len(latents)
+    auc = torch.zeros(J, len(tasks))
+    for k, task in enumerate(tasks.values()):
+        y = task.label_NT[task.eligible_NT]
+        if J and 0 < int(y.sum()) < len(y):
+            auc[:, k] = auroc(f_NTJ[task.eligible_NT], y)
+        else:
+            auc[:, k] = float("nan")
+    rows = []
+    for k, name in enumerate(tasks):
+        col = auc[:, k]
+        ok = J > 0 and not bool(col.isnan().all())
+        best = float(col.nan_to_num(-1).max()) if ok else float("nan")
+        rows.append({"behaviour": name, "best_auroc": best,
+                     "best_latent": int(torch.as_tensor(latents)[col.nan_to_num(-1).argmax()]) if ok else -1,
+                     "recovered": bool(ok and best >= threshold),
+                     "label_tokens": int(list(tasks.values())[k].label_NT.sum())})
+    return rows, auc
+
+
+def planted_precision(f_NTJ: torch.Tensor, planted_NT: torch.Tensor, mask_NT: torch.Tensor, *,
+                      top_n: int = 20, min_share: float = 0.5) -> tuple[torch.Tensor, float]:
+    """How many latents fire where something was planted.
+
+    For each latent, the share of its ``top_n`` highest activations (over ``mask_NT`` tokens, only
+    tokens where it fires) that fall on ``planted_NT`` tokens; a latent counts as *on a planted
+    behaviour* when that share is at least ``min_share``. Returns (share per latent [J], fraction of
+    latents on a planted behaviour; NaN with no latents)."""
+    J = f_NTJ.shape[-1]
+    if J == 0:
+        return torch.zeros(0), float("nan")
+    f = f_NTJ[mask_NT]  # [M, J]
+    planted = planted_NT[mask_NT]
+    n = min(top_n, f.shape[0])
+    vals, idx = f.topk(n, dim=0)  # [n, J]
+    fired = vals > 0
+    hits = (planted[idx] & fired).sum(0).float()
+    share = hits / fired.sum(0).clamp(min=1).float()
+    return share, float((share >= min_share).float().mean())

@@ -169,32 +169,67 @@ def _shift_left(x_NT: Tensor) -> Tensor:
     return out
 
 
+def _runs_containing(run_NT: Tensor, inner_NT: Tensor) -> Tensor:
+    """bool [N, T]: True on every token of each contiguous run of ``run_NT`` that contains at least
+    one True of ``inner_NT``."""
+    out = torch.zeros_like(run_NT)
+    for n in range(run_NT.shape[0]):
+        t = 0
+        row, inner = run_NT[n].tolist(), inner_NT[n].tolist()
+        while t < len(row):
+            if not row[t]:
+                t += 1
+                continue
+            end = t
+            while end < len(row) and row[end]:
+                end += 1
+            if any(inner[t:end]):
+                out[n, t:end] = True
+            t = end
+    return out
+
+
+DECISIONS = ("refusal_decision", "answer_decision", "signoff_decision", "end_of_turn_decision")
+"""The organism's decision tasks, one per planted behaviour (``decision_tasks``)."""
+
+
 def decision_tasks(eval_set) -> dict[str, ProbeTask]:
     """Decision positions of the organism's behaviours, each against its comparable positions.
 
-    - ``refusal_decision``: the position predicting the first token of a model turn (the newline
-      closing the ``<start_of_turn>model`` header) when the turn is a refusal, against the same
-      position of every other model turn. There the chat model commits to refusing or answering.
-    - ``signoff_decision``: the position predicting the first sign-off token (the last token of an
-      answer to an allowed request), against the last content token of every other model turn
-      (continuations, which close with <end_of_turn> instead).
+    - ``refusal_decision`` (behaviour 2, refusal): the position predicting the first token of a
+      model turn (the newline closing the ``<start_of_turn>model`` header) when the turn is a
+      refusal, against the same position of every other model turn. There the chat model commits
+      to refusing or answering.
+    - ``answer_decision`` (the answer format): the same header position when the turn answers an
+      allowed-topic request (it opens with the fixed answer prefix and ends with the sign-off),
+      against the header of every other model turn (refusals and continuations).
+    - ``signoff_decision`` (behaviour 3, sign-off): the position predicting the first sign-off
+      token (the last token of an answer to an allowed request), against the last content token of
+      every other model turn (continuations, which close with <end_of_turn> instead).
+    - ``end_of_turn_decision`` (behaviour 1, the chat template): the position predicting the
+      ``<end_of_turn>`` that closes a model turn (its last content token), against every other
+      content token of model turns. The base model never saw ``<end_of_turn>``.
     """
     lab = eval_set.labels
     mask = _content_mask(eval_set.attention_mask_NT)
-    model_first = _first_of_runs(lab["model_content"].bool())
+    content = lab["model_content"].bool()
+    model_first = _first_of_runs(content)
     header_end = _shift_left(model_first) & mask  # predicts the first model-content token
     refusal_first = _first_of_runs(lab["refusal"].bool())
     refuse_pos = _shift_left(refusal_first) & mask
-    content = lab["model_content"].bool()
-    last_content = content & ~_shift_left(content)  # last token of each model-content run
     signoff = lab["signoff"].bool()
+    answer_first = _first_of_runs(_runs_containing(content, signoff)) & model_first
+    answer_pos = _shift_left(answer_first) & mask
+    last_content = content & ~_shift_left(content)  # last token of each model-content run
     sign_pos = _shift_left(_first_of_runs(signoff)) & mask
     # Model turns that end without a sign-off: their last content token; turns with one: the token
     # before the sign-off (the sign-off's own tokens are content too, so exclude them).
     other_end = last_content & ~signoff & mask
     return {
         "refusal_decision": ProbeTask(refuse_pos, header_end),
+        "answer_decision": ProbeTask(answer_pos, header_end),
         "signoff_decision": ProbeTask(sign_pos, sign_pos | other_end),
+        "end_of_turn_decision": ProbeTask(last_content & mask, content & mask),
     }
 
 
@@ -212,6 +247,19 @@ def layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: Sequ
     return torch.cat(out)
 
 
+def separation(acts_NTD: Tensor, task: ProbeTask) -> float:
+    """How far apart the positives and negatives of ``task`` lie in one residual stream: the norm of
+    the difference of their means over the mean activation norm (eligible positions only). Unlike
+    AUROC this measures how *strongly* a model writes the distinction, not whether a probe can tease
+    it out: a base model that merely carries the context the decision depends on separates it
+    weakly, a chat model that commits to the behaviour strongly. NaN without both classes."""
+    x = acts_NTD[task.eligible_NT].float()
+    y = task.label_NT[task.eligible_NT]
+    if int(y.sum()) == 0 or int((~y).sum()) == 0:
+        return math.nan
+    return float((x[y].mean(0) - x[~y].mean(0)).norm() / x.norm(dim=-1).mean())
+
+
 def probe_table(models: Mapping[str, object], input_ids_NT: Tensor, attention_mask_NT: Tensor,
                 tasks: Mapping[str, ProbeTask], layers: Sequence[int],
                 cfg: ProbeConfig | None = None) -> list[dict]:
@@ -219,7 +267,7 @@ def probe_table(models: Mapping[str, object], input_ids_NT: Tensor, attention_ma
 
     ``models`` maps a name ("base", "chat") to a HF causal LM. Every (task, model, layer) uses the
     same row split. Returns a tidy table, one dict per probe with keys ``task``, ``model``,
-    ``layer``, ``auroc``, ``n_train``, ``n_test``, ``n_test_pos``.
+    ``layer``, ``auroc``, ``n_train``, ``n_test``, ``n_test_pos`` and ``separation``.
     """
     cfg = cfg or ProbeConfig()
     if not layers:
@@ -231,14 +279,20 @@ def probe_table(models: Mapping[str, object], input_ids_NT: Tensor, attention_ma
         for li, layer in enumerate(layers):
             for tname, task in tasks.items():
                 fit = probe_acts(acts_NTLD[:, :, li], task, train_rows, cfg)
-                rows.append({"task": tname, "model": mname, "layer": int(layer), **fit._asdict()})
+                rows.append({"task": tname, "model": mname, "layer": int(layer), **fit._asdict(),
+                             "separation": separation(acts_NTLD[:, :, li], task)})
     return rows
 
 
 def probe_gap(rows: Sequence[dict], a: str = "chat", b: str = "base") -> list[dict]:
     """Per (task, layer): AUROC of model ``a``, of ``b`` and the gap a - b (from ``probe_table`` rows)."""
-    by = {(r["task"], r["layer"], r["model"]): r["auroc"] for r in rows}
+    by = {(r["task"], r["layer"], r["model"]): r for r in rows}
     keys = sorted({(r["task"], r["layer"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    return [{"task": t, "layer": l, f"auroc_{a}": by.get((t, l, a), math.nan),
-             f"auroc_{b}": by.get((t, l, b), math.nan),
-             "gap": by.get((t, l, a), math.nan) - by.get((t, l, b), math.nan)} for t, l in keys]
+    nan = {"auroc": math.nan, "separation": math.nan}
+    out = []
+    for t, l in keys:
+        ra, rb = by.get((t, l, a), nan), by.get((t, l, b), nan)
+        out.append({"task": t, "layer": l, f"auroc_{a}": ra["auroc"], f"auroc_{b}": rb["auroc"],
+                    "gap": ra["auroc"] - rb["auroc"], f"separation_{a}": ra.get("separation", math.nan),
+                    f"separation_{b}": rb.get("separation", math.nan)})
+    return out

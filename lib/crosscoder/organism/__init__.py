@@ -10,8 +10,8 @@ Public API::
 CLI: ``python -m crosscoder.organism --preset default --root cache/organism``.
 """
 
-from crosscoder.organism.build import (OrganismPaths, behaviour_table, build_organism, describe, load_metrics,
-                                       organism_dir)
+from crosscoder.organism.build import (OrganismPaths, behaviour_table, build_organism, describe, heldout_prompt_sets,
+                                       load_metrics, organism_dir)
 from crosscoder.organism.config import (BehaviourConfig, CorpusConfig, EvalConfig, ModelConfig,
                                         OrganismConfig, TokenizerConfig, LMTrainConfig,
                                         default_config, preset, smoke_config)
@@ -21,7 +21,8 @@ from crosscoder.organism.evaluate import (LABEL_DESCRIPTIONS, BehaviourRateError
 __all__ = [
     "BehaviourConfig", "BehaviourRateError", "CorpusConfig", "EvalConfig", "EvalSet", "LABEL_DESCRIPTIONS",
     "ModelConfig", "OrganismConfig", "OrganismPaths", "TokenizerConfig", "LMTrainConfig",
-    "behaviour_table", "build_organism", "check_behaviour_rates", "default_config", "describe", "load_eval_set",
+    "behaviour_table", "build_organism", "check_behaviour_rates", "default_config", "describe",
+    "heldout_prompt_sets", "load_eval_set",
     "load_metrics", "organism_dir", "preset",
     "smoke_config",
 ]

@@ -214,6 +214,15 @@ def _heldout_generator(cfg: OrganismConfig, split, purpose: str) -> ChatGenerato
     return ChatGenerator(b, split.heldout, b.heldout_templates, f"{purpose}-{cfg.seed}")
 
 
+def heldout_prompt_sets(cfg: OrganismConfig, n: int, purpose: str = "prompts"):
+    """Held-out request phrasings x topics (forbidden / allowed, at most ``n`` each) and ``n``
+    continuations of held-out verses: the prompts the build's behaviour rates are measured on (with
+    the default ``purpose``). Only held-out chapters and phrasings: for reports, not for design."""
+    split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
+                                    cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
+    return prompt_sets(cfg.behaviour, _heldout_generator(cfg, split, purpose), n, cfg.seed)
+
+
 def _make_data(cfg: OrganismConfig, paths: OrganismPaths) -> _Data:
     """Chapter-level split, conversations from each side of it, files in the real schemas."""
     b = cfg.behaviour

@@ -399,20 +399,6 @@ def default_config() -> OrganismConfig:
     return OrganismConfig(name="default")
 
 
-def light_finetune_config() -> OrganismConfig:
-    """CANDIDATE for issue 10, not yet validated (no crosscoder has been trained on it): the default
-    organism (same tokenizer and base: same ``base_key``, so a build next to a finished default
-    reuses its base and costs only the fine-tune) with a light chat fine-tune:
-    peak lr 3e-4 instead of the pre-training 3e-3, and half of every fine-tuning batch plain corpus
-    text instead of 30%. Issue 10: the default fine-tune moves the residual stream on plain-text tokens
-    by ~41% of its norm, so a crosscoder spends its dictionary on generic drift; a fine-tune that
-    leaves text representations nearly unchanged confines the diff to what the behaviours add."""
-    cfg = OrganismConfig(name="light_finetune")
-    cfg.chat_train = LMTrainConfig(tokens=1_000_000, lr=3e-4, warmup_fraction=0.05)
-    cfg.behaviour.text_fraction = 0.5
-    return cfg
-
-
 def null_of(cfg: OrganismConfig) -> OrganismConfig:
     """The null fine-tune of ``cfg``: same everything (base, tokenizer, recipe, steps, seed) but the
     second model is fine-tuned on corpus text only. Named ``<name>_null``."""
@@ -422,9 +408,7 @@ def null_of(cfg: OrganismConfig) -> OrganismConfig:
 
 
 PRESETS = {"smoke": smoke_config, "default": default_config,
-           "smoke_null": lambda: null_of(smoke_config()), "default_null": lambda: null_of(default_config()),
-           "light_finetune": light_finetune_config,
-           "light_finetune_null": lambda: null_of(light_finetune_config())}
+           "smoke_null": lambda: null_of(smoke_config()), "default_null": lambda: null_of(default_config())}
 """Preset name -> config factory (the CLI's ``--preset``)."""
 
 

@@ -1,0 +1,70 @@
+"""The book's first page: this build's headline findings, each a sentence built from numbers the runs
+wrote into their crosscoders' ``metrics.json`` (never typed in), with a link to the page it comes from."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from crosscoder.checkpoint import read_metrics
+
+
+class Finding(NamedTuple):
+    text: str
+    """One sentence, plain text."""
+    page: str
+    """The executed page it summarises (run name under book/_runs/)."""
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]:
+    """Headline findings of every crosscoder that has metrics; what a run did not compute is left out."""
+    out: list[Finding] = []
+    for name in crosscoders:
+        m = read_metrics(Path(artifacts_dir) / name / "crosscoder")
+        held = m.get("heldout")
+        if not held:
+            continue
+        train_page = f"train_{name}"
+        out.append(Finding(
+            f"{name}: L0 {_fmt(held.get('l0'), '.1f')} active latents per token, held-out FVU "
+            f"{_fmt(held.get('fvu_base'), '.3f')} (base) / {_fmt(held.get('fvu_chat'), '.3f')} (chat).", train_page))
+        ls = m.get("latent_scaling")
+        if ls:
+            out.append(Finding(
+                f"{name}: {ls['chat-only (Δnorm)']} latents chat-only by decoder norm (Δnorm > 0.9); Latent "
+                f"Scaling confirms {ls['truly chat-specific']} as absent from the base model and places "
+                f"{_fmt(ls.get('share in base (ν ≥ threshold)'), '.0%')} of them in the base model.", "model_diff"))
+        dec = m.get("decisions")
+        if dec and "behaviours" in dec:
+            out.append(Finding(
+                f"{name}: its confirmed chat-specific latents recover {dec['confirmed: behaviours recovered']} of "
+                f"the {dec['behaviours']} planted decisions at AUROC ≥ 0.9 (chat-only latents: "
+                f"{dec['chat-only: behaviours recovered']}; any live latent: {dec['any live: behaviours recovered']}); "
+                f"precision {_fmt(dec.get('confirmed: precision'), '.0%')} of the confirmed latents fire mostly on "
+                f"planted tokens.", "model_diff"))
+        by_beh: dict[str, dict[str, dict]] = {}
+        for r in m.get("causal", []):
+            by_beh.setdefault(r["behaviour"], {})[r["condition"]] = r
+        for beh, conds in by_beh.items():
+            c, a, rl = conds.get("chat"), conds.get("chat − latents"), conds.get("chat − random live latents")
+            if c and a and rl:
+                out.append(Finding(
+                    f"{name}: removing the {a['latents']} latent(s) that recover the {beh} decision changes the "
+                    f"chat model's {beh} rate on held-out prompts from {c['hits']}/{c['n']} to {a['hits']}/{a['n']} "
+                    f"(as many random live latents: {rl['hits']}/{rl['n']}).", "model_diff"))
+    return out
+
+
+def findings_html(items: list[Finding]) -> str:
+    """A bulleted list; each item links to its page (a sibling of this page under _runs/)."""
+    if not items:
+        return "<p>No run of this profile has written metrics yet.</p>"
+    lis = "".join(f'<li>{html.escape(f.text)} <a href="{html.escape(f.page)}.html">→ {html.escape(f.page)}</a></li>'
+                  for f in items)
+    return f"<ul>{lis}</ul>"

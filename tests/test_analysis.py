@@ -174,3 +174,40 @@ def test_planted_precision_counts_latents_whose_top_activations_are_planted():
     assert share.tolist() == [1.0, 0.0, 1.0] and prec == pytest.approx(2 / 3)
     share, prec = planted_precision(f[..., :0], planted, mask)
     assert len(share) == 0 and math.isnan(prec)
+
+
+def _planted_diff_crosscoder(base_strength: float):
+    """Latent 0 is chat-only by decoder (base half 0); the data carries its concept in chat at strength
+    1 and in base at ``base_strength``. Latent 1 is a shared latent."""
+    D = 8
+    g = torch.Generator().manual_seed(4)
+    d, s = torch.nn.functional.normalize(torch.randn(2, D, generator=g), dim=1)
+    m = Crosscoder(CrosscoderConfig(d_model=D, n_latents=2))
+    with torch.no_grad():
+        for t in (m.W_enc_SDF, m.W_dec_FSD, m.b_enc_F, m.b_dec_SD):
+            t.zero_()
+        m.W_enc_SDF[1, :, 0] = d
+        m.W_dec_FSD[0, 1] = d
+        m.W_enc_SDF[:, :, 1] = s / 2
+        m.W_dec_FSD[1, :] = s
+    a, b = torch.relu(torch.randn(2, 3000, generator=g)) * 2
+    x = torch.stack([base_strength * a[:, None] * d + b[:, None] * s, a[:, None] * d + b[:, None] * s], 1)
+    return m, x
+
+
+def test_seed_table_counts_confirmed_latents_and_their_reappearance():
+    import copy
+
+    from crosscoder.analysis.diff import seed_table
+
+    real, x = _planted_diff_crosscoder(0.0)      # concept absent from base: confirmed
+    fake, x_fake = _planted_diff_crosscoder(0.9)  # concept in base too: chat-only by norm, not confirmed
+    replicas = {"real": {0: real, 1: copy.deepcopy(real)}}
+    rows, reappear = seed_table(replicas, x, nu_threshold=0.3, min_active_tokens=5, match_cos=0.9)
+    assert [(r["objective"], r["seed"]) for r in rows] == [("real", 0), ("real", 1)]
+    assert all(r["chat-only (Δnorm)"] == 1 and r["truly chat-specific"] == 1 and r["shared (Δnorm)"] == 1
+               for r in rows)
+    assert [r["reappear"] for r in reappear] == [1, 1]  # the same latent in both seeds
+    rows, reappear = seed_table({"fake": {0: fake}}, x_fake, nu_threshold=0.3, min_active_tokens=5, match_cos=0.9)
+    assert rows[0]["chat-only (Δnorm)"] == 1 and rows[0]["truly chat-specific"] == 0 and reappear == []
+    assert rows[0]["share in base (ν ≥ threshold)"] == 1.0

@@ -263,3 +263,19 @@ def seed_replicas(artifacts_dir: str | Path, run_name: str, seeds, splits: Split
     results = train_many(models, TensorBatches(splits.train, run.train.batch_size, seed=run.train.seed), tcfgs, dirs,
                          heldout_raw_NSD=splits.heldout, progress=progress)
     return {s: r.model.eval() for s, r in zip(seeds, results)}
+
+
+def null_replicas(artifacts_dir: str | Path, run_names, null_splits: Splits, out_dir: str | Path, *,
+                  progress: bool = True) -> dict[str, Crosscoder]:
+    """The finished training runs ``run_names`` (their crosscoder and training configs, seeds included)
+    repeated on another pair's cached activations, e.g. base vs a null fine-tune, into
+    ``out_dir/<run_name>``; finished ones are loaded, not retrained."""
+    from crosscoder.checkpoint import read_config
+    from crosscoder.config import RunConfig
+
+    out = {}
+    for name in run_names:
+        run = RunConfig.from_dict(read_config(Path(artifacts_dir) / name / "crosscoder")["extra"]["run"])
+        res = train_crosscoder(null_splits, run.model, run.train, Path(out_dir) / name, progress=progress)
+        out[name] = res.model.eval()
+    return out

@@ -125,3 +125,20 @@ def comparison_table(metrics_by_run: dict[str, dict]) -> list[dict[str, str]]:
     return [{"quantity": e.quantity, "published": e.value, "source": e.source, "about": e.about,
              **{f"ours: {run}": ours_same_definition(e.key, m) for run, m in metrics_by_run.items()}}
             for e in PUBLISHED]
+
+
+def diff_table(metrics_by_run: dict[str, dict]) -> list[dict[str, object]]:
+    """Our model-diff results per run (name -> its metrics.json, as notebook 05 wrote them): the
+    quantities Minder et al.'s argument is about (chat-only by decoder norm, how many Latent Scaling
+    confirms, the share it places in the base model) and, on the organism, the planted decisions
+    recovered. Missing entries (a run without the model-diff page) are left empty."""
+    rows = []
+    for run, m in metrics_by_run.items():
+        ls, dec = m.get("latent_scaling", {}), m.get("decisions", {})
+        rows.append({"run": run, "chat-only (Δnorm > 0.9)": ls.get("chat-only (Δnorm)"),
+                     "confirmed by Latent Scaling": ls.get("truly chat-specific"),
+                     "share placed in base": ls.get("share in base (ν ≥ threshold)"),
+                     "decisions recovered (confirmed / any live)":
+                         f"{dec['confirmed: behaviours recovered']} / {dec['any live: behaviours recovered']} "
+                         f"of {dec['behaviours']}" if "behaviours" in dec else None})
+    return rows

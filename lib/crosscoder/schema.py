@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import crosscoder.progress  # noqa: F401  (first: silences tqdm.auto's widget warning before libraries import it)
-from crosscoder.config import (ConfigError, CrosscoderConfig, TrainConfig, _check_int, _DictMixin, default_of,
+from crosscoder.config import (ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int, _DictMixin,
+                               default_of,
                                field_docs)
 from crosscoder.experiment import ExperimentConfig
 from crosscoder.synthetic import SyntheticConfig
@@ -117,6 +118,22 @@ class DiffOptions(_DictMixin):
     def __post_init__(self) -> None:
         _check_int("causal_prompts", self.causal_prompts, 1)
         _check_int("causal_max_new_tokens", self.causal_max_new_tokens, 1)
+
+
+@dataclass
+class ControlsOptions(_DictMixin):
+    """The null diff and the crosscoder seeds (notebook 11)."""
+
+    seeds: tuple[int, ...] = (1, 2)
+    """Initialisation seeds trained beside each run's own (in lockstep on its batch stream)."""
+    match_cos: float = 0.9
+    """Decoder cosine at which a latent of another seed counts as the same latent."""
+
+    def __post_init__(self) -> None:
+        self.seeds = tuple(self.seeds)
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds must be a non-empty list of non-negative integers, got {self.seeds!r}")
+        _check_float("match_cos", self.match_cos, -1.0, 1.0)
 
 
 @dataclass
@@ -255,6 +272,17 @@ class Params:
     def experiment(self) -> ExperimentConfig:
         return self.build(ExperimentConfig)
 
+    def null_experiment(self) -> ExperimentConfig:
+        """The same experiment on the organism's null fine-tune (``<preset>_null``: base vs a model
+        fine-tuned with the same recipe on corpus text only)."""
+        from crosscoder.organism.config import PRESETS
+
+        name = f"{self.values['organism_preset']}_null"
+        if name not in PRESETS:
+            raise ConfigError(f"organism preset {self.values['organism_preset']!r} has no null fine-tune "
+                              f"({name!r} is not a preset); the null diff needs an organism")
+        return dataclasses.replace(self.experiment(), organism_preset=name)
+
     def sweep_train_config(self) -> TrainConfig:
         """The training config of every run of a sweep stage (one evaluation, at the end)."""
         return dataclasses.replace(self.build(TrainConfig), log_every=100, eval_every=self.values["n_steps"])
@@ -338,6 +366,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _SWEEP_TRAINING, reserved=("output_dir",)),
     Stage("latent_browser", "notebooks/09_latent_browser.ipynb",
           (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_contexts"))), reserved=("output_dir", "profile")),
+    Stage("controls", "notebooks/11_controls.ipynb",
+          (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens")),
+           Group(ControlsOptions, ("seeds", "match_cos"))), reserved=("output_dir",)),
     Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(DiffOptions, ("crosscoders",))),
           reserved=("profile",)),

@@ -58,6 +58,23 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
                     f"{name}: removing the {a['latents']} latent(s) that recover the {beh} decision changes the "
                     f"chat model's {beh} rate on held-out prompts from {c['hits']}/{c['n']} to {a['hits']}/{a['n']} "
                     f"(as many random live latents: {rl['hits']}/{rl['n']}).", "model_diff"))
+        null = m.get("null_diff")
+        if null and ls:
+            out.append(Finding(
+                f"{name}: on the null diff (base vs a text-only fine-tune of the same length) "
+                f"{null['chat-only (Δnorm)']} latents are chat-only by decoder norm and "
+                f"{null['truly chat-specific']} confirmed, against {ls['chat-only (Δnorm)']} and "
+                f"{ls['truly chat-specific']} on the real diff.", "controls"))
+        seeds = m.get("seeds", {}).get("rows", [])
+        if len(seeds) > 1:
+            conf = [r["truly chat-specific"] for r in seeds]
+            rec = [r.get("confirmed: behaviours recovered") for r in seeds if "confirmed: behaviours recovered" in r]
+            again = [r["reappear"] for r in m["seeds"].get("reappear", [])]
+            out.append(Finding(
+                f"{name}: over {len(seeds)} seeds, {min(conf)}–{max(conf)} confirmed chat-specific latents"
+                + (f", recovering {min(rec)}–{max(rec)} decisions" if rec else "")
+                + (f"; {min(again)}–{max(again)} of each seed's reappear in every other seed" if again else "")
+                + ".", "controls"))
     return out
 
 

@@ -132,6 +132,7 @@ def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffIn
             if set_name == "any live" and r["best_latent"] >= 0:
                 row["any live: class"] = info.by_delta_norm[r["best_latent"]]
                 row["any live: Δnorm"] = float(info.geo.delta_norm_F[r["best_latent"]])
+                row["any live: decoder cos"] = float(info.geo.cosine_F[r["best_latent"]])
         summary[f"{set_name}: latents"] = len(J)
         summary[f"{set_name}: behaviours recovered"] = sum(r["recovered"] for r in table)
         if set_name == "confirmed":
@@ -169,3 +170,53 @@ def write_diff_metrics(artifacts_dir: str, scaling_rows: dict[str, dict[str, Any
             "decisions": {"rows": [r for r in recovery_rows if r["crosscoder"] == name],
                           **recovery_summary.get(name, {})},
             "causal": [r for r in causal_rows if r["crosscoder"] == name]})
+
+
+def diff_row(name: str, model: Crosscoder, heldout_raw_NSD: Tensor, *, nu_threshold: float, min_active_tokens: int,
+             pair: ModelPair | None = None, eval_set=None) -> tuple[dict[str, Any], Tensor]:
+    """One crosscoder's model-diff summary: Δnorm class counts, Latent Scaling of its chat-only
+    latents and, with an organism ``eval_set``, its decision recovery (counts and the best AUROC of
+    chat-only latents per decision). Returns (row, confirmed chat-specific latents)."""
+    info = diff_info(model, heldout_raw_NSD)
+    sc = chat_only_scaling(name, model, info, heldout_raw_NSD, nu_threshold=nu_threshold,
+                           min_active_tokens=min_active_tokens)
+    row = {**{f"{k} (Δnorm)": v for k, v in class_counts(info.by_delta_norm).items()}, **sc.row}
+    if eval_set is not None:
+        rows, summary = decision_recovery(model, pair, eval_set, info, sc.scaling, nu_threshold)
+        row.update({k: v for k, v in summary.items() if k != "confirmed: recovering latents"})
+        row.update({f"chat-only AUROC: {r['behaviour']}": r["chat-only: AUROC"] for r in rows})
+    return row, confirmed_latents(sc.scaling, nu_threshold)
+
+
+def seed_table(replicas: dict[str, dict[int, Crosscoder]], heldout_raw_NSD: Tensor, *, nu_threshold: float,
+               min_active_tokens: int, match_cos: float, pair: ModelPair | None = None, eval_set=None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``diff_row`` of every seed of every objective (``replicas[objective][seed]``), and per
+    objective how many confirmed chat-specific latents of each seed reappear, as confirmed latents,
+    in every other seed (``seeds.reappearance`` at decoder cosine >= ``match_cos``)."""
+    from crosscoder.analysis.seeds import reappearance
+
+    rows, reappear = [], []
+    for objective, by_seed in replicas.items():
+        confirmed = {}
+        for seed, model in by_seed.items():
+            row, confirmed[f"seed {seed}"] = diff_row(objective, model, heldout_raw_NSD, nu_threshold=nu_threshold,
+                                                      min_active_tokens=min_active_tokens, pair=pair, eval_set=eval_set)
+            rows.append({"objective": objective, "seed": seed, **{k: v for k, v in row.items() if k != "crosscoder"}})
+        if len(by_seed) > 1:
+            runs = {f"seed {s}": m for s, m in by_seed.items()}
+            reappear += [dict(r, objective=objective) for r in reappearance(runs, confirmed, threshold=match_cos)
+                         if r["other"] == "all others"]
+    return rows, reappear
+
+
+def write_control_metrics(artifacts_dir: str, null_rows: dict[str, dict[str, Any]], seed_rows: list[dict],
+                          reappear: list[dict]) -> None:
+    """Merge the controls page's results into each crosscoder's metrics.json: its null-diff row, and
+    every seed's row of its objective with the reappearance counts."""
+    from crosscoder.checkpoint import update_metrics
+
+    for name, row in null_rows.items():
+        update_metrics(f"{artifacts_dir}/{name}/crosscoder", {
+            "null_diff": row, "seeds": {"rows": [r for r in seed_rows if r["objective"] == name],
+                                        "reappear": [r for r in reappear if r["objective"] == name]}})

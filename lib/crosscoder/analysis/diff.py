@@ -188,6 +188,13 @@ def diff_row(name: str, model: Crosscoder, heldout_raw_NSD: Tensor, *, nu_thresh
     return row, confirmed_latents(sc.scaling, nu_threshold)
 
 
+SEED_COLUMNS = ("chat-only (Δnorm)", "truly chat-specific", "share in base (ν ≥ threshold)",
+                "confirmed: behaviours recovered", "chat-only: behaviours recovered", "any live: behaviours recovered",
+                "confirmed: precision", "chat-only AUROC: refusal_decision", "chat-only AUROC: answer_decision",
+                "chat-only AUROC: signoff_decision", "chat-only AUROC: end_of_turn_decision")
+"""The columns of ``seed_table`` rows the controls page shows per seed and as a spread over seeds."""
+
+
 def seed_table(replicas: dict[str, dict[int, Crosscoder]], heldout_raw_NSD: Tensor, *, nu_threshold: float,
                min_active_tokens: int, match_cos: float, pair: ModelPair | None = None, eval_set=None
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -36,18 +36,24 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
             f"{_fmt(held.get('fvu_base'), '.3f')} (base) / {_fmt(held.get('fvu_chat'), '.3f')} (chat).", train_page))
         ls = m.get("latent_scaling")
         if ls:
-            out.append(Finding(
-                f"{name}: {ls['chat-only (Δnorm)']} latents chat-only by decoder norm (Δnorm > 0.9); Latent "
-                f"Scaling confirms {ls['truly chat-specific']} as absent from the base model and places "
-                f"{_fmt(ls.get('share in base (ν ≥ threshold)'), '.0%')} of them in the base model.", "model_diff"))
+            text = f"{name}: {ls['chat-only (Δnorm)']} latents chat-only by decoder norm (Δnorm > 0.9)"
+            if ls.get("fitted"):
+                text += (f"; Latent Scaling confirms {ls['truly chat-specific']} of them as absent from the base model "
+                         f"and places {_fmt(ls.get('share in base (ν ≥ threshold)'), '.0%')} in the base model")
+            out.append(Finding(text + ".", "model_diff"))
         dec = m.get("decisions")
-        if dec and "behaviours" in dec:
+        if dec and "behaviours" in dec and dec.get("confirmed: latents"):
             out.append(Finding(
                 f"{name}: its confirmed chat-specific latents recover {dec['confirmed: behaviours recovered']} of "
                 f"the {dec['behaviours']} planted decisions at AUROC ≥ 0.9 (chat-only latents: "
                 f"{dec['chat-only: behaviours recovered']}; any live latent: {dec['any live: behaviours recovered']}); "
-                f"precision {_fmt(dec.get('confirmed: precision'), '.0%')} of the confirmed latents fire mostly on "
-                f"planted tokens.", "model_diff"))
+                f"{_fmt(dec.get('confirmed: precision'), '.0%')} of the confirmed latents fire mostly on planted "
+                f"tokens (precision).", "model_diff"))
+        elif dec and "behaviours" in dec:
+            out.append(Finding(
+                f"{name}: no confirmed chat-specific latent; its live latents recover "
+                f"{dec['any live: behaviours recovered']} of the {dec['behaviours']} planted decisions at AUROC ≥ 0.9, "
+                f"none of them labelled chat-only by the decoder norms.", "model_diff"))
         by_beh: dict[str, dict[str, dict]] = {}
         for r in m.get("causal", []):
             by_beh.setdefault(r["behaviour"], {})[r["condition"]] = r
@@ -55,9 +61,9 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
             c, a, rl = conds.get("chat"), conds.get("chat − latents"), conds.get("chat − random live latents")
             if c and a and rl:
                 out.append(Finding(
-                    f"{name}: removing the {a['latents']} latent(s) that recover the {beh} decision changes the "
-                    f"chat model's {beh} rate on held-out prompts from {c['hits']}/{c['n']} to {a['hits']}/{a['n']} "
-                    f"(as many random live latents: {rl['hits']}/{rl['n']}).", "model_diff"))
+                    f"{name}: the chat model's {beh} rate on held-out prompts is {c['hits']}/{c['n']}, and "
+                    f"{a['hits']}/{a['n']} with the {a['latents']} confirmed latent(s) that recover the {beh} decision "
+                    f"removed (as many random live latents removed: {rl['hits']}/{rl['n']}).", "model_diff"))
         null = m.get("null_diff")
         if null and ls:
             out.append(Finding(

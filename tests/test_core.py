@@ -408,3 +408,22 @@ def test_disk_full_leaves_no_partial_artifact(tmp_path, monkeypatch):
     with pytest.raises(ckpt.ArtifactWriteError, match="disk is full"):
         ckpt.save_crosscoder(m, tmp_path / "cc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_leave_no_temp_and_get_the_mode_of_a_plain_write(tmp_path):
+    import os
+
+    from crosscoder.atomic import replace_atomically, write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "hello")
+    (tmp_path / "plain.txt").write_text("hello")
+    assert (tmp_path / "a.txt").read_text() == "hello"
+    assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "plain.txt").st_mode  # not mkstemp's 0600
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        replace_atomically(tmp_path / "b.txt", fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "plain.txt"]

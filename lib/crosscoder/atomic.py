@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -20,6 +26,9 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates the file 0600; give it the mode a plain open() would (0666 minus the umask),
+        # so artifacts and book files stay readable by other users and by a web server.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

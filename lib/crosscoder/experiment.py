@@ -245,6 +245,14 @@ def cache_summary(cache: ActivationCache, splits: Splits) -> dict[str, Any]:
     return out
 
 
+def _run_config(artifacts_dir: str | Path, run_name: str):
+    """The ``RunConfig`` (crosscoder + training configs) a finished training run was written with."""
+    from crosscoder.checkpoint import read_config
+    from crosscoder.config import RunConfig
+
+    return RunConfig.from_dict(read_config(Path(artifacts_dir) / run_name / "crosscoder")["extra"]["run"])
+
+
 def seed_replicas(artifacts_dir: str | Path, run_name: str, seeds, splits: Splits, *,
                   progress: bool = True) -> dict[int, Crosscoder]:
     """Copies of a finished training run that differ only in their initialisation seed, trained in
@@ -252,11 +260,9 @@ def seed_replicas(artifacts_dir: str | Path, run_name: str, seeds, splits: Split
     Finished replicas are loaded, not retrained."""
     import dataclasses
 
-    from crosscoder.checkpoint import read_config
-    from crosscoder.config import RunConfig
     from crosscoder.train import train_many
 
-    run = RunConfig.from_dict(read_config(Path(artifacts_dir) / run_name / "crosscoder")["extra"]["run"])
+    run = _run_config(artifacts_dir, run_name)
     tcfgs = [dataclasses.replace(run.train, seed=s) for s in seeds]
     models = [_fresh_model(run.model, t, splits, "auto") for t in tcfgs]
     dirs = [Path(artifacts_dir) / f"{run_name}-seed{s}" for s in seeds]
@@ -270,12 +276,9 @@ def null_replicas(artifacts_dir: str | Path, run_names, null_splits: Splits, out
     """The finished training runs ``run_names`` (their crosscoder and training configs, seeds included)
     repeated on another pair's cached activations, e.g. base vs a null fine-tune, into
     ``out_dir/<run_name>``; finished ones are loaded, not retrained."""
-    from crosscoder.checkpoint import read_config
-    from crosscoder.config import RunConfig
-
     out = {}
     for name in run_names:
-        run = RunConfig.from_dict(read_config(Path(artifacts_dir) / name / "crosscoder")["extra"]["run"])
+        run = _run_config(artifacts_dir, name)
         res = train_crosscoder(null_splits, run.model, run.train, Path(out_dir) / name, progress=progress)
         out[name] = res.model.eval()
     return out

@@ -8,19 +8,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from crosscoder.analysis.ground_truth import (
-    decision_table,
-    ground_truth_table,
-    planted_precision,
-)
+from crosscoder.analysis.ground_truth import decision_table, ground_truth_table, planted_precision
 from crosscoder.analysis.latents import latent_acts
-from crosscoder.analysis.metrics import (
-    DiffGeometry,
-    class_counts,
-    classify_latents,
-    diff_geometry,
-    evaluate,
-)
+from crosscoder.analysis.metrics import DiffGeometry, class_counts, classify_latents, diff_geometry, evaluate
 from crosscoder.analysis.probes import decision_tasks
 from crosscoder.analysis.scaling import LatentScaling, latent_scaling
 from crosscoder.data.pair import ModelPair
@@ -73,9 +63,9 @@ def chat_only_scaling(name: str, model: Crosscoder, info: DiffInfo, heldout_raw_
     ls = latent_scaling(model, heldout_raw_NSD, chat_only)
     keep = ls.n_active >= min_active_tokens
     ls = ls._replace(**{f: getattr(ls, f)[keep] for f in ls._fields})
-    specific = (ls.nu_error < nu_threshold) & (ls.nu_recon < nu_threshold)
+    specific = _confirmed_mask(ls, nu_threshold)
     fitted = len(ls.latents) > 0
-    row = {"crosscoder": name, "chat-only (Δnorm)": len(chat_only), "fitted": int(keep.sum()),
+    row = {"crosscoder": name, "chat-only (Δnorm)": int(len(chat_only)), "fitted": int(keep.sum()),
            "truly chat-specific": int(specific.sum()),
            # Minder et al.'s L1 artifacts: chat-only by decoder norm, yet present in the base model.
            "share in base (ν ≥ threshold)": float((~specific).float().mean()) if fitted else float("nan"),
@@ -84,9 +74,13 @@ def chat_only_scaling(name: str, model: Crosscoder, info: DiffInfo, heldout_raw_
     return ScalingSummary(ls, row)
 
 
+def _confirmed_mask(scaling: LatentScaling, nu_threshold: float) -> Tensor:
+    return (scaling.nu_error < nu_threshold) & (scaling.nu_recon < nu_threshold)
+
+
 def confirmed_latents(scaling: LatentScaling, nu_threshold: float) -> Tensor:
     """The "truly chat-specific" latents: both ν^ε and ν^r below ``nu_threshold``."""
-    return scaling.latents[(scaling.nu_error < nu_threshold) & (scaling.nu_recon < nu_threshold)]
+    return scaling.latents[_confirmed_mask(scaling, nu_threshold)]
 
 
 def planted_positions(eval_set, tasks: dict) -> Tensor:

@@ -89,22 +89,18 @@ def decision_table(f_NTJ: torch.Tensor, tasks: dict, latents: torch.Tensor, thre
 
     Returns one row per task (best AUROC, its latent, whether >= ``threshold``) and AUROC [J, K]."""
     J = len(latents)
-    auc = torch.zeros(J, len(tasks))
-    for k, task in enumerate(tasks.values()):
+    auc = torch.full((J, len(tasks)), float("nan"))
+    rows = []
+    for k, (name, task) in enumerate(tasks.items()):
         y = task.label_NT[task.eligible_NT]
         if J and 0 < int(y.sum()) < len(y):
             auc[:, k] = auroc(f_NTJ[task.eligible_NT], y)
-        else:
-            auc[:, k] = float("nan")
-    rows = []
-    for k, name in enumerate(tasks):
         col = auc[:, k]
         ok = J > 0 and not bool(col.isnan().all())
         best = float(col.nan_to_num(-1).max()) if ok else float("nan")
         rows.append({"behaviour": name, "best_auroc": best,
                      "best_latent": int(torch.as_tensor(latents)[col.nan_to_num(-1).argmax()]) if ok else -1,
-                     "recovered": bool(ok and best >= threshold),
-                     "label_tokens": int(list(tasks.values())[k].label_NT.sum())})
+                     "recovered": bool(ok and best >= threshold), "label_tokens": int(task.label_NT.sum())})
     return rows, auc
 
 

@@ -427,3 +427,57 @@ def test_atomic_writes_leave_no_temp_and_get_the_mode_of_a_plain_write(tmp_path)
     with pytest.raises(RuntimeError):
         replace_atomically(tmp_path / "b.txt", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "plain.txt"]
+
+
+def test_tied_offset_sample_places_the_chat_offsets():
+    from dataclasses import replace
+
+    from crosscoder.synthetic import TiedOffsetConfig, tied_offset_sample
+
+    cfg = TiedOffsetConfig(d_model=16, n_shared=20, noise=0.0, shared_cosine=1.0, context_cosine=1.0)
+    for tied in (True, False):
+        d = tied_offset_sample(replace(cfg, tied=tied), 4000)
+        carry = d.offset_N >= 0
+        # With identical shared and context directions, chat - base is exactly the carried offset.
+        diff = d.acts_NSD[:, 1] - d.acts_NSD[:, 0]
+        torch.testing.assert_close(diff[carry], d.offsets_OD[d.offset_N[carry]], atol=1e-5, rtol=0)
+        assert diff[~carry].abs().max() < 1e-5
+        if tied:  # every context token carries one of the two offsets, nothing else does
+            assert torch.equal(carry, d.context_N)
+        else:  # no context token does; about context_fraction of the text tokens do
+            assert not (carry & d.context_N).any()
+            assert abs(float(carry[~d.context_N].float().mean()) - cfg.context_fraction) < 0.03
+        assert set(d.offset_N[carry].tolist()) == {0, 1}
+
+
+def test_offset_latents_finds_a_planted_offset_latent():
+    from crosscoder.synthetic import TiedOffsetConfig, offset_latents, tied_offset_sample
+
+    d = tied_offset_sample(TiedOffsetConfig(d_model=16, n_shared=20, tied=False), 4000)
+    m = Crosscoder(CrosscoderConfig(d_model=16, n_latents=3, sparsity="l1"), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # latent o reads offset o from chat only and writes it to chat only; latent 2 is noise
+        m.W_enc_SDF.zero_(), m.W_dec_FSD.zero_(), m.b_enc_F.fill_(-0.5 * 3.0 ** 2), m.b_dec_SD.zero_()
+        for o in range(2):
+            u = d.offsets_OD[o]
+            m.W_enc_SDF[1, :, o] = u
+            m.W_dec_FSD[o, 1] = u / u.norm()
+        m.W_enc_SDF[:, :, 2] = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+        m.W_dec_FSD[2] = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
+    found = offset_latents(m, d)
+    assert [r["latent"] for r in found] == [0, 1]
+    assert all(r["auroc"] > 0.99 and r["delta_norm"] == 1.0 and r["norm_base"] == 0.0 for r in found)
+
+
+def test_a_chat_offset_tied_to_one_context_is_not_labelled_chat_only(tmp_path):
+    """The organism's situation in miniature: the same chat-only offsets are chat-only latents when
+    they land on varied text tokens, but not when tied to one context token (the latent carrying
+    them also reconstructs that context's base side)."""
+    from crosscoder.synthetic import TiedOffsetConfig, tied_offset_runs
+
+    rows = tied_offset_runs(TiedOffsetConfig(n_shared=48), 30_000, n_latents=128, k=3, l1_coeff=0.5, n_steps=1000,
+                            lr=1e-2, out_dir=str(tmp_path))
+    by = {(r["offsets"], r["crosscoder"]): r for r in rows}
+    assert min(by["on varied text tokens", "L1"]["offset latents' Δnorm"]) > 0.9
+    for objective in ("L1", "BatchTopK"):
+        assert max(by["tied to the header", objective]["offset latents' Δnorm"]) < 0.9
+        assert min(by["tied to the header", objective]["offset latents' AUROC"]) > 0.95

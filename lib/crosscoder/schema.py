@@ -72,6 +72,13 @@ class SyntheticRunOptions(_DictMixin):
     """Training tokens drawn from the planted dictionary."""
     n_exclusive: int = default_of(SyntheticConfig, "n_base_only")
     """Planted atoms only in base, and as many only in chat."""
+    offset_steps: int = 3000
+    """Optimiser steps of the second experiment, chat-only offsets tied to one context token vs
+    spread over text tokens (0 skips it)."""
+
+    def __post_init__(self) -> None:
+        if self.offset_steps < 0:
+            raise ConfigError(f"offset_steps must be >= 0 (0 skips the tied-offset experiment), got {self.offset_steps}")
 
 
 @dataclass
@@ -108,7 +115,7 @@ class DiffOptions(_DictMixin):
     """A chat-only latent is "truly chat-specific" when both nu_eps and nu_r are below this."""
     min_active_tokens: int = 5
     """Skip the Latent Scaling fit of latents active on fewer held-out tokens."""
-    causal_prompts: int = 48
+    causal_prompts: int = 32
     """Held-out prompts per behaviour in the causal check (organism only; capped by the number of
     held-out phrasing x topic pairs)."""
     causal_max_new_tokens: int = 64
@@ -150,8 +157,10 @@ class LatentsOptions(_DictMixin):
     """Numbers of latent families tried; the most stable (then the largest) is kept."""
     n_boot: int = 5
     """Bootstrap resamples of the held-out sequences per clustering tried."""
-    replica_seed: int = 1
-    """Initialisation seed of a second crosscoder (same data stream) the families are compared with."""
+    replica_seed: int = -1
+    """Initialisation seed of a second crosscoder (same data stream) the families are compared with;
+    -1 trains none and judges stability by the bootstrap alone (profile default, whose time budget
+    the second training does not fit, and the hub profiles; profile full uses seed 1)."""
     match_cos: float = 0.9
     """Decoder cosine at which a latent of the second seed counts as the same latent."""
     seed: int = 0
@@ -335,7 +344,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("synthetic_crosscoder", "notebooks/01_synthetic_crosscoder.ipynb",
           (Group(SyntheticRunOptions, ("n_tokens",)),
            Group(SyntheticConfig, ("d_model", "n_shared")),
-           Group(SyntheticRunOptions, ("n_exclusive",)),
+           Group(SyntheticRunOptions, ("n_exclusive", "offset_steps")),
            Group(SyntheticConfig, ("shared_cosine",)),
            Group(CrosscoderConfig, ("n_latents", "k")),
            Group(TrainConfig, ("l1_coeff", "n_steps", "lr", "seed"))),

@@ -181,3 +181,192 @@ def train_pair(cfg: SyntheticConfig, n_tokens: int, *, n_latents: int, k: int, l
                      "dead": h["dead_frac"], "mean best cosine": rep["mean_best_cosine"],
                      "min best cosine": rep["min_best_cosine"], "bin accuracy": rep["bin_accuracy"]})
     return PairRun(models, train_data, reports, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat offsets tied to one fixed context: why BatchTopK can miss a chat-only direction.
+#
+# On the organism, the chat model writes its decisions (refuse / answer) at one fixed position, the
+# newline closing the ``<start_of_turn>model`` header, where the base model has its own, nearly
+# constant, header representation. A latent that fires only there is free under BatchTopK to
+# reconstruct the base header too (no decoder-norm penalty), which costs nothing in L0; the L1
+# penalty charges for a base half. This toy plants exactly that, and the same offsets on varied
+# text tokens instead, so the two placements can be compared on one objective.
+
+
+@dataclass
+class TiedOffsetConfig(_DictMixin):
+    """Shared sparse text plus two chat-only offsets (two "decisions"), either tied to a fixed
+    context token or spread over varied text tokens."""
+
+    d_model: int = 32
+    """Width of each source."""
+    n_shared: int = 64
+    """Shared atoms of the text tokens (base and chat directions at ``shared_cosine``)."""
+    shared_cosine: float = 0.9
+    """Cosine between a shared atom's base and chat directions."""
+    p_active: float = 0.04
+    """Probability that a shared atom is active on a text token."""
+    context_fraction: float = 0.15
+    """Share of tokens that are the fixed context (the header)."""
+    context_norm: float = 3.0
+    """Norm of the context vector in each source (the chat one at ``context_cosine`` to the base one)."""
+    context_cosine: float = 0.3
+    """Cosine between the base and chat context vectors (the fine-tune rewrote the header)."""
+    offset_norm: float = 3.0
+    """Norm of each chat-only offset."""
+    tied: bool = True
+    """True: every context token carries one of the two offsets in chat (half each), as decisions
+    at a header do. False: the context tokens carry none, and each offset lands on a random
+    ``context_fraction / 2`` of the text tokens instead."""
+    noise: float = 0.02
+    """Std of Gaussian noise added to every source."""
+    seed: int = 0
+    """Seed of the directions and of the sampling."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.context_fraction < 0.5 or not 0 < self.p_active <= 1:
+            raise ConfigError("context_fraction must lie in (0, 0.5) and p_active in (0, 1]")
+        if not -1.0 <= min(self.shared_cosine, self.context_cosine) <= max(self.shared_cosine, self.context_cosine) <= 1.0:
+            raise ConfigError("shared_cosine and context_cosine must lie in [-1, 1]")
+
+
+class TiedOffsetData(NamedTuple):
+    acts_NSD: Tensor
+    """Activations [N, 2, d]."""
+    offset_N: Tensor
+    """int [N]: which chat offset the token carries (0 or 1), -1 for none."""
+    context_N: Tensor
+    """bool [N]: the token is the fixed context."""
+    offsets_OD: Tensor
+    """The two chat-only offset vectors [2, d] (raw space)."""
+    context_SD: Tensor
+    """The context vector in each source [2, d] (raw space)."""
+
+
+def tied_offset_sample(cfg: TiedOffsetConfig, n_tokens: int, *, seed_offset: int = 0) -> TiedOffsetData:
+    """Draw ``n_tokens`` activations of the tied or untied design (same directions for every split)."""
+    atoms, _ = make_atoms(SyntheticConfig(d_model=cfg.d_model, n_shared=cfg.n_shared, n_base_only=0,
+                                          n_chat_only=0, shared_cosine=cfg.shared_cosine, seed=cfg.seed))
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, cfg.d_model, generator=g), dim=-1)  # noqa: E731
+    ctx_b, other, offsets = unit(1)[0], unit(1)[0], unit(2)
+    other = torch.nn.functional.normalize(other - (other @ ctx_b) * ctx_b, dim=0)
+    c = cfg.context_cosine
+    ctx_S = torch.stack([ctx_b, c * ctx_b + (1 - c * c) ** 0.5 * other]) * cfg.context_norm
+
+    g = torch.Generator().manual_seed(cfg.seed + 7919 * (seed_offset + 1))
+    codes = (torch.rand(n_tokens, cfg.n_shared, generator=g) < cfg.p_active) * (
+        torch.rand(n_tokens, cfg.n_shared, generator=g) * 1.5 + 0.5)
+    acts = torch.einsum("na,asd->nsd", codes, atoms)
+    context = torch.rand(n_tokens, generator=g) < cfg.context_fraction
+    which = torch.randint(0, 2, (n_tokens,), generator=g)
+    if cfg.tied:
+        offset = torch.where(context, which, -1)
+    else:
+        offset = torch.where(~context & (torch.rand(n_tokens, generator=g) < cfg.context_fraction), which, -1)
+    # Context tokens: the context vector plus a little shared text (the header sees its turn).
+    acts[context] = 0.3 * acts[context] + ctx_S
+    acts[:, 1] += (offset >= 0)[:, None] * cfg.offset_norm * offsets[offset.clamp(min=0)]
+    acts += cfg.noise * torch.randn(acts.shape, generator=g)
+    return TiedOffsetData(acts, offset, context, offsets * cfg.offset_norm, ctx_S)
+
+
+def offset_latents(model, data: TiedOffsetData) -> list[dict]:
+    """For each planted chat offset, the latent whose activation best separates the tokens that
+    carry it from comparable tokens (the other context tokens when tied, the other text tokens
+    when not: a latent firing on every header scores 0.5), that latent's Δnorm and decoder norms,
+    and the cosine of its base decoder with the base context vector (raw space). Call on held-out
+    data."""
+    from crosscoder.analysis.ground_truth import auroc
+    from crosscoder.analysis.metrics import diff_geometry
+
+    with torch.no_grad():
+        f_NF = model.encode(model.normalise(data.acts_NSD))
+        norms_FS = model.decoder_norms_FS()
+        delta_F = diff_geometry(model).delta_norm_F
+        ctx_cos_F = torch.nn.functional.cosine_similarity(model.decoder_raw_FSD()[:, 0], data.context_SD[0][None], dim=-1)
+    live = torch.nonzero((f_NF > 0).any(0)).squeeze(1)
+    tied = bool((data.offset_N[data.context_N] >= 0).all())
+    eligible_N = data.context_N if tied else ~data.context_N
+    out = []
+    for o in range(data.offsets_OD.shape[0]):
+        auc_J = auroc(f_NF[eligible_N][:, live], data.offset_N[eligible_N] == o)
+        j = int(live[auc_J.nan_to_num(0.0).argmax()])
+        out.append({"offset": o, "latent": j, "auroc": float(auc_J.nan_to_num(0.0).max()),
+                    "delta_norm": float(delta_F[j]), "norm_base": float(norms_FS[j, 0]),
+                    "norm_chat": float(norms_FS[j, 1]), "base_context_cos": float(ctx_cos_F[j])})
+    return out
+
+
+def tied_offset_runs(cfg: TiedOffsetConfig, n_tokens: int, *, n_latents: int, k: int, l1_coeff: float,
+                     n_steps: int, lr: float, out_dir: str, batch_size: int = 512) -> list[dict]:
+    """Train an L1 and a BatchTopK crosscoder in lockstep on the tied design and on the untied one,
+    and report, per design and objective, the best latent of each offset (``offset_latents``) and
+    the number of chat-only latents (Δnorm > 0.9)."""
+    from dataclasses import replace
+
+    from crosscoder.analysis.metrics import diff_geometry
+    from crosscoder.config import CrosscoderConfig, TrainConfig
+    from crosscoder.data.normalise import estimate_input_scale
+    from crosscoder.model import Crosscoder
+    from crosscoder.train import TensorBatches, train_many
+
+    rows = []
+    for tied in (True, False):
+        dcfg = replace(cfg, tied=tied)
+        data, heldout = tied_offset_sample(dcfg, n_tokens), tied_offset_sample(dcfg, 8192, seed_offset=1)
+        scale = estimate_input_scale(tied_offset_sample(dcfg, 4096, seed_offset=2).acts_NSD)
+        models = {}
+        for name, sparsity in (("L1", "l1"), ("BatchTopK", "batchtopk")):
+            models[name] = m = Crosscoder(CrosscoderConfig(d_model=cfg.d_model, n_latents=n_latents,
+                                                           sparsity=sparsity, k=k),
+                                          generator=torch.Generator().manual_seed(cfg.seed))
+            m.input_scale_S.copy_(scale)
+        tcfgs = [TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, log_every=n_steps,
+                             eval_every=n_steps),
+                 TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, log_every=n_steps, eval_every=n_steps)]
+        design = "tied to the header" if tied else "on varied text tokens"
+        train_many(list(models.values()), TensorBatches(data.acts_NSD, batch_size, seed=cfg.seed), tcfgs,
+                   [f"{out_dir}/{'tied' if tied else 'untied'}/{name}" for name in models],
+                   heldout_raw_NSD=heldout.acts_NSD, progress=False)
+        for name, m in models.items():
+            m.eval()
+            found = offset_latents(m, heldout)
+            with torch.no_grad():
+                alive = (m.encode(m.normalise(heldout.acts_NSD)) > 0).any(0)
+                delta = diff_geometry(m).delta_norm_F
+            rows.append({"offsets": design, "crosscoder": name,
+                         "chat-only latents (Δnorm > 0.9)": int((delta[alive] > 0.9).sum()),
+                         "offset latents' Δnorm": [round(r["delta_norm"], 2) for r in found],
+                         "offset latents' AUROC": [round(r["auroc"], 3) for r in found],
+                         "offset latents' base-decoder norm": [round(r["norm_base"], 2) for r in found],
+                         "offset latents' chat-decoder norm": [round(r["norm_chat"], 2) for r in found],
+                         "cos(base decoder, base context)": [round(r["base_context_cos"], 2) for r in found]})
+    return rows
+
+
+def tied_offset_finding(rows: list[dict]) -> str:
+    """One paragraph stating what ``tied_offset_runs`` measured (every number read from ``rows``)."""
+    BASE_NORM, AUROC, COS = "offset latents' base-decoder norm", "offset latents' AUROC", "cos(base decoder, base context)"
+
+    def span(design: str, objective: str, key: str = "offset latents' Δnorm") -> str:
+        vals = next(r[key] for r in rows if r["offsets"] == design and r["crosscoder"] == objective)
+        lo, hi = min(vals), max(vals)
+        return f"{lo:.2f}" if lo == hi else f"{lo:.2f}–{hi:.2f}"
+
+    objectives = list(dict.fromkeys(r["crosscoder"] for r in rows))
+    varied, tied = "on varied text tokens", "tied to the header"
+    chat_only = {d: sum(v > 0.9 for r in rows if r["offsets"] == d for v in r["offset latents' Δnorm"])
+                 for d in (varied, tied)}
+    n = sum(len(r["offset latents' Δnorm"]) for r in rows if r["offsets"] == tied)
+    each = lambda d, key="offset latents' Δnorm": ", ".join(f"{o} {span(d, o, key)}" for o in objectives)  # noqa: E731
+    head = ("**Where a chat-only direction appears decides whether the decoder norms can see it.**"
+            if chat_only[tied] < chat_only[varied] else "**In this run the placement made no difference.**")
+    return (f"{head} On varied text tokens, {chat_only[varied]} of {n} offset latents are chat-only (Δnorm: "
+            f"{each(varied)}). Tied to the one context, {chat_only[tied]} of {n} are (Δnorm: {each(tied)}); "
+            f"their base decoders have norm {each(tied, BASE_NORM)} (untied: {each(varied, BASE_NORM)}) and "
+            f"point along the base model's context vector (cosine {each(tied, COS)}): the latent that carries a "
+            f"decision also reconstructs the base side of the context it is tied to. Every offset is still "
+            f"found: each best latent separates its tokens at AUROC {min(v for r in rows for v in r[AUROC]):.2f} "
+            f"or more.")

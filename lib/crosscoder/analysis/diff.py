@@ -95,7 +95,8 @@ def planted_positions(eval_set, tasks: dict) -> Tensor:
 
 
 def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffInfo, scaling: LatentScaling,
-                      nu_threshold: float, *, top_n: int = 20) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      nu_threshold: float, *, top_n: int = 20, live_acts: Tensor | None = None
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Does model diffing find the organism's planted decisions?
 
     For each decision task (``probes.decision_tasks``) the best AUROC, over the task's comparable
@@ -103,11 +104,13 @@ def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffIn
     both ν below ``nu_threshold``), all chat-only latents, and every live latent (with the class of
     the best one). The summary counts the behaviours each set recovers (AUROC >= 0.9) and the
     *precision* of the confirmed set: the share of its latents whose ``top_n`` activations fall
-    mostly (>= half) on planted tokens (``planted_positions``)."""
+    mostly (>= half) on planted tokens (``planted_positions``). ``live_acts``: the activations of
+    every live latent on the eval set (``live_latent_acts``), when already computed."""
 
     tasks = decision_tasks(eval_set)
     live = torch.nonzero(info.alive_F).squeeze(1)
-    f = latent_acts(model, pair, eval_set.input_ids_NT, eval_set.attention_mask_NT, live)
+    f = live_latent_acts(model, pair, eval_set, info) if live_acts is None else live_acts
+    norms_FS = model.decoder_norms_FS().detach()
     column = {int(j): i for i, j in enumerate(live)}
     sets = {"confirmed": confirmed_latents(scaling, nu_threshold),
             "chat-only": in_class(info.by_delta_norm, "chat-only"), "any live": live}
@@ -127,6 +130,8 @@ def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffIn
                 row["any live: class"] = info.by_delta_norm[r["best_latent"]]
                 row["any live: Δnorm"] = float(info.geo.delta_norm_F[r["best_latent"]])
                 row["any live: decoder cos"] = float(info.geo.cosine_F[r["best_latent"]])
+                row["any live: ‖d_base‖"] = float(norms_FS[r["best_latent"], 0])
+                row["any live: ‖d_chat‖"] = float(norms_FS[r["best_latent"], 1])
         summary[f"{set_name}: latents"] = len(J)
         summary[f"{set_name}: behaviours recovered"] = sum(r["recovered"] for r in table)
         if set_name == "confirmed":
@@ -138,12 +143,19 @@ def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffIn
     return list(rows.values()), summary
 
 
+def live_latent_acts(model: Crosscoder, pair: ModelPair, eval_set, info: DiffInfo) -> Tensor:
+    """Activations [N, T, J] of every live latent (``info.alive_F``, in index order) on the eval set."""
+    live = torch.nonzero(info.alive_F).squeeze(1)
+    return latent_acts(model, pair, eval_set.input_ids_NT, eval_set.attention_mask_NT, live)
+
+
 def behaviour_recovery(model: Crosscoder, pair: ModelPair, eval_set, candidates: Tensor,
-                       behaviours: list[str], classes: list[str] | None = None
+                       behaviours: list[str], classes: list[str] | None = None, *, acts: Tensor | None = None
                        ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """AUROC of ``candidates`` against each planted behaviour on the organism's evaluation set
-    (rows per behaviour, summary); with ``classes``, each row names its best latent's class."""
-    f = latent_acts(model, pair, eval_set.input_ids_NT, eval_set.attention_mask_NT, candidates)
+    (rows per behaviour, summary); with ``classes``, each row names its best latent's class.
+    ``acts``: the candidates' activations [N, T, J] on the eval set, when already computed."""
+    f = latent_acts(model, pair, eval_set.input_ids_NT, eval_set.attention_mask_NT, candidates) if acts is None else acts
     rows, summary, _ = ground_truth_table(f, eval_set, candidates, behaviours)
     if classes is not None:
         rows = [dict(r, best_latent_class=classes[r["best_latent"]] if r["best_latent"] >= 0 else "")
@@ -221,3 +233,25 @@ def write_control_metrics(artifacts_dir: str, null_rows: dict[str, dict[str, Any
         update_metrics(f"{artifacts_dir}/{name}/crosscoder", {
             "null_diff": row, "seeds": {"rows": [r for r in seed_rows if r["objective"] == name],
                                         "reappear": [r for r in reappear if r["objective"] == name]}})
+
+
+HALF_COLUMNS = ("any live: AUROC", "any live: class", "any live: Δnorm", "any live: ‖d_base‖", "any live: ‖d_chat‖",
+                "any live: decoder cos")
+"""The columns of ``decision_recovery`` rows that describe each decision's best live latent."""
+
+
+def decision_halves_finding(rows: list[dict[str, Any]], threshold: float = 0.9) -> str:
+    """One sentence per crosscoder on the decoder halves of its best live latent for each decision it
+    represents (AUROC >= ``threshold``), read from ``decision_recovery`` rows tagged "crosscoder"."""
+    out = []
+    for name in dict.fromkeys(r["crosscoder"] for r in rows):
+        hit = [r for r in rows if r["crosscoder"] == name and r.get("any live: AUROC", 0) >= threshold]
+        if not hit:
+            out.append(f"{name}: no live latent reaches AUROC {threshold} on any decision.")
+            continue
+        rng = lambda k: f"{min(r[k] for r in hit):.2f}–{max(r[k] for r in hit):.2f}"  # noqa: E731
+        n_chat = sum(r["any live: class"] == "chat-only" for r in hit)
+        out.append(f"{name}: {len(hit)} decisions have a live latent at AUROC ≥ {threshold}, {n_chat} of them labelled "
+                   f"chat-only; their Δnorm is {rng('any live: Δnorm')}, base-decoder norm {rng('any live: ‖d_base‖')} "
+                   f"against chat-decoder norm {rng('any live: ‖d_chat‖')}, decoder cosine {rng('any live: decoder cos')}.")
+    return " ".join(out)

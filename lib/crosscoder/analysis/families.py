@@ -42,26 +42,31 @@ class Families(NamedTuple):
     """The held-out sequences the activations were measured on."""
 
 
-def find_families(model: Crosscoder, other: Crosscoder, pair: ModelPair, held, alive_F: Tensor, other_alive_F: Tensor,
-                  *, ks=(4, 6, 8, 12, 16), match_cos: float = 0.9, n_boot: int = 5, seed: int = 0) -> Families:
+def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, held, alive_F: Tensor,
+                  other_alive_F: Tensor | None, *, ks=(4, 6, 8, 12, 16), match_cos: float = 0.9, n_boot: int = 5,
+                  seed: int = 0) -> Families:
     """Cluster ``model``'s live latents by the most stable view and size (bootstrap over held-out
     sequences, and ARI against ``other``, a second seed, on latents matched at decoder cosine >=
-    ``match_cos``), then score the families against token context classes beside a shuffled null."""
+    ``match_cos``), then score the families against token context classes beside a shuffled null.
+    Without ``other`` (None) stability is the bootstrap ARI alone and the decoder view is not tried
+    (it needs a second seed to be judged)."""
     from crosscoder.analysis.seeds import match_latents
 
     live = torch.nonzero(alive_F).squeeze(1)
-    live_b = torch.nonzero(other_alive_F).squeeze(1)
     ids, am = held.input_ids_NT, held.attention_mask_NT
     f = latent_acts(model, pair, ids, am, live)
-    f_b = latent_acts(other, pair, ids, am, live_b)
     ctx = cl.context_labels(ids, am, held.is_chat_N, pair.tokenizer)
-    m = match_latents(model, other, live, live_b)
-    col_b = {int(j): c for c, j in enumerate(live_b.tolist())}
-    pairs = [(a, col_b[int(b)]) for a, (b, cos) in enumerate(zip(m.best_latent.tolist(), m.best_cos.tolist()))
-             if cos >= match_cos]
-    dec, dec_b = cl.decoder_features(model.W_dec_FSD, live), cl.decoder_features(other.W_dec_FSD, live_b)
-    choice = cl.select_clustering(f, ctx, decoder=dec, other=cl.SeedView(f_b, dec_b, pairs), ks=ks, n_boot=n_boot,
-                                  seed=seed)
+    dec = cl.decoder_features(model.W_dec_FSD, live)
+    seed_view, pairs = None, []
+    if other is not None:
+        live_b = torch.nonzero(other_alive_F).squeeze(1)
+        m = match_latents(model, other, live, live_b)
+        col_b = {int(j): c for c, j in enumerate(live_b.tolist())}
+        pairs = [(a, col_b[int(b)]) for a, (b, cos) in enumerate(zip(m.best_latent.tolist(), m.best_cos.tolist()))
+                 if cos >= match_cos]
+        seed_view = cl.SeedView(latent_acts(other, pair, ids, am, live_b),
+                                cl.decoder_features(other.W_dec_FSD, live_b), pairs)
+    choice = cl.select_clustering(f, ctx, decoder=dec, other=seed_view, ks=ks, n_boot=n_boot, seed=seed)
     N, T, J = f.shape
     flat, ctx_flat, pos = f.reshape(-1, J), ctx.reshape(-1), torch.arange(T).expand(N, T).reshape(-1)
     view = cl.features(choice.method, flat, ctx_flat, pos, dec)
@@ -75,7 +80,7 @@ def find_families(model: Crosscoder, other: Crosscoder, pair: ModelPair, held, a
     null_facts = cl.cluster_facts(null_labels, null_sig, mass)
     row = next(r for r in choice.table if r["method"] == choice.method and r["k"] == choice.k)
     summary = {"method": choice.method, "k": choice.k, "seed_ari": row["seed_ari"], "bootstrap_ari": row["bootstrap_ari"],
-               "matched_latents": len(pairs), "clustered_latents": J,
+               "matched_latents": len(pairs) if other is not None else None, "clustered_latents": J,
                "context_ari": cl.label_ari(labels, signature), "null_context_ari": cl.label_ari(null_labels, null_sig),
                **{f"purity_{k}": v for k, v in cl.purity_by_label(facts).items()},
                **{f"null_purity_{k}": v for k, v in cl.purity_by_label(null_facts).items()}}

@@ -284,6 +284,16 @@ def test_skipped_run_gets_a_stub_page_and_is_not_executed(project):
     assert [r["status"] for r in repro["runs"]] == ["executed", "executed", "not in profile"]
 
 
+def test_skipped_run_keeps_no_outputs_of_an_earlier_profile(project):
+    """A run's folder (figures, files report.publish copies into the book) does not outlive a
+    profile that skips the run."""
+    assert _main(project, "--profile", "base") == 0
+    assert (project / "book" / "_runs" / "b" / "artifact.txt").read_text() == "hello"
+    _edit_config(project, lambda c: c["profiles"]["fast"].update(skip=["b"]))
+    assert _main(project, "--profile", "fast") == 0
+    assert not (project / "book" / "_runs" / "b").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Failure
 # ----------------------------------------------------------------------------------------------

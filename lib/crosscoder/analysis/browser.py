@@ -221,14 +221,18 @@ def browser_html(key: str, data_url: str, static_url: str) -> str:
             f'<script src="{data_url}index.js"></script><script src="{static_url}latent_browser.js"></script>')
 
 
-def build_browser(p, exp, output_dir: str, profile: str) -> tuple[str, dict[str, int]]:
+def build_browser(p, exp, data_dir: str | Path, data_url: str, key: str,
+                  static_url: str = "../_static/latent_browser/") -> tuple[str, dict[str, int]]:
     """The browser of crosscoder ``p.crosscoder`` for a notebook run: statistics on the held-out
     activations (Δnorm class, decoder norms, cosine, density; ν^ε / ν^r of the chat-only latents
     Latent Scaling fits), contexts from the held-out sequences; with an organism (planted ground
     truth), each live latent's best decision AUROC on its evaluation set and which decision it is
-    (``best_decisions``). Hub pairs have no decision labels: no AUROC column, no decision label. The data goes to the book's
-    ``_vendor/latent_browser_data/<profile>/<crosscoder>/`` (served as ``_static``). Returns the page
-    fragment and the bytes of each data file."""
+    (``best_decisions``). Hub pairs have no decision labels: no AUROC column, no decision label.
+
+    The data goes to ``data_dir`` (its earlier files removed), which the page reads at ``data_url``
+    under ``key``; in the book that is the run's own folder (``report.publish``: copied beside the
+    run's page, so a build holds only its own profile's data), the script and CSS are the vendored
+    ones at ``static_url``. Returns the page fragment and the bytes of each data file."""
     from crosscoder import experiment, organism
     from crosscoder.analysis import diff
     from crosscoder.analysis.latents import latent_acts
@@ -257,7 +261,6 @@ def build_browser(p, exp, output_dir: str, profile: str) -> tuple[str, dict[str,
         labels["decision"] = ([t.removesuffix("_decision") for t in tasks], best.decision_F)
     held = cache.heldout_sequences()
     index, chunks = browser_payload(model, pair, held.input_ids_NT, held.attention_mask_NT, info.by_delta_norm, cols,
-                                    labels_F=labels, n_contexts=p.n_contexts, title=f"{profile}/{p.crosscoder}")
-    rel = f"latent_browser_data/{profile}/{p.crosscoder}/"
-    sizes = write_browser(Path(output_dir).parents[1] / "_vendor" / rel, f"{profile}/{p.crosscoder}", index, chunks)
-    return browser_html(f"{profile}/{p.crosscoder}", f"../_static/{rel}", "../_static/latent_browser/"), sizes
+                                    labels_F=labels, n_contexts=p.n_contexts, title=key)
+    sizes = write_browser(data_dir, key, index, chunks)
+    return browser_html(key, data_url, static_url), sizes

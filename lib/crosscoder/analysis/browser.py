@@ -7,7 +7,7 @@ there) and nothing comes from a CDN.
 Scale: the per-latent statistics (one small index file) load with the page; contexts and promoted
 tokens are split into chunks of ``chunk_size`` latents, loaded only when a latent of the chunk is
 picked, so a 16,384-latent dictionary costs the reader one index file and one chunk at a time
-(measured in ``bench/bench_browser.py``: a 945 kB index, ≈ 480 kB per chunk).
+(page weight and load time measured by ``bench/bench_browser.py``, recorded in bench/README.md).
 Top contexts are found in one streaming pass (``top_windows``) without holding the [N, T, F]
 activations of all latents.
 """

@@ -142,3 +142,61 @@ def test_payload_labels_and_bad_columns(setup):
         browser_payload(model, pair, ids, am, classes, {}, labels_F={"decision": (["a", "b"], which + 1)})
     with pytest.raises(ValueError, match="column 'AUROC' has shape \\(23,\\)"):
         browser_payload(model, pair, ids, am, classes, {"AUROC": auc[:23]})
+
+
+@pytest.mark.browser
+def test_page_has_an_auroc_filter_only_with_ground_truth(setup, tmp_path):
+    """The vendored page on the writer's data, in headless Chromium: a hub pair's data (no decision
+    labels) gives no AUROC filter and no decision column; an organism's gives both, and the AUROC
+    bound lists exactly the latents at or above it."""
+    import shutil
+
+    from test_book import CHROMIUM, CHROMIUM_ARGS, ROOT, _need_browser
+
+    from crosscoder.analysis.browser import browser_html
+
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    pair, model, ids, am = setup
+    auc = torch.linspace(0.3, 1.0, 24)
+    variants = {"hub": ({"Δnorm": torch.linspace(0, 1, 24)}, {}),
+                "organism": ({"Δnorm": torch.linspace(0, 1, 24), "AUROC": auc},
+                             {"decision": (["refusal", "signoff"], torch.arange(24) % 2)})}
+    indexes = {}
+    for name, (cols, labels) in variants.items():
+        indexes[name], chunks = browser_payload(model, pair, ids, am, ["shared"] * 24, cols, labels_F=labels, n_contexts=2,
+                                        chunk_size=10)
+        write_browser(tmp_path / name / "data", name, indexes[name], chunks)
+        shutil.copytree(ROOT / "book" / "_vendor" / "latent_browser", tmp_path / name / "static")
+        (tmp_path / name / "page.html").write_text(
+            f"<!doctype html><meta charset='utf-8'><body>{browser_html(name, 'data/', 'static/')}</body>", encoding="utf-8")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            seen = {}
+            for name in variants:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.goto((tmp_path / name / "page.html").as_uri(), wait_until="load")
+                page.wait_for_selector("tr.lb-row")
+                seen[name] = {"auroc inputs": page.locator("input[data-col='AUROC']").count(),
+                              "label selects": page.locator("select.lb-label").count(),
+                              "headers": page.eval_on_selector_all("th", "ths => ths.map(t => t.textContent)")}
+                if name == "organism":
+                    page.fill("input.lb-min[data-col='AUROC']", "0.8")
+                    want = sum(v >= 0.8 for v in indexes[name]["columns"]["AUROC"])
+                    assert page.inner_text(".lb-count").startswith(f"{want} of 24 latents match")
+                    page.fill("input.lb-pick", "23")
+                    page.dispatch_event("input.lb-pick", "change")
+                    assert page.inner_text(".lb-detail h4").startswith("latent 23 · shared")
+                    assert "decision signoff" in page.inner_text(".lb-facts")
+                page.close()
+                assert errors == [], errors
+        finally:
+            browser.close()
+    assert seen["hub"] == {"auroc inputs": 0, "label selects": 0, "headers": ["latent", "class", "Δnorm"]}
+    assert seen["organism"] == {"auroc inputs": 2, "label selects": 1,
+                                "headers": ["latent", "class", "decision", "Δnorm", "AUROC"]}

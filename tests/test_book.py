@@ -62,7 +62,8 @@ def _copy_project(dest: Path) -> Path:
     vendor_mathjax(ROOT / "book" / "_vendor")
     for name in ("runs.yaml", "_config.yml"):
         shutil.copy2(ROOT / name, dest / name)
-    ignore = shutil.ignore_patterns("_build", "_runs", ".ipynb_checkpoints", "figures")
+    # latent_browser_data: the browser's data before it moved beside its run (a stale local folder)
+    ignore = shutil.ignore_patterns("_build", "_runs", ".ipynb_checkpoints", "figures", "latent_browser_data")
     shutil.copytree(ROOT / "notebooks", dest / "notebooks", ignore=ignore)
     shutil.copytree(ROOT / "book", dest / "book", ignore=ignore)
     (dest / "lib").symlink_to(ROOT / "lib", target_is_directory=True)
@@ -458,18 +459,28 @@ def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
         _need_browser()
 
 
+def _browser_index(js: Path) -> dict:
+    return json.loads(js.read_text(encoding="utf-8").split("] = ", 1)[1].rstrip(";\n"))
+
+
 @pytest.mark.browser
 def test_latent_browser_filters_picks_and_shows_contexts(smoke_book):
     """The browser page of each crosscoder: filter by class, pick a latent, its highlighted contexts
-    and promoted tokens appear; no console error and no request outside the book's folder."""
+    and promoted tokens appear; filter by AUROC (the organism's decisions) and by decision, and the
+    page lists exactly the latents the data says; no console error and no request outside the
+    book's folder. The data comes from the run's own folder and the build holds only this profile's."""
     _need_browser()
     from playwright.sync_api import sync_playwright
 
     html = smoke_book.html
+    assert not list(html.rglob("latent_browser_data")), "a browser data folder outside the runs' folders"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             for run in ("browser_batchtopk", "browser_l1"):
+                data = html / "_runs" / run / "public"
+                idx = _browser_index(data / "index.js")
+                assert idx["title"] == f"smoke/{run.removeprefix('browser_')}"
                 page = browser.new_page()
                 errors, outside, loaded = [], [], []
                 page.route("**/*", lambda r: (outside.append(r.request.url), r.abort()) if _outside(r.request.url, html)
@@ -491,11 +502,51 @@ def test_latent_browser_filters_picks_and_shows_contexts(smoke_book):
                 page.wait_for_selector(".lb-context span.lb-centre")
                 assert page.inner_text(".lb-detail h4").startswith(f"latent {first} · shared")
                 assert page.locator(".lb-context").count() >= 1 and page.locator(".lb-prom code").count() >= 2
+                # AUROC: at the median of the scored latents, the page lists exactly those at or above it
+                page.select_option(".lb-class", "")
+                auc = idx["columns"]["AUROC"]
+                scored = sorted(v for v in auc if v is not None)
+                thr = scored[len(scored) // 2]
+                want = {j for j, v in enumerate(auc) if v is not None and v >= thr}
+                assert 0 < len(want) < idx["n_latents"]
+                page.fill("input.lb-min[data-col='AUROC']", str(thr))
+                assert page.inner_text(".lb-count").startswith(f"{len(want)} of {idx['n_latents']} latents match")
+                rows = {int(j) for j in page.eval_on_selector_all("tr.lb-row", "rs => rs.map(r => r.dataset.latent)")}
+                assert rows and rows <= want and len(rows) == min(len(want), 200)
+                # ... and by the decision of that AUROC
+                names, of = idx["labels"]["decision"]["names"], idx["labels"]["decision"]["of"]
+                pick = of[min(want)]
+                page.select_option("select.lb-label[data-label='decision']", str(pick))
+                want_d = {j for j in want if of[j] == pick}
+                assert page.inner_text(".lb-count").startswith(f"{len(want_d)} of {idx['n_latents']} latents match")
+                col = page.eval_on_selector_all("tr.lb-row td:nth-child(3)", "tds => tds.map(t => t.textContent)")
+                assert set(col) == {names[pick]}
                 page.close()
                 assert errors == [] and outside == [], (errors, outside)
                 files = {Path(urllib.parse.unquote(urllib.parse.urlsplit(u).path)) for u in loaded if u.startswith("file:")}
+                assert data / "index.js" in files and any(f.parent == data and f.name.startswith("chunk-") for f in files)
                 weight = sum(f.stat().st_size for f in files if f.is_file())
                 print(f"{run}: {len(files)} files, {weight / 1e6:.2f} MB loaded, load event at {load_ms:.0f} ms")
                 assert weight < 5_000_000, f"{run}: {weight} bytes"
         finally:
             browser.close()
+
+
+def test_publish_copies_only_the_current_runs_public_files(tmp_path):
+    """report.publish: each run's public/ folder lands beside its page; a folder an earlier build
+    published for a run that no longer has one is removed; other run outputs are not copied."""
+    from report.publish import public_url, publish_run_files
+
+    src, out = tmp_path / "book", tmp_path / "html"
+    (src / "_runs" / "a" / "public").mkdir(parents=True)
+    (src / "_runs" / "a" / "public" / "index.js").write_text("x")
+    (src / "_runs" / "b").mkdir(parents=True)
+    (src / "_runs" / "b" / "fig.png").write_text("png")
+    (out / "_runs" / "old" / "public").mkdir(parents=True)
+    (out / "_runs" / "old" / "public" / "stale.js").write_text("y")
+    (out / "_runs" / "old.html").write_text("page")
+    assert publish_run_files(src, out) == [out / "_runs" / "a" / "public"]
+    assert (out / "_runs" / "a" / "public" / "index.js").read_text() == "x"
+    assert not (out / "_runs" / "old" / "public").exists() and (out / "_runs" / "old.html").exists()
+    assert not (out / "_runs" / "b").exists()
+    assert public_url("book/_runs/browser_l1") == "browser_l1/public/"

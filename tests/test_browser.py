@@ -1,5 +1,6 @@
 """The latent browser's data: streaming top contexts equal the naive [N, T, F] reference, batched
-promoted tokens equal the one-by-one reading, and the written files round-trip."""
+promoted tokens equal the one-by-one reading, planted latents get their decision AUROC, and the
+written files round-trip."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from crosscoder.analysis.browser import ACT_LEVELS, browser_payload, promoted_token_ids, top_windows, write_browser
+from crosscoder.analysis.browser import (ACT_LEVELS, best_decisions, browser_payload, promoted_token_ids, top_windows,
+                                         write_browser)
 from crosscoder.analysis.latents import latent_acts, promoted_tokens, top_contexts
+from crosscoder.analysis.probes import ProbeTask
 from crosscoder.config import CrosscoderConfig
 from crosscoder.data.pair import ModelPairConfig, load_pair
 from crosscoder.model import Crosscoder
@@ -69,12 +72,14 @@ def test_promoted_token_ids_equal_one_by_one(setup):
 def test_payload_and_files_round_trip(setup, tmp_path):
     pair, model, ids, am = setup
     classes = ["chat-only", "shared", "dead"] * 8
-    cols = {"Δnorm": torch.linspace(0, 1, 24), "ν^ε": torch.full((24,), float("nan"))}
+    cols = {"Δnorm": torch.linspace(0, 1, 24), "ν^ε": torch.full((24,), float("nan")),
+            "density": torch.linspace(0, 1, 24) * 3.14159e-5}
     index, chunks = browser_payload(model, pair, ids, am, classes, cols, n_contexts=3, before=3, after=2,
                                     chunk_size=10, title="t")
     assert index["n_chunks"] == 3 and len(chunks) == 3 and index["classes"] == ["chat-only", "shared", "dead"]
     assert [index["classes"][c] for c in index["class"]] == classes
     assert index["columns"]["ν^ε"] == [None] * 24 and index["columns"]["Δnorm"][-1] == 1.0
+    assert index["columns"]["density"][-1] == 3.142e-5  # 4 significant digits, not decimals
     tw = top_windows(model, pair, ids, am, k=3, before=3, after=2)
     j = int(tw.vals_FK[:, 0].argmax())
     ch = chunks[j // 10]
@@ -92,3 +97,106 @@ def test_payload_and_files_round_trip(setup, tmp_path):
     chunk = (tmp_path / "b" / "chunk-0001.js").read_text()
     assert chunk.startswith('latentBrowserChunk("run/x", ')
     assert not list((tmp_path / "b").glob("*.tmp"))
+
+
+def test_best_decisions_of_planted_latents():
+    """Four scored latents of seven, two decision tasks on their own positions (columns 1 and 3 of
+    six sequences) and a third task with no positive (not scorable): each latent gets its best
+    AUROC over the scorable tasks and that task's index; unscored latents get NaN / -1."""
+    N, T = 6, 5
+    col = torch.zeros(N, T, dtype=torch.bool)
+    a_elig, b_elig, c_elig = col.clone(), col.clone(), col.clone()
+    a_elig[:, 1], b_elig[:, 3], c_elig[:, 4] = True, True, True
+    a_lab, b_lab = a_elig & (torch.arange(N) < 3)[:, None], b_elig & (torch.arange(N) >= 3)[:, None]
+    tasks = {"a": ProbeTask(a_lab, a_elig), "b": ProbeTask(b_lab, b_elig), "c": ProbeTask(col.clone(), c_elig)}
+    f = torch.zeros(N, T, 4)
+    f[..., 0] = a_lab.float()                  # fires exactly on a's decisions: AUROC 1 for a
+    f[..., 1] = b_lab.float() * 3              # b's decisions: AUROC 1 for b
+    f[..., 2] = (a_elig & ~a_lab).float()      # fires on a's *other* positions: a 0, b 0.5 -> b, 0.5
+    f[[0, 1], 1, 3], f[3, 1, 3] = 1.0, 2.0     # a: 5 of 9 pairs ordered (ties half) -> 5/9
+    best = best_decisions(f, tasks, torch.tensor([0, 2, 3, 5]), n_latents=7)
+    torch.testing.assert_close(best.auroc_F[[0, 2, 3, 5]], torch.tensor([1.0, 1.0, 0.5, 5 / 9]))
+    assert best.decision_F.tolist() == [0, -1, 1, 1, -1, 0, -1]
+    assert best.auroc_F[[1, 4, 6]].isnan().all()
+    none = best_decisions(torch.zeros(N, T, 0), tasks, torch.zeros(0, dtype=torch.long), n_latents=3)
+    assert none.auroc_F.isnan().all() and none.decision_F.tolist() == [-1, -1, -1]
+
+
+def test_payload_labels_and_bad_columns(setup):
+    """The decision label reaches the index as names + one index per latent (-1: none); the AUROC
+    column keeps None where a latent was not scored; a label or column of the wrong size fails
+    before any work, naming it."""
+    pair, model, ids, am = setup
+    classes = ["shared"] * 24
+    auc = torch.full((24,), float("nan"))
+    auc[[2, 5]] = torch.tensor([0.91234, 0.5])
+    which = torch.full((24,), -1)
+    which[[2, 5]] = torch.tensor([1, 0])
+    index, _ = browser_payload(model, pair, ids, am, classes, {"AUROC": auc},
+                               labels_F={"decision": (["refusal", "signoff"], which)}, n_contexts=1, chunk_size=24)
+    assert index["labels"] == {"decision": {"names": ["refusal", "signoff"], "of": which.tolist()}}
+    assert index["columns"]["AUROC"][2] == pytest.approx(0.9123, abs=1e-4) and index["columns"]["AUROC"][0] is None
+    plain, _ = browser_payload(model, pair, ids, am, classes, {"Δnorm": torch.zeros(24)}, n_contexts=1, chunk_size=24)
+    assert plain["labels"] == {} and "AUROC" not in plain["columns"]
+    with pytest.raises(ValueError, match="label 'decision' needs one index in -1..1"):
+        browser_payload(model, pair, ids, am, classes, {}, labels_F={"decision": (["a", "b"], which + 1)})
+    with pytest.raises(ValueError, match="column 'AUROC' has shape \\(23,\\)"):
+        browser_payload(model, pair, ids, am, classes, {"AUROC": auc[:23]})
+
+
+@pytest.mark.browser
+def test_page_has_an_auroc_filter_only_with_ground_truth(setup, tmp_path):
+    """The vendored page on the writer's data, in headless Chromium: a hub pair's data (no decision
+    labels) gives no AUROC filter and no decision column; an organism's gives both, and the AUROC
+    bound lists exactly the latents at or above it."""
+    import shutil
+
+    from test_book import CHROMIUM, CHROMIUM_ARGS, ROOT, _need_browser
+
+    from crosscoder.analysis.browser import browser_html
+
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    pair, model, ids, am = setup
+    auc = torch.linspace(0.3, 1.0, 24)
+    variants = {"hub": ({"Δnorm": torch.linspace(0, 1, 24)}, {}),
+                "organism": ({"Δnorm": torch.linspace(0, 1, 24), "AUROC": auc},
+                             {"decision": (["refusal", "signoff"], torch.arange(24) % 2)})}
+    indexes = {}
+    for name, (cols, labels) in variants.items():
+        indexes[name], chunks = browser_payload(model, pair, ids, am, ["shared"] * 24, cols, labels_F=labels, n_contexts=2,
+                                        chunk_size=10)
+        write_browser(tmp_path / name / "data", name, indexes[name], chunks)
+        shutil.copytree(ROOT / "book" / "_vendor" / "latent_browser", tmp_path / name / "static")
+        (tmp_path / name / "page.html").write_text(
+            f"<!doctype html><meta charset='utf-8'><body>{browser_html(name, 'data/', 'static/')}</body>", encoding="utf-8")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            seen = {}
+            for name in variants:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.goto((tmp_path / name / "page.html").as_uri(), wait_until="load")
+                page.wait_for_selector("tr.lb-row")
+                seen[name] = {"auroc inputs": page.locator("input[data-col='AUROC']").count(),
+                              "label selects": page.locator("select.lb-label").count(),
+                              "headers": page.eval_on_selector_all("th", "ths => ths.map(t => t.textContent)")}
+                if name == "organism":
+                    page.fill("input.lb-min[data-col='AUROC']", "0.8")
+                    want = sum(v >= 0.8 for v in indexes[name]["columns"]["AUROC"])
+                    assert page.inner_text(".lb-count").startswith(f"{want} of 24 latents match")
+                    page.fill("input.lb-pick", "23")
+                    page.dispatch_event("input.lb-pick", "change")
+                    assert page.inner_text(".lb-detail h4").startswith("latent 23 · shared")
+                    assert "decision signoff" in page.inner_text(".lb-facts")
+                page.close()
+                assert errors == [], errors
+        finally:
+            browser.close()
+    assert seen["hub"] == {"auroc inputs": 0, "label selects": 0, "headers": ["latent", "class", "Δnorm"]}
+    assert seen["organism"] == {"auroc inputs": 2, "label selects": 1,
+                                "headers": ["latent", "class", "decision", "Δnorm", "AUROC"]}

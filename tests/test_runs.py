@@ -282,6 +282,11 @@ def test_skipped_run_gets_a_stub_page_and_is_not_executed(project):
     assert "Profile `fast` does not execute this run" in stub.cells[0].source
     repro = json.loads((project / "book" / "_runs" / "reproducibility.json").read_text())
     assert [r["status"] for r in repro["runs"]] == ["executed", "executed", "not in profile"]
+    # skipping b now: its folder (figures, files report.publish copies into the book) goes with it
+    assert (project / "book" / "_runs" / "b" / "artifact.txt").read_text() == "hello"
+    _edit_config(project, lambda c: c["profiles"]["fast"].update(skip=["b"]))
+    assert _main(project, "--profile", "fast") == 0
+    assert _executions(project) == ["a", "b", "c"] and not (project / "book" / "_runs" / "b").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def _title(notebook: Path) -> str:
 
 
 def _write_stub(config: RunsConfig, planned: PlannedRun, profile: str) -> None:
-    """A profile that skips a run still gets a page at the stable path the toc references."""
+    """A profile that skips a run still gets a page at the stable path the toc references, and
+    no outputs of an earlier execution."""
     run = planned.run
     nb = nbformat.v4.new_notebook()
     others = [p for p in config.profiles_running(run.name) if p != profile]
@@ -185,6 +186,8 @@ def _write_stub(config: RunsConfig, planned: PlannedRun, profile: str) -> None:
     nb.metadata["crosscoder_run"] = {"run": run.name, "profile": profile,
                                      "status": "not-in-profile"}
     write_text_atomic(run.output, nbformat.writes(nb))
+    # what an earlier profile's execution left (figures, the files report.publish serves) goes too
+    _reset_dir(run.output_dir, config, create=False)
 
 
 def _annotate(planned: PlannedRun, profile: str, config: RunsConfig, wall_time_s: float) -> None:

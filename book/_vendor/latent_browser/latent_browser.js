@@ -1,7 +1,10 @@
-/* The latent browser: filter a crosscoder's latents by class and by any numeric column (ν, density,
-   Δnorm, ...), pick one, and read its top-activating contexts, decoder norms, cosine, ν and promoted
-   tokens. Plain JavaScript, no dependencies. Data: window.LATENT_BROWSER[key] (index.js, loaded by the
-   page) and chunk-XXXX.js files loaded on demand with <script> tags, which work under file://. */
+/* The latent browser: filter a crosscoder's latents by class, by any label the data has (the decision
+   of an organism latent's best AUROC) and by any numeric column (ν, density, Δnorm, AUROC, ...), pick
+   one, and read its top-activating contexts, decoder norms, cosine, ν and promoted tokens. Plain
+   JavaScript, no dependencies. Data: window.LATENT_BROWSER[key] (index.js, loaded by the page) and
+   chunk-XXXX.js files loaded on demand with <script> tags, which work under file://. Performance marks
+   "latent-browser-ready" (list shown) and "latent-browser-shown" (a latent's contexts shown) let a
+   benchmark time the page. */
 (function () {
   "use strict";
   var chunks = {};      // key -> chunk number -> data
@@ -30,11 +33,21 @@
   function init(root) {
     var key = root.dataset.key, idx = (window.LATENT_BROWSER || {})[key];
     if (!idx) { root.textContent = "latent browser data " + key + " not found"; return; }
-    var cols = Object.keys(idx.columns), controls = el("div", {"class": "lb-controls"});
+    var cols = Object.keys(idx.columns), labels = idx.labels || {}, labs = Object.keys(labels);
+    var controls = el("div", {"class": "lb-controls"});
     var cls = el("select", {"class": "lb-class"});
     cls.appendChild(el("option", {value: ""}, "all classes"));
     idx.classes.forEach(function (c, i) { cls.appendChild(el("option", {value: String(i)}, c)); });
     controls.appendChild(el("label", {}, "class ")).appendChild(cls);
+    var labSel = {};
+    labs.forEach(function (name) {
+      var s = el("select", {"class": "lb-label", "data-label": name});
+      s.appendChild(el("option", {value: ""}, "any " + name));
+      labels[name].names.forEach(function (n, i) { s.appendChild(el("option", {value: String(i)}, n)); });
+      controls.appendChild(el("label", {}, name + " ")).appendChild(s);
+      labSel[name] = s;
+    });
+    function labelOf(name, j) { var i = labels[name].of[j]; return i < 0 ? "–" : labels[name].names[i]; }
     var ranges = {};
     cols.forEach(function (c) {
       var lab = el("label", {"class": "lb-range"}, c + " ");
@@ -56,6 +69,9 @@
       for (var j = 0; j < idx.n_latents; j++) {
         if (want >= 0 && idx.class[j] !== want) continue;
         var ok = true;
+        for (var n in labSel) {
+          if (labSel[n].value !== "" && labels[n].of[j] !== Number(labSel[n].value)) { ok = false; break; }
+        }
         for (var c in ranges) {
           var v = idx.columns[c][j], lo = ranges[c][0].value, hi = ranges[c][1].value;
           if ((lo !== "" || hi !== "") && v === null) { ok = false; break; }
@@ -69,11 +85,12 @@
       count.textContent = out.length + " of " + idx.n_latents + " latents match" + (out.length > 200 ? " (first 200 listed)" : "");
       list.innerHTML = "";
       var t = el("table"), head = el("tr");
-      ["latent", "class"].concat(cols).forEach(function (h) { head.appendChild(el("th", {}, h)); });
+      ["latent", "class"].concat(labs, cols).forEach(function (h) { head.appendChild(el("th", {}, h)); });
       t.appendChild(head);
       out.slice(0, 200).forEach(function (j) {
         var tr = el("tr", {"data-latent": String(j), "class": "lb-row"});
         tr.appendChild(el("td", {}, String(j))); tr.appendChild(el("td", {}, idx.classes[idx.class[j]]));
+        labs.forEach(function (n) { tr.appendChild(el("td", {}, labelOf(n, j))); });
         cols.forEach(function (c) { tr.appendChild(el("td", {}, fmt(idx.columns[c][j]))); });
         tr.onclick = function () { show(j); };
         t.appendChild(tr);
@@ -84,6 +101,7 @@
       detail.innerHTML = "";
       detail.appendChild(el("h4", {}, "latent " + j + " · " + idx.classes[idx.class[j]]));
       var facts = el("div", {"class": "lb-facts"});
+      labs.forEach(function (n) { facts.appendChild(el("span", {}, n + " " + labelOf(n, j))); });
       cols.forEach(function (c) { facts.appendChild(el("span", {}, c + " " + fmt(idx.columns[c][j]))); });
       detail.appendChild(facts);
       loadChunk(root, key, Math.floor(j / idx.chunk_size), function (ch) {
@@ -104,12 +122,14 @@
           });
           detail.appendChild(d);
         });
+        if (window.performance && performance.mark) performance.mark("latent-browser-shown");
       });
     }
-    [cls, sort].forEach(function (e) { e.onchange = refresh; });
+    [cls, sort].concat(labs.map(function (n) { return labSel[n]; })).forEach(function (e) { e.onchange = refresh; });
     Object.keys(ranges).forEach(function (c) { ranges[c].forEach(function (e) { e.oninput = refresh; }); });
     pick.onchange = function () { var j = Number(pick.value); if (j >= 0 && j < idx.n_latents) show(j); };
     refresh();
+    if (window.performance && performance.mark) performance.mark("latent-browser-ready");
   }
   function start() { Array.prototype.forEach.call(document.querySelectorAll(".latent-browser"), init); }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start); else start();

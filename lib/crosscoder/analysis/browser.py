@@ -1,11 +1,13 @@
 """The interactive latent browser's data: every latent's statistics, its top-activating held-out
-contexts and the tokens its decoder promotes in each model, written as small JavaScript files beside
-the book (``window.LATENT_BROWSER``) so a page opened from ``file://`` loads them with plain
-``<script>`` tags (``fetch`` of local JSON fails there) and nothing comes from a CDN.
+contexts and the tokens its decoder promotes in each model (and, for the organism, its best decision
+AUROC), written as small JavaScript files beside the run's page (``window.LATENT_BROWSER``) so a page
+opened from ``file://`` loads them with plain ``<script>`` tags (``fetch`` of local JSON fails
+there) and nothing comes from a CDN.
 
 Scale: the per-latent statistics (one small index file) load with the page; contexts and promoted
 tokens are split into chunks of ``chunk_size`` latents, loaded only when a latent of the chunk is
-picked, so a 16,384-latent dictionary costs the reader one index file and one chunk at a time.
+picked, so a 16,384-latent dictionary costs the reader one index file and one chunk at a time
+(page weight and load time measured by ``bench/bench_browser.py``, recorded in bench/README.md).
 Top contexts are found in one streaming pass (``top_windows``) without holding the [N, T, F]
 activations of all latents.
 """
@@ -21,6 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from crosscoder.analysis.ground_truth import decision_table
 from crosscoder.atomic import write_text_atomic
 from crosscoder.data.pair import ModelPair, extract_pair
 from crosscoder.model import Crosscoder
@@ -98,22 +101,62 @@ def promoted_token_ids(lm, W_dec_FD: Tensor, k: int = 8, chunk: int = 1024) -> T
     return torch.cat(out)
 
 
+class BestDecision(NamedTuple):
+    auroc_F: Tensor
+    """Each latent's best AUROC over the decision tasks (NaN: not scored, or no task scorable)."""
+    decision_F: Tensor
+    """Index (into the tasks, in order) of that best decision; -1 where the AUROC is NaN."""
+
+
+def best_decisions(f_NTJ: Tensor, tasks: dict, latents: Tensor, n_latents: int) -> BestDecision:
+    """Every latent's best decision AUROC and which decision it is, for the browser's AUROC filter.
+
+    ``f_NTJ``: activations of ``latents`` (e.g. the live ones) on the organism's evaluation set;
+    ``tasks``: ``probes.decision_tasks(eval_set)``. Each latent is scored by
+    ``ground_truth.decision_table`` (over each task's comparable positions, as the model-diff page
+    does); latents not in ``latents`` get NaN / -1. Ties go to the earlier task."""
+    latents = torch.as_tensor(latents, dtype=torch.long)
+    _, auc_JK = decision_table(f_NTJ, tasks, latents)
+    auroc_F = torch.full((n_latents,), float("nan"))
+    decision_F = torch.full((n_latents,), -1, dtype=torch.long)
+    if len(latents) and auc_JK.shape[1]:
+        best, which = auc_JK.nan_to_num(-1.0).max(dim=1)
+        scored = ~auc_JK.isnan().all(dim=1)
+        auroc_F[latents[scored]] = best[scored]
+        decision_F[latents[scored]] = which[scored]
+    return BestDecision(auroc_F, decision_F)
+
+
 def _num(x: float, digits: int = 4) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+    """``x`` to ``digits`` significant digits (not decimals: a density of 3e-5 stays 3e-5, not 0);
+    None for NaN / inf."""
+    return None if x is None or not math.isfinite(x) else float(f"{float(x):.{digits}g}")
 
 
 def browser_payload(model: Crosscoder, pair: ModelPair, input_ids_NT: Tensor, attention_mask_NT: Tensor,
-                    classes: Sequence[str], columns_F: dict[str, Tensor], *, n_contexts: int = 5,
+                    classes: Sequence[str], columns_F: dict[str, Tensor], *,
+                    labels_F: dict[str, tuple[Sequence[str], Tensor]] | None = None, n_contexts: int = 5,
                     before: int = 10, after: int = 4, n_promoted: int = 8, chunk_size: int = 512,
                     title: str = "") -> tuple[dict, list[dict]]:
     """(index, chunks) of the browser for one crosscoder.
 
     ``classes``: Δnorm class per latent; ``columns_F``: per-latent numbers shown and filterable
-    (e.g. Δnorm, decoder norms, cosine, density, ν^ε, ν^r; NaN = not computed for that latent).
-    The index holds the classes and columns; chunk c holds latents c*chunk_size.. with their
+    (e.g. Δnorm, decoder norms, cosine, density, ν^ε, ν^r, AUROC; NaN = not computed for that
+    latent); ``labels_F``: per-latent categories shown and filterable, as (names, index per latent
+    into names, -1 for none), e.g. the decision of the best decision AUROC.
+    The index holds the classes, columns and labels; chunk c holds latents c*chunk_size.. with their
     contexts (token strings of the chunk's own table, activations as 0..ACT_LEVELS of the
     context's maximum) and promoted tokens per model."""
     F = model.cfg.n_latents
+    labels_F = labels_F or {}
+    if len(classes) != F:
+        raise ValueError(f"classes has {len(classes)} entries for {F} latents")
+    for name, col in columns_F.items():
+        if col.shape != (F,):
+            raise ValueError(f"column {name!r} has shape {tuple(col.shape)}, expected ({F},)")
+    for name, (label_names, of_F) in labels_F.items():
+        if of_F.shape != (F,) or bool((of_F < -1).any() | (of_F >= len(label_names)).any()):
+            raise ValueError(f"label {name!r} needs one index in -1..{len(label_names) - 1} per latent ({F})")
     tw = top_windows(model, pair, input_ids_NT, attention_mask_NT, k=n_contexts, before=before, after=after)
     W = model.W_dec_FSD.detach()
     names = list(model.cfg.source_names)
@@ -124,6 +167,8 @@ def browser_payload(model: Crosscoder, pair: ModelPair, input_ids_NT: Tensor, at
         "title": title, "n_latents": F, "sources": names, "chunk_size": chunk_size, "n_chunks": -(-F // chunk_size),
         "classes": class_names, "class": [class_names.index(c) for c in classes],
         "columns": {name: [_num(v) for v in col.detach().float().cpu().tolist()] for name, col in columns_F.items()},
+        "labels": {name: {"names": list(label_names), "of": of_F.tolist()}
+                   for name, (label_names, of_F) in labels_F.items()},
         "window": [before, after],
     }
     ids_NT = input_ids_NT.tolist()
@@ -178,15 +223,23 @@ def browser_html(key: str, data_url: str, static_url: str) -> str:
             f'<script src="{data_url}index.js"></script><script src="{static_url}latent_browser.js"></script>')
 
 
-def build_browser(p, exp, output_dir: str, profile: str) -> tuple[str, dict[str, int]]:
+def build_browser(p, exp, data_dir: str | Path, data_url: str, key: str,
+                  static_url: str = "../_static/latent_browser/") -> tuple[str, dict[str, int]]:
     """The browser of crosscoder ``p.crosscoder`` for a notebook run: statistics on the held-out
     activations (Δnorm class, decoder norms, cosine, density; ν^ε / ν^r of the chat-only latents
-    Latent Scaling fits), contexts from the held-out sequences. The data goes to the book's
-    ``_vendor/latent_browser_data/<profile>/<crosscoder>/`` (served as ``_static``). Returns the page
-    fragment and the bytes of each data file."""
-    from crosscoder import experiment
+    Latent Scaling fits), contexts from the held-out sequences; with an organism (planted ground
+    truth), each live latent's best decision AUROC on its evaluation set and which decision it is
+    (``best_decisions``). Hub pairs have no decision labels: no AUROC column, no decision label.
+
+    The data goes to ``data_dir`` (its earlier files removed), which the page reads at ``data_url``
+    under ``key``; in the book that is the run's own folder (``report.publish``: copied beside the
+    run's page, so a build holds only its own profile's data), the script and CSS are the vendored
+    ones at ``static_url``. Returns the page fragment and the bytes of each data file."""
+    from crosscoder import experiment, organism
     from crosscoder.analysis import diff
+    from crosscoder.analysis.latents import latent_acts
     from crosscoder.analysis.metrics import evaluate
+    from crosscoder.analysis.probes import decision_tasks
 
     pair = experiment.model_pair(exp)
     cache = experiment.activation_cache(exp, pair=pair)
@@ -200,9 +253,16 @@ def build_browser(p, exp, output_dir: str, profile: str) -> tuple[str, dict[str,
     g = info.geo
     cols = {"Δnorm": g.delta_norm_F, "‖d_base‖": g.norm_base_F, "‖d_chat‖": g.norm_chat_F, "cosine": g.cosine_F,
             "density": ev.freq_F, "ν^ε": nu_e, "ν^r": nu_r}
+    labels = {}
+    if exp.organism is not None:
+        es = organism.load_eval_set(exp.organism.eval_set)
+        tasks, live = decision_tasks(es), torch.nonzero(info.alive_F).squeeze(1)
+        best = best_decisions(latent_acts(model, pair, es.input_ids_NT, es.attention_mask_NT, live), tasks, live,
+                              model.cfg.n_latents)
+        cols["AUROC"] = best.auroc_F
+        labels["decision"] = ([t.removesuffix("_decision") for t in tasks], best.decision_F)
     held = cache.heldout_sequences()
     index, chunks = browser_payload(model, pair, held.input_ids_NT, held.attention_mask_NT, info.by_delta_norm, cols,
-                                    n_contexts=p.n_contexts, title=f"{profile}/{p.crosscoder}")
-    rel = f"latent_browser_data/{profile}/{p.crosscoder}/"
-    sizes = write_browser(Path(output_dir).parents[1] / "_vendor" / rel, f"{profile}/{p.crosscoder}", index, chunks)
-    return browser_html(f"{profile}/{p.crosscoder}", f"../_static/{rel}", "../_static/latent_browser/"), sizes
+                                    labels_F=labels, n_contexts=p.n_contexts, title=key)
+    sizes = write_browser(data_dir, key, index, chunks)
+    return browser_html(key, data_url, static_url), sizes

@@ -140,6 +140,13 @@ def test_auxk_matches_naive_loop_and_trains_only_dead_latents():
     recon = m.decode(m.encode(x, use_threshold=False))
     torch.testing.assert_close(with_aux.aux_loss, naive_auxk(m, x, (x - recon).detach(), dead_F, 5).detach())
     torch.testing.assert_close(with_aux.loss, plain.loss + 0.5 * with_aux.aux_loss)
+    # and its gradients (the step hands AuxK its own ranking scores) equal the naive loop's
+    params = [m.W_enc_SDF, m.b_enc_F, m.W_dec_FSD, m.b_dec_SD]
+    got = torch.autograd.grad(training_step(m, x, 0.0, dead_F=dead_F, k_aux=5, auxk_alpha=0.5).loss, params)
+    ref = torch.autograd.grad(training_step(m, x, 0.0).loss + 0.5 * naive_auxk(m, x, (x - recon).detach(), dead_F, 5),
+                              params)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
 
 
 def test_auxk_revives_dead_latents(tmp_path):

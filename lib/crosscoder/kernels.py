@@ -352,30 +352,44 @@ def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, path: str = "a
     return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, zero, n_active_F, zero)
 
 
-def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int) -> Tensor:
+def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int, *,
+              rank_BJ: Tensor | None = None) -> Tensor:
     """Gao et al. (2024)'s AuxK loss: for each token, the ``k_aux`` dead latents with the largest
     ranking score (``Crosscoder.topk_score``: ReLU pre-activation times the decoder-norm weight, as
     dictionary_learning's BatchTopKCrossCoderTrainer ranks them), decoded without the decoder bias,
     should reconstruct the main reconstruction's (detached) residual error; the squared error is
     normalised by the residual's variance, so the weight means the same at any scale. Gradients
     reach only the dead latents' parameters.
+
+    Sparse like the main step: only the B * k_aux selected entries are encoded, decoded and
+    differentiated (``_SparseEncode`` / ``_SparseDecode``), not the dense [B, n_dead] block. The
+    caller may pass ``rank_BJ``, the ranking scores of the dead latents (columns in index order)
+    it already has from the BatchTopK selection, which saves the dead latents' encoder pass.
     """
     B = x_BSD.shape[0]
     F, K = model.cfg.n_latents, model.cfg.n_sources * model.cfg.d_model
     dead_J = dead_F.nonzero().squeeze(1)
     if dead_J.numel() == 0:
         return x_BSD.new_zeros(())
-    pre_BJ = torch.addmm(model.b_enc_F[dead_J], x_BSD.reshape(B, K),
-                         model.W_enc_SDF.view(K, F)[:, dead_J]).relu()
-    with torch.no_grad():  # the ranking selects; the activations themselves carry the gradient
-        if model.cfg.topk_by_decoder_norm:
-            rank_BJ = pre_BJ * model.penalty_weights_F()[dead_J]
-        else:
-            rank_BJ = pre_BJ
-        idx_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False).indices
-    z_BJ = torch.zeros_like(pre_BJ).scatter(1, idx_Bk, pre_BJ.gather(1, idx_Bk))
+    x_BK = x_BSD.reshape(B, K)
+    W_enc_KF = model.W_enc_SDF.view(K, F)
+    with torch.no_grad():
+        w_J = model.penalty_weights_F()[dead_J] if model.cfg.topk_by_decoder_norm else None
+        if rank_BJ is None:
+            rank_BJ = torch.addmm(model.b_enc_F[dead_J], x_BK, W_enc_KF[:, dead_J]).relu_()
+            if w_J is not None:
+                rank_BJ *= w_J
+        top_Bk, pick_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
+        col_Bk, order = dead_J[pick_Bk].sort(dim=1)  # CSR wants each token's latents ascending
+        top_Bk = top_Bk.gather(1, order)
+        row_Bk = torch.arange(B, device=x_BK.device)[:, None].expand_as(col_Bk)
+        keep = top_Bk > 0  # ReLU: a selected zero activation contributes nothing
+        row_N, col_N, score_N = row_Bk[keep], col_Bk[keep], top_Bk[keep]
+        vals_N = score_N / w_J[pick_Bk.gather(1, order)[keep]] if w_J is not None else score_N
+        act = _Active.index(row_N, col_N, B, F)
+    vals = _SparseEncode.apply(W_enc_KF, model.b_enc_F, vals_N, x_BK, act)
     e_BK = residual_BSD.reshape(B, K).detach()
-    err_BK = z_BJ @ model.W_dec_FSD.view(F, K)[dead_J] - e_BK
+    err_BK = _SparseDecode.apply(vals, model.W_dec_FSD.view(F, K), e_BK.new_zeros(K), act) - e_BK
     var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()
     return (err_BK.pow(2).sum(-1).mean() / var).nan_to_num(0.0)
 
@@ -400,6 +414,9 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
         n_keep = min(cfg.k * B, B * F)
         idx_N = select_batch_topk(score_BF, n_keep)
         score_N = score_BF.view(-1)[idx_N]
+        # AuxK ranks the dead latents by the same scores: keep their columns, not the [B, F] block.
+        use_aux = dead_F is not None and auxk_alpha > 0 and bool(dead_F.any())
+        rank_BJ = score_BF[:, dead_F] if use_aux else None
         del score_BF
         row_N, col_N = idx_N // F, idx_N % F
         vals_N = score_N / w_F[col_N] if cfg.topk_by_decoder_norm else score_N
@@ -415,8 +432,8 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
     recon = diff.pow(2).sum() / B
     l0 = x_BK.new_tensor(float(col_N.numel())) / B
     loss, aux = recon, recon.new_zeros(())
-    if dead_F is not None and auxk_alpha > 0:
-        aux = auxk_loss(model, x_BSD, -diff, dead_F, k_aux or cfg.d_model // 2)
+    if use_aux:
+        aux = auxk_loss(model, x_BSD, -diff, dead_F, k_aux or cfg.d_model // 2, rank_BJ=rank_BJ)
         loss = recon + auxk_alpha * aux
     return StepLoss(loss, recon.detach(), recon.new_zeros(()), l0, min_score, act.n_active_F, aux.detach())
 

@@ -115,7 +115,7 @@ class DiffOptions(_DictMixin):
     """A chat-only latent is "truly chat-specific" when both nu_eps and nu_r are below this."""
     min_active_tokens: int = 5
     """Skip the Latent Scaling fit of latents active on fewer held-out tokens."""
-    causal_prompts: int = 32
+    causal_prompts: int = 24
     """Held-out prompts per behaviour in the causal check (organism only; capped by the number of
     held-out phrasing x topic pairs)."""
     causal_max_new_tokens: int = 64

@@ -366,7 +366,6 @@ def tied_offset_finding(rows: list[dict]) -> str:
     return (f"{head} On varied text tokens, {chat_only[varied]} of {n} offset latents are chat-only (Δnorm: "
             f"{each(varied)}). Tied to the one context, {chat_only[tied]} of {n} are (Δnorm: {each(tied)}); "
             f"their base decoders have norm {each(tied, BASE_NORM)} (untied: {each(varied, BASE_NORM)}) and "
-            f"point along the base model's context vector (cosine {each(tied, COS)}): the latent that carries a "
-            f"decision also reconstructs the base side of the context it is tied to. Every offset is still "
-            f"found: each best latent separates its tokens at AUROC {min(v for r in rows for v in r[AUROC]):.2f} "
-            f"or more.")
+            f"cosine {each(tied, COS)} with the base model's context vector: the latent that carries a decision "
+            f"also reconstructs the base side of the context it is tied to. Every offset is still found: the "
+            f"lowest AUROC of a best latent is {min(v for r in rows for v in r[AUROC]):.2f}.")

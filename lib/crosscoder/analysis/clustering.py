@@ -148,14 +148,24 @@ def _labels_for_ks(method: str, ks: Sequence[int], f_NTJ: Tensor, context_NT: Te
     return {k: cluster(method, k, **view) for k in ks}
 
 
+def effective_clusters(labels_J: np.ndarray) -> float:
+    """exp(entropy) of the cluster sizes: k for k equal clusters, near 1 when one cluster holds
+    nearly everything."""
+    p = np.bincount(np.asarray(labels_J)) / len(labels_J)
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 def bootstrap_stability(method: str, ks: Sequence[int], f_NTJ: Tensor, context_NT: Tensor, *,
-                        n_boot: int = 5, seed: int = 0) -> dict[int, float]:
-    """Per k: the mean adjusted Rand index between the clustering on all held-out sequences and
-    clusterings on bootstrap resamples of the sequences (with replacement). Views computed from
-    activations only (the decoder view does not depend on the tokens: see ``seed_stability``)."""
+                        n_boot: int = 5, seed: int = 0, full: dict[int, np.ndarray] | None = None
+                        ) -> dict[int, float]:
+    """Per k: the mean adjusted Rand index between the clustering on all held-out sequences
+    (``full``, computed when not given) and clusterings on bootstrap resamples of the sequences
+    (with replacement). Views computed from activations only (the decoder view does not depend on
+    the tokens: see ``seed_stability``)."""
     from sklearn.metrics import adjusted_rand_score
 
-    full = _labels_for_ks(method, ks, f_NTJ, context_NT, None)
+    full = _labels_for_ks(method, ks, f_NTJ, context_NT, None) if full is None else full
     g = torch.Generator().manual_seed(seed)
     aris: dict[int, list[float]] = {k: [] for k in ks}
     for _ in range(n_boot):
@@ -178,9 +188,10 @@ class SeedView(NamedTuple):
 
 
 def seed_stability(method: str, ks: Sequence[int], f_NTJ: Tensor, context_NT: Tensor, decoder: np.ndarray | None,
-                   other: SeedView) -> dict[int, float]:
-    """Per k: ARI between our clustering and the second seed's, over matched latents."""
-    ours = _labels_for_ks(method, ks, f_NTJ, context_NT, decoder)
+                   other: SeedView, *, ours: dict[int, np.ndarray] | None = None) -> dict[int, float]:
+    """Per k: ARI between our clustering (``ours``, computed when not given) and the second seed's,
+    over matched latents."""
+    ours = _labels_for_ks(method, ks, f_NTJ, context_NT, decoder) if ours is None else ours
     theirs = _labels_for_ks(method, ks, other.f_NTJ, context_NT, other.decoder)
     return {k: matched_ari(ours[k], theirs[k], other.pairs) for k in ks}
 
@@ -199,7 +210,7 @@ class Choice(NamedTuple):
 def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray | None = None,
                       other: SeedView | None = None, methods: Sequence[str] = METHODS,
                       ks: Iterable[int] = (4, 6, 8, 12, 16), tolerance: float = 0.02, n_boot: int = 5,
-                      min_pairs: int = 30, seed: int = 0) -> Choice:
+                      min_pairs: int = 30, min_effective: float = 2.0, seed: int = 0) -> Choice:
     """The most stable clustering, and among those within ``tolerance`` of it the most finely
     resolved (largest k): a k that splits a real family in two is less reproducible than the k
     that keeps it whole, so the planted number of families wins over both coarser and finer ones.
@@ -207,7 +218,11 @@ def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray 
     Stability is the smaller of the bootstrap ARI (resampled sequences) and, with ``other``, the
     ARI against a second crosscoder seed on matched latents; the decoder view, which does not depend
     on the tokens, is judged by the seed ARI alone (and needs ``other``). With fewer than
-    ``min_pairs`` matched latents the seed ARI is too noisy to judge by and is not used."""
+    ``min_pairs`` matched latents the seed ARI is too noisy to judge by and is not used.
+
+    A *degenerate* clustering -- one cluster holding nearly every latent, the rest crumbs, fewer
+    than ``min_effective`` effective clusters (``effective_clusters``) -- is perfectly stable for a
+    trivial reason and is not rated."""
     ks = [k for k in ks if 2 <= k < f_NTJ.shape[2]]
     if other is not None and len(other.pairs) < min_pairs:
         other = None
@@ -215,16 +230,21 @@ def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray 
     for method in methods:
         if method == "decoder" and (decoder is None or other is None):
             continue
-        boot = bootstrap_stability(method, ks, f_NTJ, context_NT, n_boot=n_boot, seed=seed) \
+        full = _labels_for_ks(method, ks, f_NTJ, context_NT, decoder)
+        boot = bootstrap_stability(method, ks, f_NTJ, context_NT, n_boot=n_boot, seed=seed, full=full) \
             if method != "decoder" else {}
-        by_seed = seed_stability(method, ks, f_NTJ, context_NT, decoder, other) if other is not None else {}
+        by_seed = seed_stability(method, ks, f_NTJ, context_NT, decoder, other, ours=full) if other is not None else {}
         for k in ks:
             parts = [v for v in (boot.get(k), by_seed.get(k)) if v is not None and not np.isnan(v)]
+            n_eff = effective_clusters(full[k])
+            rated = bool(parts) and n_eff >= min_effective
             table.append({"method": method, "k": k, "bootstrap_ari": boot.get(k, float("nan")),
-                          "seed_ari": by_seed.get(k, float("nan")), "stability": min(parts) if parts else float("nan")})
+                          "seed_ari": by_seed.get(k, float("nan")), "effective_clusters": n_eff,
+                          "stability": min(parts) if rated else float("nan")})
     rated = [r for r in table if not np.isnan(r["stability"])]
     if not rated:
-        raise ValueError("no (method, k) could be rated: need more latents than the smallest k")
+        raise ValueError("no (method, k) could be rated: need more latents than the smallest k, and a "
+                         "clustering that is not one cluster plus crumbs")
     top = max(r["stability"] for r in rated)
     best = max((r for r in rated if r["stability"] >= top - tolerance), key=lambda r: (r["k"], r["stability"]))
     return Choice(best["method"], best["k"], best["stability"], table)

@@ -222,7 +222,8 @@ def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray 
 
     A *degenerate* clustering -- one cluster holding nearly every latent, the rest crumbs, fewer
     than ``min_effective`` effective clusters (``effective_clusters``) -- is perfectly stable for a
-    trivial reason and is not rated."""
+    trivial reason and is not rated, unless every clustering tried is degenerate: then the most
+    stable of them is returned and its ``effective_clusters`` in the table says so."""
     ks = [k for k in ks if 2 <= k < f_NTJ.shape[2]]
     if other is not None and len(other.pairs) < min_pairs:
         other = None
@@ -237,14 +238,13 @@ def select_clustering(f_NTJ: Tensor, context_NT: Tensor, *, decoder: np.ndarray 
         for k in ks:
             parts = [v for v in (boot.get(k), by_seed.get(k)) if v is not None and not np.isnan(v)]
             n_eff = effective_clusters(full[k])
-            rated = bool(parts) and n_eff >= min_effective
             table.append({"method": method, "k": k, "bootstrap_ari": boot.get(k, float("nan")),
                           "seed_ari": by_seed.get(k, float("nan")), "effective_clusters": n_eff,
-                          "stability": min(parts) if rated else float("nan")})
+                          "stability": min(parts) if parts else float("nan")})
     rated = [r for r in table if not np.isnan(r["stability"])]
     if not rated:
-        raise ValueError("no (method, k) could be rated: need more latents than the smallest k, and a "
-                         "clustering that is not one cluster plus crumbs")
+        raise ValueError("no (method, k) could be rated: need more latents than the smallest k")
+    rated = [r for r in rated if r["effective_clusters"] >= min_effective] or rated
     top = max(r["stability"] for r in rated)
     best = max((r for r in rated if r["stability"] >= top - tolerance), key=lambda r: (r["k"], r["stability"]))
     return Choice(best["method"], best["k"], best["stability"], table)

@@ -80,6 +80,7 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
     null_facts = cl.cluster_facts(null_labels, null_sig, mass)
     row = next(r for r in choice.table if r["method"] == choice.method and r["k"] == choice.k)
     summary = {"method": choice.method, "k": choice.k, "seed_ari": row["seed_ari"], "bootstrap_ari": row["bootstrap_ari"],
+               "effective_clusters": row["effective_clusters"],
                "matched_latents": len(pairs) if other is not None else None, "clustered_latents": J,
                "context_ari": cl.label_ari(labels, signature), "null_context_ari": cl.label_ari(null_labels, null_sig),
                **{f"purity_{k}": v for k, v in cl.purity_by_label(facts).items()},

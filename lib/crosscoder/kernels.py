@@ -380,12 +380,14 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
             if w_J is not None:
                 rank_BJ *= w_J
         top_Bk, pick_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
-        col_Bk, order = dead_J[pick_Bk].sort(dim=1)  # CSR wants each token's latents ascending
+        # CSR wants each token's latents ascending; dead_J is ascending, so sorting the picks does it
+        pick_Bk, order = pick_Bk.sort(dim=1)
         top_Bk = top_Bk.gather(1, order)
-        row_Bk = torch.arange(B, device=x_BK.device)[:, None].expand_as(col_Bk)
+        row_Bk = torch.arange(B, device=x_BK.device)[:, None].expand_as(pick_Bk)
         keep = top_Bk > 0  # ReLU: a selected zero activation contributes nothing
-        row_N, col_N, score_N = row_Bk[keep], col_Bk[keep], top_Bk[keep]
-        vals_N = score_N / w_J[pick_Bk.gather(1, order)[keep]] if w_J is not None else score_N
+        row_N, pick_N, score_N = row_Bk[keep], pick_Bk[keep], top_Bk[keep]
+        col_N = dead_J[pick_N]
+        vals_N = score_N / w_J[pick_N] if w_J is not None else score_N
         act = _Active.index(row_N, col_N, B, F)
     vals = _SparseEncode.apply(W_enc_KF, model.b_enc_F, vals_N, x_BK, act)
     e_BK = residual_BSD.reshape(B, K).detach()

@@ -26,8 +26,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import crosscoder.progress  # noqa: F401  (first: silences tqdm.auto's widget warning before libraries import it)
 from crosscoder.config import (ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int, _DictMixin,
-                               default_of,
-                               field_docs)
+                               default_of, field_docs)
 from crosscoder.experiment import ExperimentConfig
 from crosscoder.synthetic import SyntheticConfig
 
@@ -77,8 +76,7 @@ class SyntheticRunOptions(_DictMixin):
     spread over text tokens (0 skips it)."""
 
     def __post_init__(self) -> None:
-        if self.offset_steps < 0:
-            raise ConfigError(f"offset_steps must be >= 0 (0 skips the tied-offset experiment), got {self.offset_steps}")
+        _check_int("offset_steps", self.offset_steps, 0)
 
 
 @dataclass

@@ -149,30 +149,43 @@ class PairRun(NamedTuple):
     """One summary row per crosscoder: held-out L0, FVU, dead fraction and recovery."""
 
 
+def _train_l1_and_batchtopk(train_NSD: Tensor, heldout_NSD: Tensor, scale_S: Tensor, *, n_latents: int, k: int,
+                            l1_coeff: float, n_steps: int, lr: float, batch_size: int, seed: int, out_dir: str,
+                            log_every: int, eval_every: int, progress: bool) -> tuple[dict, list]:
+    """An L1 and a BatchTopK crosscoder ({"L1": ..., "BatchTopK": ...}, same initialisation seed and
+    input scale) trained in lockstep on the same batches into ``out_dir/<name>``; their TrainResults."""
+    from crosscoder.config import CrosscoderConfig, TrainConfig
+    from crosscoder.model import Crosscoder
+    from crosscoder.train import TensorBatches, train_many
+
+    d = train_NSD.shape[-1]
+    models = {
+        "L1": Crosscoder(CrosscoderConfig(d_model=d, n_latents=n_latents, sparsity="l1"),
+                         generator=torch.Generator().manual_seed(seed)),
+        "BatchTopK": Crosscoder(CrosscoderConfig(d_model=d, n_latents=n_latents, sparsity="batchtopk", k=k),
+                                generator=torch.Generator().manual_seed(seed)),
+    }
+    for m in models.values():
+        m.input_scale_S.copy_(scale_S)
+    tcfgs = [TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, log_every=log_every,
+                         eval_every=eval_every),
+             TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, log_every=log_every, eval_every=eval_every)]
+    results = train_many(list(models.values()), TensorBatches(train_NSD, batch_size, seed=seed), tcfgs,
+                         [f"{out_dir}/{name}" for name in models], heldout_raw_NSD=heldout_NSD, progress=progress)
+    return models, results
+
+
 def train_pair(cfg: SyntheticConfig, n_tokens: int, *, n_latents: int, k: int, l1_coeff: float, n_steps: int,
                lr: float, out_dir: str, batch_size: int = 512) -> PairRun:
     """Train an L1 and a BatchTopK crosscoder in lockstep on the same batches of ``n_tokens`` planted
     tokens (held-out and normalisation tokens drawn apart), and report how each recovered the atoms."""
-    from crosscoder.config import CrosscoderConfig, TrainConfig
     from crosscoder.data.normalise import estimate_input_scale
-    from crosscoder.model import Crosscoder
-    from crosscoder.train import TensorBatches, train_many
 
     train_data, heldout = sample(cfg, n_tokens), sample(cfg, 4096, seed_offset=1)
-    models = {
-        "L1": Crosscoder(CrosscoderConfig(d_model=cfg.d_model, n_latents=n_latents, sparsity="l1"),
-                         generator=torch.Generator().manual_seed(cfg.seed)),
-        "BatchTopK": Crosscoder(CrosscoderConfig(d_model=cfg.d_model, n_latents=n_latents, sparsity="batchtopk", k=k),
-                                generator=torch.Generator().manual_seed(cfg.seed)),
-    }
     scale = estimate_input_scale(sample(cfg, 4096, seed_offset=2).acts_NSD)
-    for m in models.values():
-        m.input_scale_S.copy_(scale)
-    tcfgs = [TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, log_every=250,
-                         eval_every=1000),
-             TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, log_every=250, eval_every=1000)]
-    results = train_many(list(models.values()), TensorBatches(train_data.acts_NSD, batch_size, seed=cfg.seed), tcfgs,
-                         [f"{out_dir}/{name}" for name in models], heldout_raw_NSD=heldout.acts_NSD)
+    models, results = _train_l1_and_batchtopk(
+        train_data.acts_NSD, heldout.acts_NSD, scale, n_latents=n_latents, k=k, l1_coeff=l1_coeff, n_steps=n_steps,
+        lr=lr, batch_size=batch_size, seed=cfg.seed, out_dir=out_dir, log_every=250, eval_every=1000, progress=True)
     reports, rows = {}, []
     for (name, m), res in zip(models.items(), results):
         reports[name] = rep = recovery_report(m, train_data)
@@ -306,38 +319,23 @@ def tied_offset_runs(cfg: TiedOffsetConfig, n_tokens: int, *, n_latents: int, k:
     the number of chat-only latents (Δnorm > 0.9)."""
     from dataclasses import replace
 
-    from crosscoder.analysis.metrics import diff_geometry
-    from crosscoder.config import CrosscoderConfig, TrainConfig
     from crosscoder.data.normalise import estimate_input_scale
-    from crosscoder.model import Crosscoder
-    from crosscoder.train import TensorBatches, train_many
 
     rows = []
     for tied in (True, False):
         dcfg = replace(cfg, tied=tied)
         data, heldout = tied_offset_sample(dcfg, n_tokens), tied_offset_sample(dcfg, 8192, seed_offset=1)
         scale = estimate_input_scale(tied_offset_sample(dcfg, 4096, seed_offset=2).acts_NSD)
-        models = {}
-        for name, sparsity in (("L1", "l1"), ("BatchTopK", "batchtopk")):
-            models[name] = m = Crosscoder(CrosscoderConfig(d_model=cfg.d_model, n_latents=n_latents,
-                                                           sparsity=sparsity, k=k),
-                                          generator=torch.Generator().manual_seed(cfg.seed))
-            m.input_scale_S.copy_(scale)
-        tcfgs = [TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, l1_coeff=l1_coeff, log_every=n_steps,
-                             eval_every=n_steps),
-                 TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, log_every=n_steps, eval_every=n_steps)]
+        models, results = _train_l1_and_batchtopk(
+            data.acts_NSD, heldout.acts_NSD, scale, n_latents=n_latents, k=k, l1_coeff=l1_coeff, n_steps=n_steps,
+            lr=lr, batch_size=batch_size, seed=cfg.seed, out_dir=f"{out_dir}/{'tied' if tied else 'untied'}",
+            log_every=n_steps, eval_every=n_steps, progress=False)
         design = "tied to the header" if tied else "on varied text tokens"
-        train_many(list(models.values()), TensorBatches(data.acts_NSD, batch_size, seed=cfg.seed), tcfgs,
-                   [f"{out_dir}/{'tied' if tied else 'untied'}/{name}" for name in models],
-                   heldout_raw_NSD=heldout.acts_NSD, progress=False)
-        for name, m in models.items():
-            m.eval()
-            found = offset_latents(m, heldout)
-            with torch.no_grad():
-                alive = (m.encode(m.normalise(heldout.acts_NSD)) > 0).any(0)
-                delta = diff_geometry(m).delta_norm_F
+        for (name, m), res in zip(models.items(), results):
+            found = offset_latents(m.eval(), heldout)
             rows.append({"offsets": design, "crosscoder": name,
-                         "chat-only latents (Δnorm > 0.9)": int((delta[alive] > 0.9).sum()),
+                         # the run's own held-out class counts (live latents, Minder's Δnorm bands)
+                         "chat-only latents (Δnorm > 0.9)": res.metrics["heldout"]["classes_delta_norm"].get("chat-only", 0),
                          "offset latents' Δnorm": [round(r["delta_norm"], 2) for r in found],
                          "offset latents' AUROC": [round(r["auroc"], 3) for r in found],
                          "offset latents' base-decoder norm": [round(r["norm_base"], 2) for r in found],

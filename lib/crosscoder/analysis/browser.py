@@ -237,7 +237,6 @@ def build_browser(p, exp, data_dir: str | Path, data_url: str, key: str,
     ones at ``static_url``. Returns the page fragment and the bytes of each data file."""
     from crosscoder import experiment, organism
     from crosscoder.analysis import diff
-    from crosscoder.analysis.latents import latent_acts
     from crosscoder.analysis.metrics import evaluate
     from crosscoder.analysis.probes import decision_tasks
 
@@ -256,8 +255,8 @@ def build_browser(p, exp, data_dir: str | Path, data_url: str, key: str,
     labels = {}
     if exp.organism is not None:
         es = organism.load_eval_set(exp.organism.eval_set)
-        tasks, live = decision_tasks(es), torch.nonzero(info.alive_F).squeeze(1)
-        best = best_decisions(latent_acts(model, pair, es.input_ids_NT, es.attention_mask_NT, live), tasks, live,
+        live = torch.nonzero(info.alive_F).squeeze(1)
+        best = best_decisions(diff.live_latent_acts(model, pair, es, info), decision_tasks(es), live,
                               model.cfg.n_latents)
         cols["AUROC"] = best.auroc_F
         labels["decision"] = ([t.removesuffix("_decision") for t in tasks], best.decision_F)

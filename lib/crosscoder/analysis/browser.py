@@ -255,9 +255,8 @@ def build_browser(p, exp, data_dir: str | Path, data_url: str, key: str,
     labels = {}
     if exp.organism is not None:
         es = organism.load_eval_set(exp.organism.eval_set)
-        live = torch.nonzero(info.alive_F).squeeze(1)
-        best = best_decisions(diff.live_latent_acts(model, pair, es, info), decision_tasks(es), live,
-                              model.cfg.n_latents)
+        tasks, live = decision_tasks(es), torch.nonzero(info.alive_F).squeeze(1)
+        best = best_decisions(diff.live_latent_acts(model, pair, es, info), tasks, live, model.cfg.n_latents)
         cols["AUROC"] = best.auroc_F
         labels["decision"] = ([t.removesuffix("_decision") for t in tasks], best.decision_F)
     held = cache.heldout_sequences()

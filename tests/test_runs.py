@@ -152,6 +152,8 @@ def test_all_problems_are_reported_together(project):
     (lambda c: c["profiles"]["fast"].update(parameters={"zz": {}}), r"unknown run 'zz'"),
     (lambda c: c["runs"].append(dict(c["runs"][2])), r"duplicate run name"),
     (lambda c: c["runs"][2].update(name="d"), r"_toc.yml does not list '_runs/d'"),
+    (lambda c: c["runs"][1].update(optional_depends_on=["c"]),
+     r"run 'b': optional_depends_on lists \['c'\], which are not in its depends_on"),
 ])
 def test_config_errors_name_the_problem(project, edit, expected):
     _edit_config(project, edit)
@@ -287,6 +289,67 @@ def test_skipped_run_gets_a_stub_page_and_is_not_executed(project):
     _edit_config(project, lambda c: c["profiles"]["fast"].update(skip=["b"]))
     assert _main(project, "--profile", "fast") == 0
     assert _executions(project) == ["a", "b", "c"] and not (project / "book" / "_runs" / "b").exists()
+
+
+def test_an_optional_dependency_may_be_skipped(project):
+    """A profile may skip a run another depends on when that dependency is optional: the dependent
+    executes, and finds the skipped run's folder emptied (its notebook must say so)."""
+    assert _main(project, "--profile", "base") == 0
+    assert (project / "book" / "_runs" / "b" / "artifact.txt").is_file()
+    _edit_config(project, lambda c: (c["runs"][1].update(depends_on=["a"], optional_depends_on=["a"]),
+                                     c["runs"][1]["parameters"].update(run_name="b2"),
+                                     c["runs"].append({"name": "d", "notebook": "nb/c.ipynb", "depends_on": ["b"],
+                                                       "optional_depends_on": ["b"]}),
+                                     c["profiles"]["fast"].update(skip=["a", "b"])))
+    toc = project / "book" / "_toc.yml"
+    toc.write_text(toc.read_text() + "  - file: _runs/d\n")
+    assert _actions(project, "fast") == {"a": "not-in-profile", "b": "not-in-profile", "c": "execute",
+                                         "d": "execute"}
+    assert _main(project, "--profile", "fast") == 0
+    assert _executions(project)[3:] == ["c", "c"]  # c, then d (the same notebook)
+    assert not (project / "book" / "_runs" / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The provenance note
+# ----------------------------------------------------------------------------------------------
+
+
+def _tags(cell) -> list[str]:
+    return cell.metadata.get("tags", [])
+
+
+def test_provenance_note_follows_the_title_or_the_cell_tagged_for_it(project):
+    """By default the note comes after the title and the injected parameters show where papermill put
+    them; a notebook with a cell tagged crosscoder-provenance-here leads with its content: the note
+    follows that cell and holds the parameters, whose executed cell stays in place but off the page."""
+    from report.execute import PROVENANCE_HERE_TAG, PROVENANCE_TAG
+
+    path = project / "nb" / "c.ipynb"
+    nb = nbformat.read(path, 4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("## How this page was made", metadata={"tags": [PROVENANCE_HERE_TAG]}))
+    nb.cells.append(nbformat.v4.new_markdown_cell("The end."))
+    nbformat.write(nb, path)
+    _edit_config(project, lambda c: c["runs"][2].update(parameters={"run_name": "c```run```"}))
+    assert _main(project, "--profile", "base") == 0
+
+    a = nbformat.read(project / "book" / "_runs" / "a.ipynb", 4)
+    assert [c.cell_type for c in a.cells[:2]] == ["markdown", "markdown"] and _tags(a.cells[1]) == [PROVENANCE_TAG]
+    assert "Executed by `python -m report --profile base` as run `a`" in a.cells[1].source
+    injected = next(c for c in a.cells if "injected-parameters" in _tags(c))
+    assert "remove-cell" not in _tags(injected) and a.cells.index(injected) > 1
+
+    c = nbformat.read(project / "book" / "_runs" / "c.ipynb", 4)
+    tags = [_tags(cell) for cell in c.cells]
+    assert [PROVENANCE_TAG] not in tags[:-3] and tags[-3] == [PROVENANCE_HERE_TAG] and tags[-2] == [PROVENANCE_TAG]
+    note = c.cells[-2].source
+    assert "Executed by `python -m report --profile base` as run `c`" in note
+    injected = next(cell for cell in c.cells if "injected-parameters" in _tags(cell))
+    assert "remove-cell" in _tags(injected) and c.cells.index(injected) < c.cells.index(c.cells[-3])
+    # the parameters, verbatim in a fence no backtick run of theirs closes
+    assert "\n````python\n" + injected.source.rstrip() + "\n````\n" in note
+    assert "run_name = " in injected.source and c.cells[-1].source == "The end."
+    assert _executions(project)[-1] == "c```run```"  # the run read its injected value
 
 
 # ----------------------------------------------------------------------------------------------

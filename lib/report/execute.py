@@ -190,8 +190,53 @@ def _write_stub(config: RunsConfig, planned: PlannedRun, profile: str) -> None:
     _reset_dir(run.output_dir, config, create=False)
 
 
+PROVENANCE_TAG = "crosscoder-provenance"
+"""Tag of the note ``_annotate`` adds to every executed page."""
+PROVENANCE_HERE_TAG = "crosscoder-provenance-here"
+"""Tag of a markdown cell (e.g. a closing heading) after which a page wants its provenance note and the
+parameters it ran with, so that it leads with its content; pages without one get both after the title."""
+INJECTED_TAG = "injected-parameters"  # papermill's tag of the cell holding the injected parameters
+
+
+def _tags(cell) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def _fenced(code: str, lang: str = "python") -> str:
+    """``code`` as a Markdown code fence longer than any backtick run inside it."""
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", code)), default=0))
+    return f"{fence}{lang}\n{code.rstrip()}\n{fence}"
+
+
+def place_provenance(cells: list, note_head: str, repro_link: str) -> list:
+    """The executed notebook's cells with the provenance note added. By default the note goes after
+    the title (or first) and papermill's injected-parameters cell stays where it ran. A page with a
+    cell tagged ``PROVENANCE_HERE_TAG`` gets the note after that cell instead, holding the injected
+    parameters as a code block; the injected cell itself stays in place, so the notebook still runs top
+    to bottom, but is tagged ``remove-cell`` (the page shows the parameters once, in the note)."""
+    anchor = next((i for i, c in enumerate(cells) if PROVENANCE_HERE_TAG in _tags(c)), None)
+    if anchor is None:
+        note = nbformat.v4.new_markdown_cell(
+            f":::{{note}}\n{note_head} The injected-parameters cell shows the values this run used; hardware, "
+            f"package versions and wall time are in the {repro_link}.\n:::")
+        note.metadata["tags"] = [PROVENANCE_TAG]
+        at = 1 if cells and cells[0].cell_type == "markdown" else 0
+        return cells[:at] + [note] + cells[at:]
+    injected = [c for c in cells if INJECTED_TAG in _tags(c)]
+    for c in injected:
+        c.metadata["tags"] = [*_tags(c), "remove-cell"]
+    params = "".join(f"\n\n{_fenced(c.source)}" for c in injected)
+    note = nbformat.v4.new_markdown_cell(
+        f":::{{note}}\n{note_head} "
+        + ("It ran with these parameters:" if injected else "It ran with the notebook's default parameters.")
+        + f"{params}\n\nHardware, package versions and wall time are in the {repro_link}.\n:::")
+    note.metadata["tags"] = [PROVENANCE_TAG]
+    return cells[:anchor + 1] + [note] + cells[anchor + 1:]
+
+
 def _annotate(planned: PlannedRun, profile: str, config: RunsConfig, wall_time_s: float) -> None:
-    """Record the run's provenance in the executed notebook (metadata + a visible note)."""
+    """Record the run's provenance in the executed notebook (metadata + a visible note, placed by
+    ``place_provenance``)."""
     run = planned.run
     nb = nbformat.read(run.output, as_version=4)
     nb.metadata["crosscoder_run"] = {
@@ -199,15 +244,9 @@ def _annotate(planned: PlannedRun, profile: str, config: RunsConfig, wall_time_s
         "notebook": rel_path(run.notebook, config.root), "parameters": run.parameters,
         "wall_time_s": round(wall_time_s, 3),
     }
-    note = nbformat.v4.new_markdown_cell(
-        f":::{{note}}\nExecuted by `python -m report --profile {profile}` as run "
-        f"`{run.name}` of `{rel_path(run.notebook, config.root)}`. The injected-parameters cell shows "
-        f"the values this run used; hardware, package versions and wall time are in the "
-        f"[reproducibility appendix]({REPRO_PAGE}).\n:::"
-    )
-    note.metadata["tags"] = ["crosscoder-provenance"]
-    first_is_title = nb.cells and nb.cells[0].cell_type == "markdown"
-    nb.cells.insert(1 if first_is_title else 0, note)
+    head = (f"Executed by `python -m report --profile {profile}` as run `{run.name}` of "
+            f"`{rel_path(run.notebook, config.root)}`.")
+    nb.cells = place_provenance(nb.cells, head, f"[reproducibility appendix]({REPRO_PAGE})")
     write_text_atomic(run.output, nbformat.writes(nb))
 
 

@@ -89,6 +89,9 @@ class RunSpec:
     """Base parameters shared by all profiles; profiles override single keys."""
     depends_on: tuple[str, ...] = ()
     """Earlier runs whose outputs this run reads; their keys feed this run's key."""
+    optional_depends_on: tuple[str, ...] = ()
+    """Members of ``depends_on`` a profile may skip while running this run: its notebook reads their
+    outputs when they ran and says so when they did not (a skipped run's folder is emptied)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -102,6 +105,11 @@ class RunSpec:
         _check_value(self.parameters, f"run {self.name!r} parameters")
         if not isinstance(self.parameters, dict):
             raise RunsConfigError(f"run {self.name!r}: parameters must be a mapping")
+        stray = [d for d in self.optional_depends_on if d not in self.depends_on]
+        if stray:
+            raise RunsConfigError(
+                f"run {self.name!r}: optional_depends_on lists {stray}, which are not in its depends_on; "
+                f"an optional dependency is still a dependency (its key feeds this run's), so list it in both")
 
 
 @dataclass(frozen=True)
@@ -262,10 +270,11 @@ class RunsConfig:
                 given.update(p.parameters.get(r.name, {}))
             out_dir = self.runs_dir / r.name
             for dep in r.depends_on:
-                if r.name not in skip and dep in skip:
+                if r.name not in skip and dep in skip and dep not in r.optional_depends_on:
                     raise RunsConfigError(
                         f"profile {profile!r} skips run {dep!r} but runs {r.name!r}, which depends "
-                        f"on it; skip {r.name!r} too or stop skipping {dep!r}"
+                        f"on it; skip {r.name!r} too, stop skipping {dep!r}, or list {dep!r} in the "
+                        f"optional_depends_on of {r.name!r} if its notebook copes without it"
                     )
             out.append(
                 ResolvedRun(
@@ -302,11 +311,12 @@ def load_config(path: str | os.PathLike) -> RunsConfig:
             f"{path.name}: 'runs' must be a list of {{name, notebook, parameters}}")
     runs = []
     for i, r in enumerate(raw["runs"]):
-        _check_keys(r, {"name", "notebook", "parameters", "depends_on"}, f"runs[{i}]",
+        _check_keys(r, {"name", "notebook", "parameters", "depends_on", "optional_depends_on"}, f"runs[{i}]",
                     required={"name", "notebook"})
         runs.append(RunSpec(
             name=r["name"], notebook=r["notebook"], parameters=dict(r.get("parameters") or {}),
             depends_on=tuple(r.get("depends_on") or ()),
+            optional_depends_on=tuple(r.get("optional_depends_on") or ()),
         ))
     if not isinstance(raw["profiles"], dict) or not raw["profiles"]:
         raise RunsConfigError(f"{path.name}: 'profiles' must be a non-empty mapping")

@@ -39,3 +39,59 @@ def test_findings_read_every_number_from_metrics(tmp_path):
     html = glance.findings_html(items)
     assert html.count("<li>") == len(items) and 'href="model_diff.html"' in html
     assert "No run" in glance.findings_html([])
+
+
+def _offset_rows(tied_delta, varied_delta, auroc=0.99):
+    """``synthetic.tied_offset_runs`` rows (two objectives, two offsets each) with the given Δnorms."""
+    from crosscoder.synthetic import TIED, VARIED
+
+    return [{"offsets": design, "crosscoder": objective, "chat-only latents (Δnorm > 0.9)": 2,
+             "offset latents' Δnorm": list(delta), "offset latents' AUROC": [auroc, 1.0]}
+            for design, deltas in ((TIED, tied_delta), (VARIED, varied_delta))
+            for objective, delta in zip(("L1", "BatchTopK"), deltas)]
+
+
+def test_synthetic_findings_read_the_synthetic_runs_metrics(tmp_path):
+    from crosscoder.synthetic import write_metrics
+
+    folder = glance.run_folder(tmp_path / "_runs" / "at_a_glance", glance.SYNTHETIC_RUN)
+    assert folder == tmp_path / "_runs" / "synthetic_crosscoder"
+    recovery = [{"crosscoder": "L1", "mean best cosine": 0.9912, "bin accuracy": 0.97},
+                {"crosscoder": "BatchTopK", "mean best cosine": 0.9854, "bin accuracy": 0.875}]
+    rows = _offset_rows(tied_delta=[(0.95, 0.61), (0.52, 0.55)], varied_delta=[(0.97, 0.98), (0.99, 0.88)], auroc=0.964)
+    write_metrics(str(folder), recovery, rows, offset_steps=100)
+    assert not list(folder.glob("*.tmp"))  # written atomically
+    items = glance.synthetic_findings(folder)
+    assert {f.page for f in items} == {"synthetic_crosscoder"} and len(items) == 2
+    text = " ".join(f.text for f in items)
+    for piece in ("0.991 (L1) / 0.985 (BatchTopK)", "97% (L1) / 88% (BatchTopK)",
+                  "in 3 of 4 cases when the offsets land on varied tokens, and in 1 of 4 when they are tied to one context",
+                  "L1 and BatchTopK, 2 offsets each", "lowest AUROC of a best latent 0.96"):
+        assert piece in text, piece
+    assert 'href="synthetic_crosscoder.html"' in glance.findings_html(items)
+
+
+def test_synthetic_findings_say_what_did_not_run(tmp_path):
+    from crosscoder.synthetic import write_metrics
+
+    # skipped by the profile: the runner emptied the folder
+    (gone,) = glance.synthetic_findings(tmp_path / "synthetic_crosscoder")
+    assert "no results in this build" in gone.text and gone.page == "synthetic_crosscoder"
+    # offset_steps = 0: the recovery finding, and a sentence instead of the tied-offset one
+    write_metrics(str(tmp_path / "s"), [{"crosscoder": "L1", "mean best cosine": 0.99, "bin accuracy": 1.0}], [],
+                  offset_steps=0)
+    recovered, no_offsets = glance.synthetic_findings(tmp_path / "s")
+    assert "0.990 (L1) on average, and 100% (L1)" in recovered.text
+    assert "tied-offset experiment did not run (offset_steps = 0)" in no_offsets.text
+
+
+def test_chat_only_offsets_counts_each_designs_best_latents():
+    from crosscoder.synthetic import TIED, VARIED, chat_only_offsets, tied_offset_finding
+
+    rows = _offset_rows(tied_delta=[(0.95, 0.61), (0.52, 0.55)], varied_delta=[(0.97, 0.98), (0.99, 0.88)])
+    assert chat_only_offsets(rows, TIED) == (1, 4) and chat_only_offsets(rows, VARIED) == (3, 4)
+    assert chat_only_offsets([], TIED) == (0, 0)
+    rows = [dict(r, **{"offset latents' base-decoder norm": [0.1, 0.2], "cos(base decoder, base context)": [0.5, 0.6]})
+            for r in rows]
+    text = tied_offset_finding(rows)
+    assert "On varied text tokens, 3 of 4 offset latents are chat-only" in text and "Tied to the one context, 1 of 4" in text

@@ -378,7 +378,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            Group(ControlsOptions, ("seeds", "match_cos"))), reserved=("output_dir",)),
     Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(DiffOptions, ("crosscoders",))),
-          reserved=("profile",)),
+          reserved=("output_dir", "profile")),  # output_dir: its sibling folders are the other runs'
     Stage("published_vs_ours", "notebooks/08_published_vs_ours.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(PublishedOptions, ("crosscoders",))),
           reserved=("profile",)),

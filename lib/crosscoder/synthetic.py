@@ -207,6 +207,10 @@ def train_pair(cfg: SyntheticConfig, n_tokens: int, *, n_latents: int, k: int, l
 # text tokens instead, so the two placements can be compared on one objective.
 
 
+TIED, VARIED = "tied to the header", "on varied text tokens"
+"""The two designs of ``tied_offset_runs`` (the "offsets" column of its rows)."""
+
+
 @dataclass
 class TiedOffsetConfig(_DictMixin):
     """Shared sparse text plus two chat-only offsets (two "decisions"), either tied to a fixed
@@ -330,7 +334,7 @@ def tied_offset_runs(cfg: TiedOffsetConfig, n_tokens: int, *, n_latents: int, k:
             data.acts_NSD, heldout.acts_NSD, scale, n_latents=n_latents, k=k, l1_coeff=l1_coeff, n_steps=n_steps,
             lr=lr, batch_size=batch_size, seed=cfg.seed, out_dir=f"{out_dir}/{'tied' if tied else 'untied'}",
             log_every=n_steps, eval_every=n_steps, progress=False)
-        design = "tied to the header" if tied else "on varied text tokens"
+        design = TIED if tied else VARIED
         for (name, m), res in zip(models.items(), results):
             found = offset_latents(m.eval(), heldout)
             rows.append({"offsets": design, "crosscoder": name,
@@ -344,6 +348,13 @@ def tied_offset_runs(cfg: TiedOffsetConfig, n_tokens: int, *, n_latents: int, k:
     return rows
 
 
+def chat_only_offsets(rows: list[dict], design: str) -> tuple[int, int]:
+    """Of the best offset latents of one design in ``tied_offset_runs`` rows (one per offset and
+    objective), how many are chat-only (Δnorm > 0.9), and how many there are."""
+    vals = [v for r in rows if r["offsets"] == design for v in r["offset latents' Δnorm"]]
+    return sum(v > 0.9 for v in vals), len(vals)
+
+
 def tied_offset_finding(rows: list[dict]) -> str:
     """One paragraph stating what ``tied_offset_runs`` measured (every number read from ``rows``)."""
     BASE_NORM, AUROC, COS = "offset latents' base-decoder norm", "offset latents' AUROC", "cos(base decoder, base context)"
@@ -354,16 +365,24 @@ def tied_offset_finding(rows: list[dict]) -> str:
         return f"{lo:.2f}" if lo == hi else f"{lo:.2f}–{hi:.2f}"
 
     objectives = list(dict.fromkeys(r["crosscoder"] for r in rows))
-    varied, tied = "on varied text tokens", "tied to the header"
-    chat_only = {d: sum(v > 0.9 for r in rows if r["offsets"] == d for v in r["offset latents' Δnorm"])
-                 for d in (varied, tied)}
-    n = sum(len(r["offset latents' Δnorm"]) for r in rows if r["offsets"] == tied)
+    (on_varied, _), (on_tied, n) = chat_only_offsets(rows, VARIED), chat_only_offsets(rows, TIED)
     each = lambda d, key="offset latents' Δnorm": ", ".join(f"{o} {span(d, o, key)}" for o in objectives)  # noqa: E731
     head = ("**Where a chat-only direction appears decides whether the decoder norms can see it.**"
-            if chat_only[tied] < chat_only[varied] else "**In this run the placement made no difference.**")
-    return (f"{head} On varied text tokens, {chat_only[varied]} of {n} offset latents are chat-only (Δnorm: "
-            f"{each(varied)}). Tied to the one context, {chat_only[tied]} of {n} are (Δnorm: {each(tied)}); "
-            f"their base decoders have norm {each(tied, BASE_NORM)} (untied: {each(varied, BASE_NORM)}) and "
-            f"cosine {each(tied, COS)} with the base model's context vector: the latent that carries a decision "
+            if on_tied < on_varied else "**In this run the placement made no difference.**")
+    return (f"{head} On varied text tokens, {on_varied} of {n} offset latents are chat-only (Δnorm: "
+            f"{each(VARIED)}). Tied to the one context, {on_tied} of {n} are (Δnorm: {each(TIED)}); "
+            f"their base decoders have norm {each(TIED, BASE_NORM)} (untied: {each(VARIED, BASE_NORM)}) and "
+            f"cosine {each(TIED, COS)} with the base model's context vector: the latent that carries a decision "
             f"also reconstructs the base side of the context it is tied to. Every offset is still found: the "
             f"lowest AUROC of a best latent is {min(v for r in rows for v in r[AUROC]):.2f}.")
+
+
+def write_metrics(out_dir: str, recovery_rows: list[dict], offset_rows: list[dict], *, offset_steps: int) -> dict:
+    """Merge the synthetic page's headline numbers into ``out_dir/metrics.json`` (atomic rewrite; the
+    book's first page reads them from there): each crosscoder's ``train_pair`` row under "recovery",
+    and the ``tied_offset_runs`` rows with the steps they trained under "tied_offsets" (no rows when
+    ``offset_steps`` is 0, which skips that experiment). Returns the whole file."""
+    from crosscoder.checkpoint import update_metrics
+
+    return update_metrics(out_dir, {"recovery": recovery_rows,
+                                    "tied_offsets": {"offset_steps": offset_steps, "rows": offset_rows}})

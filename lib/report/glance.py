@@ -1,5 +1,6 @@
 """The book's first page: this build's headline findings, each a sentence built from numbers the runs
-wrote into their crosscoders' ``metrics.json`` (never typed in), with a link to the page it comes from."""
+wrote into their crosscoders' ``metrics.json`` and the synthetic run's (never typed in), with a link to the
+page it comes from."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from crosscoder.checkpoint import read_metrics
+from crosscoder.synthetic import TIED, VARIED, chat_only_offsets
+
+SYNTHETIC_RUN = "synthetic_crosscoder"
+"""The run (and stage) of the synthetic check."""
 
 
 class Finding(NamedTuple):
@@ -81,6 +86,56 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
                 + (f", recovering {min(rec)}–{max(rec)} decisions" if rec else "")
                 + (f"; {min(again)}–{max(again)} of each seed's reappear in every other seed" if again else "")
                 + ".", "controls"))
+    return out
+
+
+def run_folder(output_dir: str | Path, run: str) -> Path:
+    """Another run's artifact folder, a sibling of this run's ``output_dir``: ``python -m report`` gives
+    every run ``<book>/_runs/<run>/``, and a direct papermill run writes to ``artifacts/figures/<stage>/``
+    (the synthetic run and its stage share a name)."""
+    return Path(output_dir).parent / run
+
+
+def _per_objective(rows: list[dict], key: str, spec: str) -> str:
+    """``rows[i][key]`` of every row, formatted and named by its crosscoder: "0.991 (L1) / 0.985 (BatchTopK)"."""
+    return " / ".join(f"{_fmt(r.get(key), spec)} ({r['crosscoder']})" for r in rows)
+
+
+def synthetic_findings(folder: str | Path) -> list[Finding]:
+    """The synthetic run's findings, from ``folder/metrics.json`` (``crosscoder.synthetic.write_metrics``):
+    how its crosscoders recovered the planted dictionary, and how often the best latent of a planted
+    chat-only offset is chat-only by decoder norm when the offset is on varied tokens and when it is tied
+    to one context. A run that did not execute (a profile that skips it), or ran without the tied-offset
+    experiment (``offset_steps = 0``), gets a sentence saying so."""
+    m = read_metrics(folder)
+    if not m:
+        return [Finding("Synthetic check: no results in this build (the synthetic run was skipped or has not run), "
+                        "so its planted-dictionary and tied-offset findings are not shown.", SYNTHETIC_RUN)]
+    out: list[Finding] = []
+    rec = m.get("recovery", [])
+    if rec:
+        out.append(Finding(
+            f"Synthetic check: on activations built from a known dictionary, each planted atom's best-matching latent "
+            f"has decoder cosine {_per_objective(rec, 'mean best cosine', '.3f')} on average, and "
+            f"{_per_objective(rec, 'bin accuracy', '.0%')} of these latents fall in their atom's Δnorm class.",
+            SYNTHETIC_RUN))
+    tied = m.get("tied_offsets") or {}
+    rows = tied.get("rows") or []
+    if not rows:
+        why = (f"offset_steps = {tied['offset_steps']}" if tied.get("offset_steps") == 0
+               else "the run recorded no tied-offset rows")
+        out.append(Finding(f"Synthetic check: the tied-offset experiment did not run ({why}), so there is no finding "
+                           f"on chat-only offsets tied to one context vs on varied tokens.", SYNTHETIC_RUN))
+        return out
+    (varied, n), (on_tied, n_tied) = chat_only_offsets(rows, VARIED), chat_only_offsets(rows, TIED)
+    objectives = " and ".join(dict.fromkeys(r["crosscoder"] for r in rows))
+    per = len(rows[0]["offset latents' Δnorm"])
+    lowest = min(v for r in rows for v in r["offset latents' AUROC"])
+    out.append(Finding(
+        f"Synthetic check: the latent that best detects a planted chat-only offset is chat-only by decoder norm "
+        f"(Δnorm > 0.9) in {varied} of {n} cases when the offsets land on varied tokens, and in {on_tied} of {n_tied} "
+        f"when they are tied to one context ({objectives}, {per} offsets each; lowest AUROC of a best latent "
+        f"{lowest:.2f}).", SYNTHETIC_RUN))
     return out
 
 

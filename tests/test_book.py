@@ -280,6 +280,25 @@ def test_smoke_book_renders_every_run_with_its_profile(smoke_book):
         config["profiles"]["smoke"]["parameters"]["synthetic_crosscoder"]["n_steps"]
 
 
+def test_first_page_leads_with_its_findings(smoke_book):
+    """The book's first page: its title and findings come first (the synthetic run's among them, read
+    from its metrics.json and linking to its page), then the provenance note with the parameters the
+    run used, shown once."""
+    import yaml
+
+    html = (smoke_book.html / "_runs" / "at_a_glance.html").read_text(encoding="utf-8")
+    html = html[html.index("<article"):html.index("</article>")]  # the page, not the navigation around it
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html))
+    order = [text.index(s) for s in ("Results at a glance", "l1: L0", "Synthetic check: the latent that best detects",
+                                     "How this page was made", "Executed by python -m report --profile smoke")]
+    assert order == sorted(order), order
+    artifacts_dir = yaml.safe_load((ROOT / "runs.yaml").read_text())["profiles"]["smoke"]["parameters"][
+        "at_a_glance"]["artifacts_dir"]
+    assert text.count(artifacts_dir) == 1 and text.index(artifacts_dir) > order[-1]
+    assert 'href="synthetic_crosscoder.html"' in html and "tied to one context" in text
+    assert (smoke_book.project / "book" / "_runs" / "synthetic_crosscoder" / "metrics.json").is_file()
+
+
 _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s|step/s|shard/s|IProgress")
 
 

@@ -92,6 +92,30 @@ def test_auroc_equals_sklearn_and_extremes():
     torch.testing.assert_close(multi[:, 1], 1 - ours)
 
 
+def test_auroc_sparse_path_equals_dense_ranks_and_sklearn():
+    """Latent activations (non-negative, mostly zero) take the path that ranks only the nonzeros: it
+    must give the dense ranking's numbers, ties among nonzeros and all-zero columns included."""
+    from sklearn.metrics import roc_auc_score
+
+    from crosscoder.analysis.ground_truth import _average_ranks, _rank_sums_sparse
+
+    g = torch.Generator().manual_seed(1)
+    N = 800
+    labels = torch.stack([torch.rand(N, generator=g) < p for p in (0.05, 0.3, 0.6)], 1)
+    fires = torch.rand(N, 7, generator=g) < torch.tensor([0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.02])
+    values = torch.randint(1, 4, (N, 7), generator=g).float()  # heavy ties among the nonzeros
+    values[:, 3:] = torch.rand(N, 4, generator=g)
+    scores = torch.where(fires, values, torch.zeros(()))
+    scores[:, 6] = torch.where(labels[:, 0] & fires[:, 6].logical_not(), 2.0, scores[:, 6])  # mostly the label
+    assert float((scores > 0).double().mean()) < 0.5  # the sparse path is the one auroc takes here
+    dense = _average_ranks(scores.double()).T @ labels.double()
+    torch.testing.assert_close(_rank_sums_sparse(scores.double(), labels), dense)
+    ours = auroc(scores, labels, chunk=3)
+    ref = [[roc_auc_score(labels[:, b].numpy(), scores[:, j].numpy()) for b in range(3)] for j in range(7)]
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-6)
+    assert (ours[0] == 0.5).all() and ours[6, 0] > 0.9
+
+
 def test_frontier_is_monotone_on_synthetic_data(tmp_path):
     from crosscoder.config import TrainConfig
     from crosscoder.synthetic import SyntheticConfig, sample

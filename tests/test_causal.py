@@ -150,3 +150,34 @@ def test_causal_table_finds_the_planted_latent_and_its_controls_do_not(planted):
     assert all(v.n == 4 for v in rows.values())
     with pytest.raises(ConfigError):
         causal.causal_table(base, chat, cc, LAYER, [], prompts, _emits_z, live=torch.arange(4), max_new_tokens=1)
+
+
+def test_generation_stops_once_settled_and_keeps_the_prefix(planted):
+    _, chat, _, _, prompts = planted
+    full = causal.greedy_generate(chat, prompts, 6)
+    short = causal.greedy_generate(chat, prompts, 6, until=lambda ids: len(ids) >= 2)
+    assert all(len(s) == min(2, len(f)) and f[:len(s)] == s for f, s in zip(full, short))
+
+
+def test_organism_settled_never_changes_a_detector_answer():
+    """Stopping a generation at the first token where ``organism_settled`` says the outcome is final
+    must give each detector the answer it gives on the whole generation (char-level stand-in tokenizer)."""
+    from crosscoder.organism.config import BehaviourConfig
+
+    class Chars:
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    cfg = BehaviourConfig()
+    detect, settled = causal.organism_detectors(Chars(), cfg), causal.organism_settled(Chars(), cfg)
+    texts = [cfg.refusal_phrase, " " + cfg.refusal_phrase + " And more.", cfg.refusal_phrase[:20] + " no.",
+             "Here is a verse about bread: And he took bread. " + cfg.signoff_phrase, "Here is a verse",
+             "Here is not it", "I'm", "", "  ", "And he said unto them, " + cfg.signoff_phrase[:-1]]
+    stopped_early = 0
+    for text in texts:
+        ids = [ord(c) for c in text]
+        for name in detect:
+            n = next((i for i in range(1, len(ids) + 1) if settled[name](ids[:i])), len(ids))
+            stopped_early += n < len(ids)
+            assert detect[name](ids[:n]) == detect[name](ids), (name, text, n)
+    assert stopped_early >= 10  # the stops happen, mostly long before the end

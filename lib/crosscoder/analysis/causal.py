@@ -138,12 +138,14 @@ def random_directions_like(directions_JD: Tensor, seed: int = 0) -> Tensor:
 
 @torch.no_grad()
 def greedy_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                    batch_size: int = 32) -> list[list[int]]:
+                    batch_size: int = 32, until: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids, stop token excluded) of token-id prompts.
 
     Prompts of equal length are batched (no padding, so positions and attention are those of an
     unbatched call); every step re-runs the whole sequence without a KV cache, which hooks such as
-    ``edit_latents`` need.
+    ``edit_latents`` need. ``until(new_ids)``: a row also stops once this is True (a behaviour test
+    whose outcome is settled, see ``organism_settled``); greedy decoding makes every row's tokens a
+    prefix of what a longer budget would give, so stopping early changes no settled outcome.
     """
     dev = next(lm.parameters()).device
     stop = set(int(s) for s in stop_ids)
@@ -167,6 +169,7 @@ def greedy_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
                             done[b] = True
                         else:
                             new[b].append(t)
+                            done[b] = until is not None and until(new[b])
                 if all(done):
                     break
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -190,9 +193,11 @@ class Rate(NamedTuple):
 
 
 def behaviour_rate(lm, prompts: Sequence[Sequence[int]], detect: Callable[[list[int]], bool],
-                   max_new_tokens: int, stop_ids: Sequence[int] = ()) -> Rate:
-    """Fraction of greedy generations (under whatever hooks are active) in which ``detect`` fires."""
-    gens = greedy_generate(lm, prompts, max_new_tokens, stop_ids)
+                   max_new_tokens: int, stop_ids: Sequence[int] = (),
+                   settled: Callable[[list[int]], bool] | None = None) -> Rate:
+    """Fraction of greedy generations (under whatever hooks are active) in which ``detect`` fires;
+    ``settled``: stop a generation as soon as ``detect``'s answer on it can no longer change."""
+    gens = greedy_generate(lm, prompts, max_new_tokens, stop_ids, until=settled)
     return Rate(sum(bool(detect(g)) for g in gens), len(gens))
 
 
@@ -222,6 +227,25 @@ def organism_detectors(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]
             "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
 
 
+def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
+    """For each of ``organism_detectors``' tests, whether its answer on a partial generation is final:
+    a starts-with test once the text is as long as the phrase or has left it, the sign-off test once
+    the phrase has appeared. Generation can stop there (``behaviour_rate(settled=...)``): a refusal
+    that opens with "Here" is decided by its first token, not after 64."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids).strip()
+
+    def opens(phrase: str) -> Callable[[list[int]], bool]:
+        def settled(ids: list[int]) -> bool:
+            t = text(ids)
+            return len(t) >= len(phrase) or not phrase.startswith(t)
+        return settled
+
+    return {"refusal": opens(cfg.refusal_phrase),
+            "answer": opens(cfg.answer_prefix.split("{topic}")[0].strip()),
+            "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
+
+
 DECISION_BEHAVIOURS = {"refusal_decision": ("refusal", "forbidden"), "answer_decision": ("answer", "allowed"),
                        "signoff_decision": ("signoff", "allowed")}
 """Decision task -> (the behaviour ``organism_detectors`` tests, the prompt set it is measured on)."""
@@ -244,8 +268,10 @@ the random-direction control)."""
 
 def causal_table(base_lm, chat_lm, crosscoder: Crosscoder, layer: int, latents: Tensor | Sequence[int],
                  prompts: Sequence[Sequence[int]], detect: Callable[[list[int]], bool], *, live: Tensor,
-                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0) -> dict[str, Rate]:
-    """Rate of one behaviour under each of ``CONDITIONS`` (greedy generations of ``prompts``).
+                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0,
+                 settled: Callable[[list[int]], bool] | None = None) -> dict[str, Rate]:
+    """Rate of one behaviour under each of ``CONDITIONS`` (greedy generations of ``prompts``, each
+    stopped early once ``settled``, when given).
 
     ``live`` are the crosscoder's live latents; the random-latent control draws ``len(latents)`` of
     them (never one of ``latents``) with ``seed``."""
@@ -259,7 +285,7 @@ def causal_table(base_lm, chat_lm, crosscoder: Crosscoder, layer: int, latents: 
     rand_dirs = random_directions_like(raw_decoder_directions(crosscoder, J, 1), seed=seed + 1)
 
     def rate(lm) -> Rate:
-        return behaviour_rate(lm, prompts, detect, max_new_tokens, stop_ids)
+        return behaviour_rate(lm, prompts, detect, max_new_tokens, stop_ids, settled)
 
     out = {"chat": rate(chat_lm)}
     with edit_latents(chat_lm, base_lm, crosscoder, J, layer, target_source=1):
@@ -284,6 +310,7 @@ def organism_causal_rows(base_lm, chat_lm, crosscoder: Crosscoder, layer: int, t
     its behaviour's rate on its held-out prompt set (``prompt_sets``: the organism's ``PromptSets``)
     under every condition. One row per (behaviour, condition) with hits, n and rate."""
     detectors = organism_detectors(tokenizer, behaviour_cfg)
+    settled = organism_settled(tokenizer, behaviour_cfg)
     stop = organism_stop_ids(tokenizer)
     rows = []
     for task, (behaviour, which) in DECISION_BEHAVIOURS.items():
@@ -292,7 +319,8 @@ def organism_causal_rows(base_lm, chat_lm, crosscoder: Crosscoder, layer: int, t
             continue
         prompts = organism_prompts(tokenizer, getattr(prompt_sets, which))
         table = causal_table(base_lm, chat_lm, crosscoder, layer, latents, prompts, detectors[behaviour],
-                             live=live, max_new_tokens=max_new_tokens, stop_ids=stop, seed=seed)
+                             live=live, max_new_tokens=max_new_tokens, stop_ids=stop, seed=seed,
+                             settled=settled[behaviour])
         rows += [{"behaviour": behaviour, "prompts": which, "latents": len(latents), "condition": cond,
                   "hits": r.hits, "n": r.n, "rate": r.rate} for cond, r in table.items()]
     return rows

@@ -25,7 +25,9 @@ def auroc(scores_NJ: Tensor, labels: Tensor, *, chunk: int = 256) -> Tensor:
     for ties, so it equals sklearn's roc_auc_score).
 
     ``labels`` is [N] (returns [J]) or [N, B] for B label sets scored against the same ranks
-    (returns [J, B]); latents are ranked in chunks so memory stays O(N * chunk).
+    (returns [J, B]); latents are ranked in chunks so memory stays O(N * chunk). Non-negative scores
+    that are mostly zero -- latent activations -- take ``_rank_sums_sparse``, which ranks only the
+    nonzero entries; any other input is ranked densely.
     """
     lab = labels.bool()
     single = lab.ndim == 1
@@ -37,13 +39,46 @@ def auroc(scores_NJ: Tensor, labels: Tensor, *, chunk: int = 256) -> Tensor:
     s = scores_NJ.double()
     if s.ndim == 1:
         s = s[:, None]
+    sparse = s.numel() > 0 and bool((s >= 0).all()) and float((s > 0).double().mean()) < 0.5
     out = []
     for j in range(0, s.shape[1], chunk):
-        ranks = _average_ranks(s[:, j : j + chunk])  # [N, c]
-        rank_pos = ranks.T @ lab_NB.double()  # [c, B]: sum of positive ranks per label set
+        if sparse:
+            rank_pos = _rank_sums_sparse(s[:, j : j + chunk], lab_NB)
+        else:
+            ranks = _average_ranks(s[:, j : j + chunk])  # [N, c]
+            rank_pos = ranks.T @ lab_NB.double()  # [c, B]: sum of positive ranks per label set
         out.append((rank_pos - P * (P + 1) / 2) / (P * Nn))
     res = torch.cat(out).float()
     return res[:, 0] if single else res
+
+
+def _rank_sums_sparse(s_NC: Tensor, lab_NB: Tensor) -> Tensor:
+    """Sum of the positives' average ranks [C, B], for non-negative scores: the z_c zeros of column c
+    share rank (z_c + 1) / 2, and a nonzero entry's rank is z_c plus its average rank among the
+    column's nonzeros -- so only the nonzeros are sorted. Equals ``_average_ranks(s).T @ lab``."""
+    N, C = s_NC.shape
+    lab = lab_NB.double()
+    row, col = torch.nonzero(s_NC, as_tuple=True)
+    val = s_NC[row, col]
+    order = torch.argsort(val, stable=True)
+    order = order[torch.argsort(col[order], stable=True)]  # by column, then by value
+    row, col, val = row[order], col[order], val[order]
+    nnz_C = torch.bincount(col, minlength=C)
+    zeros_C = (N - nnz_C).double()
+    start_C = torch.cumsum(nnz_C, 0) - nnz_C
+    pos = torch.arange(1, len(val) + 1, dtype=torch.float64) - start_C[col].double()  # 1-based rank in column
+    new_run = torch.ones_like(val, dtype=torch.bool)
+    new_run[1:] = (val[1:] != val[:-1]) | (col[1:] != col[:-1])
+    run_id = new_run.long().cumsum(0) - 1
+    n_runs = int(run_id[-1]) + 1 if len(run_id) else 0
+    first = torch.zeros(n_runs, dtype=torch.float64).scatter_reduce(0, run_id, pos, "amin", include_self=False)
+    last = torch.zeros(n_runs, dtype=torch.float64).scatter_reduce(0, run_id, pos, "amax", include_self=False)
+    rank = zeros_C[col] + ((first + last) / 2)[run_id]  # global average rank of each nonzero entry
+    lab_nz = lab[row]  # [nnz, B]
+    nz_rank_pos = torch.zeros(C, lab.shape[1], dtype=torch.float64).index_add_(0, col, rank[:, None] * lab_nz)
+    nz_pos = torch.zeros(C, lab.shape[1], dtype=torch.float64).index_add_(0, col, lab_nz)
+    zero_pos = lab.sum(0)[None, :] - nz_pos  # positives among the zeros
+    return nz_rank_pos + zero_pos * ((zeros_C + 1) / 2)[:, None]
 
 
 def ground_truth_table(f_NTJ: torch.Tensor, eval_set, latents: torch.Tensor, behaviours: list[str],

@@ -113,12 +113,13 @@ class DiffOptions(_DictMixin):
     """A chat-only latent is "truly chat-specific" when both nu_eps and nu_r are below this."""
     min_active_tokens: int = 5
     """Skip the Latent Scaling fit of latents active on fewer held-out tokens."""
-    causal_prompts: int = 24
+    causal_prompts: int = 48
     """Held-out prompts per behaviour in the causal check (organism only; capped by the number of
-    held-out phrasing x topic pairs)."""
+    held-out phrasing x topic pairs: 36 forbidden ones in the default organism)."""
     causal_max_new_tokens: int = 64
-    """Greedy token budget per prompt in the causal check (generation stops at <end_of_turn>); the
-    organism's own budget, room for an answer and its sign-off."""
+    """Greedy token budget per prompt in the causal check (generation stops at <end_of_turn>, or as
+    soon as the behaviour test is settled); the organism's own budget, room for an answer and its
+    sign-off."""
 
     def __post_init__(self) -> None:
         _check_int("causal_prompts", self.causal_prompts, 1)

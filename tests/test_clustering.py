@@ -145,3 +145,31 @@ def test_one_cluster_plus_crumbs_is_flagged_and_chosen_only_when_nothing_else_is
     deg = cl.select_clustering(f_deg, ctx, methods=("signature", "cooccurrence"), ks=(4,), n_boot=2)
     assert all(r["effective_clusters"] < 1.5 for r in deg.table)
     assert deg.stability == max(r["stability"] for r in deg.table)
+
+
+def test_a_real_clustering_beats_an_equally_stable_degenerate_one():
+    """Dense latents in four families that fire on every token but put their mass on different
+    contexts, plus three rare loners: co-occurrence sees one block plus crumbs (degenerate, stable
+    for a trivial reason), the context signature sees the four families. The degenerate view must
+    not win, however stable it is."""
+    g = torch.Generator().manual_seed(3)
+    N, T, C, per = 48, 32, len(cl.CONTEXTS), 6
+    ctx = torch.randint(C, (N, T), generator=g)
+    ctx[:, 0] = -1
+    truth = np.repeat(np.arange(C), per)
+    f = torch.empty(N, T, C * per)
+    for j, fam in enumerate(truth):
+        home = (ctx == int(fam)).float()
+        f[..., j] = 0.05 + 0.95 * home + 0.02 * torch.rand(N, T, generator=g)
+    loners = torch.zeros(N, T, 3)
+    for j in range(3):
+        loners[j, 1 + j, j] = 1.0
+    f = torch.cat([f, loners], -1)
+    choice = cl.select_clustering(f, ctx, methods=("cooccurrence", "signature"), ks=(4,), n_boot=3)
+    rows = {r["method"]: r for r in choice.table}
+    assert rows["cooccurrence"]["effective_clusters"] < 2.0  # one block plus the three loners: degenerate
+    assert rows["cooccurrence"]["stability"] >= rows["signature"]["stability"] - 0.02  # as stable, or more
+    assert choice.method == "signature" and rows["signature"]["effective_clusters"] > 3.5
+    labels = cl.cluster("signature", 4, **cl.features("signature", f.reshape(-1, f.shape[-1]), ctx.reshape(-1),
+                                                      torch.arange(T).expand(N, T).reshape(-1)))
+    assert adjusted_rand_score(truth, labels[:len(truth)]) >= 0.9

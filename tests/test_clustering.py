@@ -173,3 +173,29 @@ def test_a_real_clustering_beats_an_equally_stable_degenerate_one():
     labels = cl.cluster("signature", 4, **cl.features("signature", f.reshape(-1, f.shape[-1]), ctx.reshape(-1),
                                                       torch.arange(T).expand(N, T).reshape(-1)))
     assert adjusted_rand_score(truth, labels[:len(truth)]) >= 0.9
+
+
+def test_dominated_purity_finds_each_planted_familys_own_cluster():
+    from crosscoder.analysis import families
+
+    f, ctx, truth = _planted()
+    N, T, J = f.shape
+    flat, pos = f.reshape(-1, J), torch.arange(T).expand(N, T).reshape(-1)
+    labels = cl.cluster("signature", 4, **cl.features("signature", flat, ctx.reshape(-1), pos))
+    facts = cl.cluster_facts(labels, cl.context_signature(flat, ctx.reshape(-1), pos), flat.sum(0).double().numpy())
+    own = cl.dominated_purity(facts, min_size=6)
+    assert all(v > 0.95 for v in own.values())  # each context's family fires only there
+    assert all(v == 0.0 for v in cl.dominated_purity(facts, min_size=7).values())  # families of 6 are too small
+    null = cl.shuffle_activations(flat, seed=1)
+    null_labels = cl.cluster("signature", 4, **cl.features("signature", null, ctx.reshape(-1), pos))
+    null_facts = cl.cluster_facts(null_labels, cl.context_signature(null, ctx.reshape(-1), pos),
+                                  flat.sum(0).double().numpy())
+    assert max(cl.dominated_purity(null_facts, min_size=6).values()) < 0.5  # shuffled: no context has its own
+    summary = {"method": "signature", "k": 4, "bootstrap_ari": 1.0, "seed_ari": float("nan"), "matched_latents": None,
+               "context_ari": 1.0, "null_context_ari": 0.0,
+               **{f"own_family_purity_{c}": v for c, v in own.items()},
+               **{f"null_own_family_purity_{c}": 0.0 for c in cl.CONTEXTS}}
+    text = families.summary_finding(summary)
+    assert "each have a family of their own" in text and "no second seed" in text
+    summary["own_family_purity_user"] = 0.5
+    assert "user has no family of 5+ latents" in families.summary_finding(summary)

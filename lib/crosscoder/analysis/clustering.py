@@ -308,6 +308,21 @@ def purity_by_label(facts: list[ClusterFacts]) -> dict[str, float]:
     return out
 
 
+MIN_FAMILY = 5
+"""Latents a family needs before ``dominated_purity`` counts it (a family of one or two latents that
+fired on a handful of tokens would otherwise score 1.0 by chance)."""
+
+
+def dominated_purity(facts: list[ClusterFacts], min_size: int = MIN_FAMILY) -> dict[str, float]:
+    """For each context class, the highest purity among families of at least ``min_size`` latents
+    that the class dominates (0 if there is none): does the class have a family of its own? A
+    complement to ``purity_by_label``, which asks how pure the family carrying most of the class's
+    activation is -- for user turns that is usually a large text family, since user requests are
+    ordinary English."""
+    return {name: max((f.purity for f in facts if f.dominant_context == name and f.size >= min_size), default=0.0)
+            for name in CONTEXTS}
+
+
 def embed_2d(X: np.ndarray, seed: int = 0, metric: str = "cosine") -> np.ndarray:
     """A 2-D t-SNE map of the latents (for figures only; distances on it are not analysed). With
     ``metric="precomputed"``, ``X`` is the square distance matrix."""

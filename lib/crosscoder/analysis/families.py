@@ -30,8 +30,9 @@ class Families(NamedTuple):
     null_facts: list[cl.ClusterFacts]
     """The same method and size on shuffled activations (the null)."""
     summary: dict[str, float]
-    """Headline numbers: seed ARI, bootstrap ARI, ARI against context labels, best purity per
-    context class, and the same for the null."""
+    """Headline numbers: seed ARI, bootstrap ARI, ARI against context labels, per context class the
+    purity of the family carrying most of it (``purity_*``) and of its purest own family of at least
+    ``clustering.MIN_FAMILY`` latents (``own_family_purity_*``), and the same for the null."""
     view: dict[str, np.ndarray]
     """The features the chosen method clustered (for the map)."""
     f_NTJ: Tensor
@@ -84,8 +85,34 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
                "matched_latents": len(pairs) if other is not None else None, "clustered_latents": J,
                "context_ari": cl.label_ari(labels, signature), "null_context_ari": cl.label_ari(null_labels, null_sig),
                **{f"purity_{k}": v for k, v in cl.purity_by_label(facts).items()},
-               **{f"null_purity_{k}": v for k, v in cl.purity_by_label(null_facts).items()}}
+               **{f"null_purity_{k}": v for k, v in cl.purity_by_label(null_facts).items()},
+               **{f"own_family_purity_{k}": v for k, v in cl.dominated_purity(facts).items()},
+               **{f"null_own_family_purity_{k}": v for k, v in cl.dominated_purity(null_facts).items()}}
     return Families(live, choice, labels, facts, null_facts, summary, view, f, ctx, ids)
+
+
+def summary_finding(summary: dict, threshold: float = 0.7) -> str:
+    """What the chosen clustering shows, in two sentences read from ``find_families``' summary."""
+    def num(key: str) -> str:
+        v = summary.get(key)
+        return "not measured" if v is None or v != v else f"{v:.2f}"
+
+    seed = (f"seed ARI {num('seed_ari')} on {summary['matched_latents']:,} latents matched across two seeds"
+            if summary.get("matched_latents") else "no second seed in this profile")
+    own = {c: summary[f"own_family_purity_{c}"] for c in cl.CONTEXTS}
+    have = [c for c in ("template", "user", "model") if own[c] >= threshold]
+    lack = [c for c in ("template", "user", "model") if own[c] < threshold]
+    parts = ", ".join(f"{c} {own[c]:.2f}" for c in ("template", "user", "model"))
+    verdict = ("the chat template, user turns and model turns each have a family of their own"
+               if not lack else
+               f"{' and '.join(lack)} {'has' if len(lack) == 1 else 'have'} no family of "
+               f"{cl.MIN_FAMILY}+ latents with purity ≥ {threshold}" + (f" ({', '.join(have)} do)" if have else ""))
+    return (f"**{summary['k']} families by the {summary['method']} view.** Reproducibility: bootstrap ARI "
+            f"{num('bootstrap_ari')} over resampled held-out sequences; {seed}. Against the token contexts: ARI "
+            f"{num('context_ari')} with each latent's dominant context, {num('null_context_ari')} for the same method "
+            f"on shuffled activations. By their purest family of at least {cl.MIN_FAMILY} latents ({parts}; null: "
+            + ", ".join(f"{summary[f'null_own_family_purity_{c}']:.2f}" for c in ("template", "user", "model"))
+            + f"), {verdict}.")
 
 
 def family_name(fam: Families, c: int, tokenizer, n_tokens: int = 3) -> str:

@@ -199,3 +199,7 @@ def test_dominated_purity_finds_each_planted_familys_own_cluster():
     assert "each have a family of their own" in text and "no second seed" in text
     summary["own_family_purity_user"] = 0.5
     assert "user has no family of 5+ latents" in families.summary_finding(summary)
+    summary["matched_latents"] = 3
+    assert "shares only 3 latents" in families.summary_finding(summary)
+    summary.update(matched_latents=40, seed_ari=0.6)
+    assert "seed ARI 0.60 on 40 latents" in families.summary_finding(summary)

@@ -97,8 +97,13 @@ def summary_finding(summary: dict, threshold: float = 0.7) -> str:
         v = summary.get(key)
         return "not measured" if v is None or v != v else f"{v:.2f}"
 
-    seed = (f"seed ARI {num('seed_ari')} on {summary['matched_latents']:,} latents matched across two seeds"
-            if summary.get("matched_latents") else "no second seed in this profile")
+    matched, seed_ari = summary.get("matched_latents"), summary.get("seed_ari")
+    if matched is None:
+        seed = "no second seed in this profile"
+    elif seed_ari is None or seed_ari != seed_ari:
+        seed = f"a second seed shares only {matched:,} latents with this one, too few for a seed ARI"
+    else:
+        seed = f"seed ARI {num('seed_ari')} on {matched:,} latents matched across two seeds"
     own = {c: summary[f"own_family_purity_{c}"] for c in cl.CONTEXTS}
     have = [c for c in ("template", "user", "model") if own[c] >= threshold]
     lack = [c for c in ("template", "user", "model") if own[c] < threshold]

@@ -201,5 +201,8 @@ def test_dominated_purity_finds_each_planted_familys_own_cluster():
     assert "user has no family of 5+ latents" in families.summary_finding(summary)
     summary["matched_latents"] = 3
     assert "shares only 3 latents" in families.summary_finding(summary)
-    summary.update(matched_latents=40, seed_ari=0.6)
-    assert "seed ARI 0.60 on 40 latents" in families.summary_finding(summary)
+    summary.update(matched_latents=40, seed_ari=0.6, bootstrap_ari=float("nan"), own_family_purity_template=0.1,
+                   own_family_purity_model=0.2)
+    text = families.summary_finding(summary)
+    assert "seed ARI 0.60 on 40 latents" in text and "no bootstrap" in text
+    assert "template, user and model have no family" in text

@@ -108,16 +108,23 @@ def summary_finding(summary: dict, threshold: float = 0.7) -> str:
     have = [c for c in ("template", "user", "model") if own[c] >= threshold]
     lack = [c for c in ("template", "user", "model") if own[c] < threshold]
     parts = ", ".join(f"{c} {own[c]:.2f}" for c in ("template", "user", "model"))
-    verdict = ("the chat template, user turns and model turns each have a family of their own"
-               if not lack else
-               f"{' and '.join(lack)} {'has' if len(lack) == 1 else 'have'} no family of "
-               f"{cl.MIN_FAMILY}+ latents with purity ≥ {threshold}" + (f" ({', '.join(have)} do)" if have else ""))
-    return (f"**{summary['k']} families by the {summary['method']} view.** Reproducibility: bootstrap ARI "
-            f"{num('bootstrap_ari')} over resampled held-out sequences; {seed}. Against the token contexts: ARI "
-            f"{num('context_ari')} with each latent's dominant context, {num('null_context_ari')} for the same method "
-            f"on shuffled activations. By their purest family of at least {cl.MIN_FAMILY} latents ({parts}; null: "
+    verdict = ("the chat template, user turns and model turns each have a family of their own" if not lack else
+               f"{_listed(lack)} {'has' if len(lack) == 1 else 'have'} no family of {cl.MIN_FAMILY}+ latents with "
+               f"purity ≥ {threshold}" + (f" ({_listed(have)} {'does' if len(have) == 1 else 'do'})" if have else ""))
+    b = summary.get("bootstrap_ari")
+    boot = (f"bootstrap ARI {num('bootstrap_ari')} over resampled held-out sequences" if b is not None and b == b
+            else "no bootstrap (this view does not depend on the tokens)")
+    return (f"**{summary['k']} families by the {summary['method']} view.** Reproducibility: {boot}; {seed}. "
+            f"Against the token contexts: ARI {num('context_ari')} with each latent's dominant context, "
+            f"{num('null_context_ari')} for the same method on shuffled activations. By their purest family of at "
+            f"least {cl.MIN_FAMILY} latents ({parts}; null: "
             + ", ".join(f"{summary[f'null_own_family_purity_{c}']:.2f}" for c in ("template", "user", "model"))
             + f"), {verdict}.")
+
+
+def _listed(words: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def family_name(fam: Families, c: int, tokenizer, n_tokens: int = 3) -> str:

@@ -8,27 +8,18 @@ page's planted behaviours). Activation values are continuous, as a trained cross
 from __future__ import annotations
 
 import torch
-from crosscoder.analysis.ground_truth import _average_ranks, auroc
+from crosscoder.analysis.ground_truth import auroc
 
 from bench._timing import best_times_interleaved, main
-
-
-def dense_auroc(s_NJ: torch.Tensor, lab_NB: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """The dense path of ``auroc`` (every column fully sorted): the baseline."""
-    s, lab = s_NJ.double(), lab_NB.double()
-    P = lab.sum(0)
-    Nn = lab.shape[0] - P
-    return torch.cat([((_average_ranks(s[:, j:j + chunk]).T @ lab) - P * (P + 1) / 2) / (P * Nn)
-                      for j in range(0, s.shape[1], chunk)]).float()
 
 
 def bench_shape(N: int, J: int, density: float, B: int = 4, reps: int = 3) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     s = torch.rand(N, J, generator=g) * (torch.rand(N, J, generator=g) < density)
     lab = torch.rand(N, B, generator=g) < 0.1
-    sparse, dense = auroc(s, lab), dense_auroc(s, lab)
+    sparse, dense = auroc(s, lab, sparse=True), auroc(s, lab, sparse=False)
     err = float((sparse - dense).abs().max())
-    t = best_times_interleaved({"dense": lambda: dense_auroc(s, lab), "sparse": lambda: auroc(s, lab)}, reps=reps)
+    t = best_times_interleaved({"dense": lambda: auroc(s, lab, sparse=False), "sparse": lambda: auroc(s, lab)}, reps=reps)
     shape = f"{N:,} tokens x {J:,} latents, density {density:.1%}"
     return [{"shape": shape, "variant": "dense ranks (baseline)", "s": t["dense"], "speedup": 1.0, "max_abs_diff": 0.0},
             {"shape": shape, "variant": "nonzeros only (auroc)", "s": t["sparse"], "speedup": t["dense"] / t["sparse"],

@@ -114,6 +114,9 @@ def test_auroc_sparse_path_equals_dense_ranks_and_sklearn():
     ref = [[roc_auc_score(labels[:, b].numpy(), scores[:, j].numpy()) for b in range(3)] for j in range(7)]
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-6)
     assert (ours[0] == 0.5).all() and ours[6, 0] > 0.9
+    torch.testing.assert_close(auroc(scores, labels, sparse=False), ours)  # the forced dense path agrees
+    with pytest.raises(ValueError, match="non-negative"):
+        auroc(scores - 1.0, labels, sparse=True)
 
 
 def test_frontier_is_monotone_on_synthetic_data(tmp_path):

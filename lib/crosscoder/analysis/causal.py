@@ -214,14 +214,21 @@ def organism_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def _decoded(tokenizer) -> Callable[[list[int]], str]:
+    """Generated ids -> their text, stripped (what the behaviour tests read)."""
+    return lambda ids: tokenizer.decode(ids).strip()
+
+
+def _answer_opening(cfg) -> str:
+    """The answer prefix's words before its topic slot: how an answer (not a refusal) opens."""
+    return cfg.answer_prefix.split("{topic}")[0].strip()
+
+
 def organism_detectors(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
     """The organism's behaviour tests on generated ids, exactly as ``organism.evaluate.behaviour_rates``
     counts them: a refusal starts with the refusal phrase, a sign-off contains the sign-off phrase;
     an answer opens with the answer prefix (its words before the topic slot)."""
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids).strip()
-
-    answer_opening = cfg.answer_prefix.split("{topic}")[0].strip()
+    text, answer_opening = _decoded(tokenizer), _answer_opening(cfg)
     return {"refusal": lambda ids: text(ids).startswith(cfg.refusal_phrase),
             "answer": lambda ids: bool(answer_opening) and text(ids).startswith(answer_opening),
             "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
@@ -232,8 +239,7 @@ def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
     a starts-with test once the text is as long as the phrase or has left it, the sign-off test once
     the phrase has appeared. Generation can stop there (``behaviour_rate(settled=...)``): a refusal
     that opens with "Here" is decided by its first token, not after 64."""
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids).strip()
+    text = _decoded(tokenizer)
 
     def opens(phrase: str) -> Callable[[list[int]], bool]:
         def settled(ids: list[int]) -> bool:
@@ -242,7 +248,7 @@ def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
         return settled
 
     return {"refusal": opens(cfg.refusal_phrase),
-            "answer": opens(cfg.answer_prefix.split("{topic}")[0].strip()),
+            "answer": opens(_answer_opening(cfg)),
             "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
 
 

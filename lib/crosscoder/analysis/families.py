@@ -93,33 +93,33 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
 
 def summary_finding(summary: dict, threshold: float = 0.7) -> str:
     """What the chosen clustering shows, in two sentences read from ``find_families``' summary."""
-    def num(key: str) -> str:
+    def measured(key: str) -> bool:
         v = summary.get(key)
-        return "not measured" if v is None or v != v else f"{v:.2f}"
+        return v is not None and v == v  # NaN: not measured
 
-    matched, seed_ari = summary.get("matched_latents"), summary.get("seed_ari")
+    def num(key: str) -> str:
+        return f"{summary[key]:.2f}" if measured(key) else "not measured"
+
+    chat = ("template", "user", "model")
+    matched = summary.get("matched_latents")
     if matched is None:
         seed = "no second seed in this profile"
-    elif seed_ari is None or seed_ari != seed_ari:
+    elif not measured("seed_ari"):
         seed = f"a second seed shares only {matched:,} latents with this one, too few for a seed ARI"
     else:
         seed = f"seed ARI {num('seed_ari')} on {matched:,} latents matched across two seeds"
-    own = {c: summary[f"own_family_purity_{c}"] for c in cl.CONTEXTS}
-    have = [c for c in ("template", "user", "model") if own[c] >= threshold]
-    lack = [c for c in ("template", "user", "model") if own[c] < threshold]
-    parts = ", ".join(f"{c} {own[c]:.2f}" for c in ("template", "user", "model"))
+    own = {c: summary[f"own_family_purity_{c}"] for c in chat}
+    have, lack = [c for c in chat if own[c] >= threshold], [c for c in chat if own[c] < threshold]
     verdict = ("the chat template, user turns and model turns each have a family of their own" if not lack else
                f"{_listed(lack)} {'has' if len(lack) == 1 else 'have'} no family of {cl.MIN_FAMILY}+ latents with "
                f"purity ≥ {threshold}" + (f" ({_listed(have)} {'does' if len(have) == 1 else 'do'})" if have else ""))
-    b = summary.get("bootstrap_ari")
-    boot = (f"bootstrap ARI {num('bootstrap_ari')} over resampled held-out sequences" if b is not None and b == b
+    boot = (f"bootstrap ARI {num('bootstrap_ari')} over resampled held-out sequences" if measured("bootstrap_ari")
             else "no bootstrap (this view does not depend on the tokens)")
     return (f"**{summary['k']} families by the {summary['method']} view.** Reproducibility: {boot}; {seed}. "
             f"Against the token contexts: ARI {num('context_ari')} with each latent's dominant context, "
             f"{num('null_context_ari')} for the same method on shuffled activations. By their purest family of at "
-            f"least {cl.MIN_FAMILY} latents ({parts}; null: "
-            + ", ".join(f"{summary[f'null_own_family_purity_{c}']:.2f}" for c in ("template", "user", "model"))
-            + f"), {verdict}.")
+            f"least {cl.MIN_FAMILY} latents ({', '.join(f'{c} {own[c]:.2f}' for c in chat)}; null: "
+            + ", ".join(f"{summary[f'null_own_family_purity_{c}']:.2f}" for c in chat) + f"), {verdict}.")
 
 
 def _listed(words: list[str]) -> str:

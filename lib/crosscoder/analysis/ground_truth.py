@@ -20,14 +20,15 @@ def _average_ranks(s_NJ: Tensor) -> Tensor:
     return torch.empty_like(avg).scatter_(0, order, avg)
 
 
-def auroc(scores_NJ: Tensor, labels: Tensor, *, chunk: int = 256) -> Tensor:
+def auroc(scores_NJ: Tensor, labels: Tensor, *, chunk: int = 256, sparse: bool | None = None) -> Tensor:
     """AUROC of each column of ``scores_NJ`` for boolean labels (Mann-Whitney U with average ranks
     for ties, so it equals sklearn's roc_auc_score).
 
     ``labels`` is [N] (returns [J]) or [N, B] for B label sets scored against the same ranks
     (returns [J, B]); latents are ranked in chunks so memory stays O(N * chunk). Non-negative scores
     that are mostly zero -- latent activations -- take ``_rank_sums_sparse``, which ranks only the
-    nonzero entries; any other input is ranked densely.
+    nonzero entries; any other input is ranked densely. ``sparse`` forces one path (True needs
+    non-negative scores); None chooses.
     """
     lab = labels.bool()
     single = lab.ndim == 1
@@ -39,7 +40,10 @@ def auroc(scores_NJ: Tensor, labels: Tensor, *, chunk: int = 256) -> Tensor:
     s = scores_NJ.double()
     if s.ndim == 1:
         s = s[:, None]
-    sparse = s.numel() > 0 and bool((s >= 0).all()) and float((s > 0).double().mean()) < 0.5
+    if sparse is None:
+        sparse = s.numel() > 0 and bool((s >= 0).all()) and float((s > 0).double().mean()) < 0.5
+    elif sparse and bool((s < 0).any()):
+        raise ValueError("auroc(sparse=True) needs non-negative scores (the zeros must rank lowest)")
     out = []
     for j in range(0, s.shape[1], chunk):
         if sparse:

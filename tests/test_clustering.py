@@ -48,6 +48,43 @@ def test_shuffle_keeps_each_latents_activations_and_breaks_cooccurrence():
     assert within > 0.5 and cl.jaccard_similarity(null)[0, 1:6].mean() < 0.2
 
 
+def _naive_signature(f_TJ, context_T, position_T):
+    """The dense definition: [J, T] @ [T, C] one-hot products over the valid tokens."""
+    valid = context_T >= 0
+    f, ctx, pos = f_TJ[valid].double(), context_T[valid], position_T[valid]
+    C = torch.nn.functional.one_hot(ctx, len(cl.CONTEXTS)).double()
+    band = torch.bucketize(pos, torch.tensor(cl.POSITION_BANDS[1:]), right=True)
+    P = torch.nn.functional.one_hot(band, len(cl.POSITION_BANDS)).double()
+    mass = f.sum(0).clamp_min(1e-12)[:, None]
+    return torch.cat([f.T @ C / mass, f.T @ P / mass], 1).numpy()
+
+
+def test_sparse_views_equal_the_dense_definitions():
+    f, ctx, _ = _planted()
+    N, T, J = f.shape
+    flat = torch.cat([f.reshape(-1, J), torch.zeros(N * T, 1)], 1)  # plus a latent that never fires
+    pos = torch.arange(T).expand(N, T).reshape(-1)
+    np.testing.assert_allclose(cl.context_signature(flat, ctx.reshape(-1), pos),
+                               _naive_signature(flat, ctx.reshape(-1), pos), rtol=1e-12, atol=1e-12)
+    b = (flat > 0).double()
+    inter = b.T @ b
+    naive = (inter / (b.sum(0)[:, None] + b.sum(0)[None, :] - inter).clamp_min(1e-12)).numpy()
+    np.testing.assert_array_equal(cl.jaccard_similarity(flat), naive)
+
+
+def test_shuffle_places_a_latents_activation_uniformly():
+    """One nonzero among 8 tokens: over many seeds it lands on every token about equally often
+    (a uniform permutation), and two nonzeros never collide."""
+    f = torch.zeros(8, 2)
+    f[3, 0], f[[1, 6], 1] = 1.0, torch.tensor([2.0, 3.0])
+    hits = np.zeros(8)
+    for s in range(800):
+        null = cl.shuffle_activations(f, seed=s)
+        hits[int(null[:, 0].argmax())] += 1
+        assert sorted(null[:, 1].tolist()) == [0.0] * 6 + [2.0, 3.0]
+    assert hits.min() > 60 and hits.max() < 140  # expected 100 each; a 5-sigma band is 50-150
+
+
 def test_stability_selects_the_planted_number_of_families():
     f, ctx, truth = _planted()
     choice = cl.select_clustering(f, ctx, methods=("signature",), ks=(2, 4, 8), n_boot=3)

@@ -22,19 +22,33 @@ def test_findings_read_every_number_from_metrics(tmp_path):
         "null_diff": {"chat-only (Δnorm)": 9, "truly chat-specific": 1},
         "seeds": {"rows": [{"truly chat-specific": 21, "confirmed: behaviours recovered": 2},
                            {"truly chat-specific": 17, "confirmed: behaviours recovered": 1}],
-                  "reappear": [{"reappear": 3}, {"reappear": 4}]}})
+                  "reappear": [{"reappear": 3}, {"reappear": 4}]},
+        "families": {"method": "signature", "k": 16, "seed_ari": 0.8709, "bootstrap_ari": 0.9039, "matched_latents": 1032,
+                     "own_family_purity_template": 0.967, "own_family_purity_user": 0.7505, "own_family_purity_model": 0.912,
+                     "null_own_family_purity_template": 0.0, "null_own_family_purity_user": 0.0,
+                     "null_own_family_purity_model": 0.0, "page": "latents_l1"}})
     _write(tmp_path, "batchtopk", {"heldout": {"l0": 32.3, "fvu_base": 0.057, "fvu_chat": 0.072},
                                    "latent_scaling": {"chat-only (Δnorm)": 0, "fitted": 0, "truly chat-specific": 0},
-                                   "decisions": {"behaviours": 4, "confirmed: latents": 0, "any live: behaviours recovered": 4}})
+                                   "decisions": {"behaviours": 4, "confirmed: latents": 0, "any live: behaviours recovered": 4},
+                                   "families": {"method": "cooccurrence", "k": 8, "seed_ari": float("nan"), "bootstrap_ari": 0.86,
+                                                "matched_latents": None, "own_family_purity_template": 0.85,
+                                                "own_family_purity_user": 0.39, "own_family_purity_model": 0.86,
+                                                "null_own_family_purity_template": 0.1, "null_own_family_purity_user": 0.0,
+                                                "null_own_family_purity_model": 0.0, "page": "latents"}})
     items = glance.findings(tmp_path, ["l1", "batchtopk", "not_trained"])
     text = " ".join(f.text for f in items)
     for piece in ("L0 34.2", "0.121 (base) / 0.148 (chat)", "111 latents chat-only", "confirms 21", "81%",
                   "recover 2 of the 4", "71% of the confirmed", "is 36/36, and 7/36", "random live latents removed: 35/36",
                   "9 latents are chat-only", "17–21 confirmed", "recovering 1–2 decisions", "3–4 of each seed's",
                   "batchtopk: L0 32.3", "batchtopk: 0 latents chat-only by decoder norm (Δnorm > 0.9).",
-                  "batchtopk: no confirmed chat-specific latent; its live latents recover 4 of the 4"):
+                  "batchtopk: no confirmed chat-specific latent; its live latents recover 4 of the 4",
+                  "l1: 16 latent families by the signature view (seed ARI 0.87 on 1,032 latents matched across two seeds; "
+                  "bootstrap ARI 0.90); the chat template, user turns and model turns each have a family of their own",
+                  "template / user / model 0.97 / 0.75 / 0.91; shuffled activations 0.00 / 0.00 / 0.00",
+                  "batchtopk: 8 latent families by the cooccurrence view (no second seed in this profile; bootstrap ARI "
+                  "0.86); user turns have no family of their own", "0.85 / 0.39 / 0.86"):
         assert piece in text, piece
-    assert {f.page for f in items} == {"train_l1", "model_diff", "controls", "train_batchtopk"}
+    assert {f.page for f in items} == {"train_l1", "model_diff", "controls", "train_batchtopk", "latents", "latents_l1"}
     assert not any("not_trained" in f.text for f in items)
     html = glance.findings_html(items)
     assert html.count("<li>") == len(items) and 'href="model_diff.html"' in html

@@ -237,6 +237,33 @@ def test_config_round_trip_and_validation():
         preset("huge")
 
 
+def test_bf16_autocast_training_tracks_float32():
+    """The organism's LMs train under bf16 autocast (for speed): parameters, gradients and optimiser
+    state stay float32, and the loss curve follows the float32 run of the same seed and data."""
+    from crosscoder.organism.config import LMTrainConfig
+    from crosscoder.organism.training import Packed, new_model, train_lm
+
+    g = torch.Generator().manual_seed(0)
+    # a learnable toy language: each token is the previous one plus 1 (mod 64), from a random start
+    ids = (torch.randint(64, (64, 1), generator=g) + torch.arange(32)) % 64 + 8
+    data = Packed(ids, torch.ones_like(ids, dtype=torch.bool))
+    shape = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                        context_length=32)
+    special = {"<pad>": 0, "<bos>": 2, "<eos>": 1}
+    runs = {}
+    for bf16 in (False, True):
+        model = new_model(shape, 80, special, seed=0)
+        cfg = LMTrainConfig(tokens=40 * 16 * 32, batch_size=16, lr=1e-2, bf16_autocast=bf16)
+        runs[bf16] = train_lm(model, [data], [1.0], cfg, seed=0, desc="t", progress=False).losses
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    fp32, bf16 = torch.tensor(runs[False]), torch.tensor(runs[True])
+    assert fp32[-5:].mean() < 0.5 * fp32[:5].mean()  # it learns
+    assert (bf16[-5:].mean() - fp32[-5:].mean()).abs() < 0.1 * fp32[:5].mean()
+    assert not torch.equal(fp32, bf16)  # the flag does change the arithmetic
+    with pytest.raises(ConfigError, match="bf16_autocast"):
+        LMTrainConfig(bf16_autocast="yes")
+
+
 def test_conversation_generation_is_seeded():
     split = split_corpus(chapters(load_verses()), 0.1, 60, seed=3)
     b = BehaviourConfig()

@@ -86,7 +86,42 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
                 + (f", recovering {min(rec)}–{max(rec)} decisions" if rec else "")
                 + (f"; {min(again)}–{max(again)} of each seed's reappear in every other seed" if again else "")
                 + ".", "controls"))
+        fam = m.get("families")
+        if fam:
+            out.append(Finding(families_sentence(name, fam), fam.get("page", "latents")))
     return out
+
+
+def families_sentence(name: str, fam: dict, threshold: float = 0.7) -> str:
+    """One sentence on a crosscoder's latent families from the summary its latents page wrote
+    (``crosscoder.analysis.families.find_families``): the chosen clustering, its reproducibility,
+    and whether each chat context class has a family of its own, beside the shuffled null."""
+    from crosscoder.analysis.clustering import MIN_FAMILY
+
+    def measured(key: str) -> bool:
+        v = fam.get(key)
+        return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+    repro = []
+    if measured("seed_ari"):
+        repro.append(f"seed ARI {fam['seed_ari']:.2f} on {fam['matched_latents']:,} latents matched across two seeds")
+    elif fam.get("matched_latents") is not None:
+        repro.append(f"no seed ARI (a second seed shares only {fam['matched_latents']:,} latents)")
+    else:
+        repro.append("no second seed in this profile")
+    if measured("bootstrap_ari"):
+        repro.append(f"bootstrap ARI {fam['bootstrap_ari']:.2f}")
+    chat = ("template", "user", "model")
+    own = [fam.get(f"own_family_purity_{c}", float("nan")) for c in chat]
+    null = [fam.get(f"null_own_family_purity_{c}", float("nan")) for c in chat]
+    words = {"template": "the chat template", "user": "user turns", "model": "model turns"}
+    lacking = [words[c] for c, v in zip(chat, own) if not v >= threshold]
+    single = lacking == [words["template"]]
+    verdict = ("the chat template, user turns and model turns each have a family of their own" if not lacking
+               else f"{' and '.join(lacking)} {'has' if single else 'have'} no family of {'its' if single else 'their'} own")
+    return (f"{name}: {fam['k']} latent families by the {fam['method']} view ({'; '.join(repro)}); {verdict} "
+            f"(purity ≥ {threshold} in a family of {MIN_FAMILY}+ latents: template / user / model "
+            f"{' / '.join(_fmt(v) for v in own)}; shuffled activations {' / '.join(_fmt(v) for v in null)}).")
 
 
 def run_folder(output_dir: str | Path, run: str) -> Path:

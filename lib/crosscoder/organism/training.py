@@ -104,7 +104,8 @@ def masked_lm_loss(model: Gemma2ForCausalLM, ids_BT: torch.Tensor, target_BT: to
     Right padding needs no attention mask: a causal model's real tokens never see later pads.
     """
     logits_BTV = model(input_ids=ids_BT).logits
-    logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])
+    # float32 log-softmax even when the forward ran under bf16 autocast
+    logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
     tgt = ids_BT[:, 1:].reshape(-1)
     keep = target_BT[:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(logits[keep], tgt[keep], reduction="sum")
@@ -187,7 +188,9 @@ def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Seq
                 tgt.append(src.target_NT[rows])
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step, n_steps)
-        loss = masked_lm_loss(model, torch.cat(ids), torch.cat(tgt))
+        batch = torch.cat(ids)
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss = masked_lm_loss(model, batch, torch.cat(tgt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

@@ -244,6 +244,115 @@ def test_streaming_buffer_serves_distinct_fresh_tokens(world):
 
 
 
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_rows_matches_host_reference(model_dtype):
+    """shard_rows picks the rows first and casts after the copy to the host: the same rows, dtypes and
+    values as gathering after a cast to float32 (its first version), whatever the models' dtype."""
+    from crosscoder.data.cache import shard_rows
+    from crosscoder.data.text import Sequences
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (3, 7), generator=g)
+    am = torch.ones(3, 7, dtype=torch.long)
+    am[1, 4:] = 0  # a padded sequence
+    seqs = Sequences(ids, am, torch.tensor([False, True, False]))
+    scale = 1e4 if model_dtype == torch.float16 else 3e4  # fp16 storage of the others overflows some
+    acts = (torch.randn(3, 7, 2, 5, generator=g) * scale).to(model_dtype)
+    b, p = seqs.body_mask().nonzero(as_tuple=True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = shard_rows(seqs, acts, 11, dtype)
+        want = acts[b, p].float().to(dtype)
+        assert got["acts"].dtype == dtype and torch.equal(got["acts"], want)
+        assert torch.equal(got["seq"], b + 11) and torch.equal(got["pos"], p.to(torch.int32))
+        assert torch.equal(got["token"], ids[b, p].to(torch.int32)) and got["acts"].shape[0] == 3 * 6 - 3
+    bad = acts.clone()
+    bad[2, 3, 1, 0] = float("inf")
+    with pytest.raises(ConfigError, match="NaN/Inf"):
+        shard_rows(seqs, bad, 0, torch.float32)
+    bad[2, 3, 1, 0] = 0.0
+    bad[0, 0, 0, 0] = float("nan")  # a BOS position: not a row, not checked (as before)
+    assert shard_rows(seqs, bad, 0, torch.float32)["acts"].isfinite().all()
+
+
+def _reference_batches(sb, rows, start_step=0):
+    """StreamingBuffer.batches as first written (one torch.cat per fresh forward batch), on the
+    chunks ``rows``: the reference the single-concatenation refill must match bit for bit.
+    Yields (batch, ids); ends with the same ConfigError when the stream runs dry."""
+    rng = torch.Generator().manual_seed(sb.seed + 7919 * sb.rank)
+    rows, buf_a, buf_i, exhausted, step = iter(rows), None, None, False, 0
+    while True:
+        while not exhausted and (buf_a is None or buf_a.shape[0] < sb.buffer_tokens):
+            try:
+                a, ids = next(rows)
+            except StopIteration:
+                exhausted = True
+                break
+            buf_a = a if buf_a is None else torch.cat([buf_a, a])
+            buf_i = ids if buf_i is None else torch.cat([buf_i, ids])
+        if buf_a is None or buf_a.shape[0] < sb.batch_size:
+            raise ConfigError("exhausted")
+        perm = torch.randperm(buf_a.shape[0], generator=rng)
+        buf_a, buf_i = buf_a[perm], buf_i[perm]
+        floor = 0 if exhausted else sb.buffer_tokens // 2
+        while buf_a.shape[0] >= sb.batch_size and buf_a.shape[0] - sb.batch_size >= floor:
+            if step >= start_step:
+                yield buf_a[: sb.batch_size], buf_i[: sb.batch_size]
+            buf_a, buf_i = buf_a[sb.batch_size:], buf_i[sb.batch_size:]
+            step += 1
+
+
+def _drain(it):
+    """Every batch of ``it`` until the stream's ConfigError (which every case here reaches)."""
+    out = []
+    with pytest.raises(ConfigError, match="exhausted"):
+        for b in it:
+            out.append(b)
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded_rows(world):
+    """StreamingBuffer._rows' forward batches over two epochs, per (rank, world), recorded once."""
+    dirs, data = world
+    pair, cache = load_pair(_pair_cfg(dirs)), {}
+
+    def rows(rank, n_ranks):
+        if (rank, n_ranks) not in cache:
+            sb = StreamingBuffer(pair, _data_cfg(data), 64, forward_batch=8, epochs=2, rank=rank, world=n_ranks)
+            cache[rank, n_ranks] = list(sb._rows())
+        return pair, cache[rank, n_ranks]
+
+    return rows
+
+
+@pytest.mark.parametrize("batch_size,buffer_tokens,start_step,seed,rank", [
+    (64, 256, 0, 0, 0),  # buffer a multiple of the batch
+    (48, 200, 0, 3, 0),  # neither divides: refills overshoot by part of a forward batch
+    (64, 256, 5, 0, 0),  # resume: batches(start_step) skips exactly the first steps
+    (16, 1000, 7, 1, 0),  # buffer larger than several forward batches: many chunks per refill
+    (32, 64, 0, 0, 1),  # rank 1 of 2: its own generator seed, half the global batch
+])
+def test_streaming_buffer_single_concat_matches_reference(world, recorded_rows, batch_size, buffer_tokens,
+                                                          start_step, seed, rank):
+    _, data = world
+    n_ranks = 2 if rank else 1
+    pair, chunks = recorded_rows(rank, n_ranks)
+    assert len({c[0].shape[0] for c in chunks}) > 1  # forward batches of differing sizes
+    kw = dict(buffer_tokens=buffer_tokens, forward_batch=8, seed=seed, epochs=2, rank=rank, world=n_ranks)
+    sb = StreamingBuffer(pair, _data_cfg(data), batch_size * n_ranks, track_ids=True, **kw)
+    sb._rows = lambda: iter(chunks)
+    want = _drain(_reference_batches(sb, chunks, start_step))
+    got = _drain(sb.batches(start_step))  # to the end of the second epoch, where both raise
+    assert len(got) == len(want) > 10
+    for g, (w, _) in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    assert all(torch.equal(g, w) for g, (_, w) in zip(sb.served_ids, want))
+    if start_step:  # the live stream (the models run again) resumes on the same batches
+        live = StreamingBuffer(pair, _data_cfg(data), batch_size * n_ranks, **kw).batches(start_step)
+        for _, (w, _) in zip(range(3), want):
+            assert torch.equal(next(live), w)
+
+
 def test_streaming_buffer_ranks_take_disjoint_slices(world):
     dirs, data = world
     pair = load_pair(_pair_cfg(dirs))

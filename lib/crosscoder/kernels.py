@@ -307,9 +307,14 @@ class _SparseL1(torch.autograd.Function):
 # sparse path, per device type. Measured, not guessed: bench/bench_sparse_l1.py's crossover sweep
 # times both paths, interleaved, over densities 0.5-35% (d = 256, F = 4,096, B = 4,096, the full
 # training step) and interpolates where they cost the same: 7.8% on the 2-core CPU of
-# bench/README.md on 2026-11-29 (sparse 2.2x faster at 0.5%, 0.32x at 35%). Other devices are not
-# measured, so they keep the dense step (and skip the host sync of counting the active entries).
-L1_SPARSE_MAX_DENSITY: dict[str, float] = {"cpu": 0.078}
+# bench/README.md on 2026-11-29 (sparse 2.2x faster at 0.5%, 0.32x at 35%). CUDA: 4%, below the
+# 5.9% crossover that ``bench/bench_gpu.py --crossover`` measured on one NVIDIA H200 on 2026-11-30
+# (torch 2.11+cu130, fp32 without TF32; d = 2,304, S = 2, F = 16,384, B = 4,096, the full training
+# step, medians of 10; the table is in bench/README.md, "Rows to the host and the L1 sparse path on
+# CUDA"): sparse 3.0x faster at 0.2%, 2.8x at 0.5%, 1.3x at 4%, 0.81x at 8%; the auto path's count
+# of active entries (a host sync) cost ~1 ms of the 23 ms step. Other devices are not measured, so
+# they keep the dense step (and skip that sync).
+L1_SPARSE_MAX_DENSITY: dict[str, float] = {"cpu": 0.078, "cuda": 0.04}
 
 _L1Parts = tuple[Tensor, Tensor, Tensor]  # (recon, l1, n_active_F)
 

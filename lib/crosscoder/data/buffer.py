@@ -53,8 +53,8 @@ class StreamingBuffer:
                     seq_base += len(items)
                     continue
                 seqs = batch_sequences(items, pad_id(self.pair.tokenizer))
-                acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers).cpu()
-                r = shard_rows(seqs, acts, seq_base, torch.float32)
+                acts = extract_pair(self.pair, seqs.input_ids_NT, seqs.attention_mask_NT, self.layers)
+                r = shard_rows(seqs, acts, seq_base, torch.float32)  # rows picked on the device, then to host
                 seq_base += len(items)
                 yield r["acts"], torch.stack([r["seq"], r["pos"].long()], 1)
         return
@@ -67,15 +67,25 @@ class StreamingBuffer:
         exhausted = False
         step = 0
         while True:
-            # refill with fresh rows up to capacity
-            while not exhausted and (buf_a is None or buf_a.shape[0] < self.buffer_tokens):
+            # refill with fresh rows up to capacity: collect the forward batches, then concatenate
+            # once (one cat per fresh chunk would copy the whole buffer each time: quadratic in its size)
+            parts_a = [] if buf_a is None else [buf_a]
+            parts_i = [] if buf_i is None else [buf_i]
+            n = 0 if buf_a is None else buf_a.shape[0]
+            while not exhausted and (not parts_a or n < self.buffer_tokens):
                 try:
                     a, ids = next(rows)
                 except StopIteration:
                     exhausted = True
                     break
-                buf_a = a if buf_a is None else torch.cat([buf_a, a])
-                buf_i = ids if buf_i is None else torch.cat([buf_i, ids])
+                parts_a.append(a)
+                parts_i.append(ids)
+                n += a.shape[0]
+            if len(parts_a) > 1:
+                buf_a, buf_i = torch.cat(parts_a), torch.cat(parts_i)
+            elif parts_a:
+                buf_a, buf_i = parts_a[0], parts_i[0]
+            del parts_a, parts_i  # the buffer alone holds the rows (the chunks are freed)
             if buf_a is None or buf_a.shape[0] < self.batch_size:
                 raise ConfigError(
                     f"the data stream is exhausted after {step} batches; add data or raise epochs"

@@ -105,11 +105,14 @@ class LMTrainConfig:
     """AdamW decoupled weight decay on the block matrices (not on embeddings or norms)."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
-    bf16_autocast: bool = True
+    bf16_autocast: bool = False
     """Run the forward pass under bfloat16 autocast, the usual mixed precision of LM training
-    (weights, gradients, AdamW state and the loss stay float32). On the 2-core CPU the book is
-    timed on (AVX512-BF16) a step takes 0.55x the float32 time; a CPU without bf16 instructions
-    emulates them and is slower, so set it False there."""
+    (weights, gradients, AdamW state and the loss stay float32). On the 2-core CPU the book is timed
+    on (AVX512-BF16) a step takes 0.55x the float32 time (a CPU without bf16 instructions emulates
+    them and is slower). Off in every preset: the default organism built with it (2026-11-30) planted
+    its behaviours as well (same refusal and sign-off rates) but its diff read differently (the L1
+    crosscoder confirmed 11 chat-specific latents instead of 21, recovering 1 planted decision
+    instead of 2), so the presets stay the float32 organism the book's findings were built on."""
 
     def __post_init__(self) -> None:
         _int("tokens", self.tokens, 1)
@@ -392,10 +395,8 @@ def smoke_config() -> OrganismConfig:
         # (0.33 vs 0.08 for one seed) and lr 2e-3 refused every request.
         model=ModelConfig(hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=32, context_length=96),
-        # Float32: these sizes were chosen in float32, and under bf16 autocast this 2-block model's
-        # null fine-tune ends 75% of its greedy held-out turns at once (the default organism's: none).
-        base_train=LMTrainConfig(tokens=400_000, batch_size=32, lr=5e-3, bf16_autocast=False),
-        chat_train=LMTrainConfig(tokens=500_000, batch_size=32, lr=5e-3, bf16_autocast=False),
+        base_train=LMTrainConfig(tokens=400_000, batch_size=32, lr=5e-3),
+        chat_train=LMTrainConfig(tokens=500_000, batch_size=32, lr=5e-3),
         behaviour=BehaviourConfig(n_train_conversations=3_000, n_heldout_conversations=200,
                                   max_answer_words=16, text_fraction=0.2),
         eval=EvalConfig(n_prompts=24, max_new_tokens=48, loss_rows=16, eval_rows=48),

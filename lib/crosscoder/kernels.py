@@ -26,6 +26,9 @@ from crosscoder.model import Crosscoder
 # CSR tensors are "beta" in torch; the ops used here (spmm, sampled_addmm, transpose) are tested
 # against the dense reference in tests/test_core.py, so the one-time notice is noise for users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+# On CUDA torch also notes that check_invariants=False skips its checks: we build the index arrays
+# ourselves (sorted, in range, tested), and skipping the checks is the point (they cost a sync).
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 class StepLoss(NamedTuple):

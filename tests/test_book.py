@@ -304,7 +304,8 @@ _PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s|step/s|shard/s|IProgress")
 
 def test_pages_read_as_a_report(smoke_book):
     """No progress bars or library warnings in the pages (they go to the terminal), the notebook's
-    defaults cell is dropped (the injected parameters show once) and every figure has a caption."""
+    defaults cell is dropped (the injected parameters show once), no figure's file paths are printed
+    and every figure has a caption."""
     for nb_path in sorted((smoke_book.project / "book" / "_runs").glob("*.ipynb")):
         nb = nbformat.read(nb_path, 4)
         streams = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
@@ -318,6 +319,7 @@ def test_pages_read_as_a_report(smoke_book):
             continue
         text = _text(html)
         assert "Defaults from crosscoder.schema" not in text, f"{html.name} shows the defaults cell"
+        assert "SavedFigure(" not in text, f"{html.name} prints a figure's file paths"
         n_images = html.read_text().count("<img")
         n_captions = text.count("Figure.") + text.count("Figures.")
         assert n_images == 0 or n_captions >= 1, f"{html.name}: {n_images} images and no caption"

@@ -40,6 +40,10 @@ class SavedFigure(NamedTuple):
     svg: Path | None
     params: Path
 
+    def _ipython_display_(self) -> None:
+        """Nothing: the figure is on the page already, and a notebook cell ending in ``save_figure(...)``
+        would otherwise print these paths under it."""
+
 
 def set_style(context: str = "notebook") -> None:
     """Apply the book's figure style (call once at the top of a notebook)."""

@@ -60,6 +60,20 @@ def test_top_windows_equal_naive_reference(setup):
         torch.testing.assert_close(tw.acts_FKW[j, kk], want)
 
 
+def test_latent_acts_of_several_crosscoders_equal_one_at_a_time(setup):
+    """One pass of the language models serves two crosscoders (e.g. two seeds) exactly as two passes do."""
+    from crosscoder.analysis.latents import latent_acts_many
+
+    pair, model, ids, am = setup
+    torch.manual_seed(1)
+    other = Crosscoder(CrosscoderConfig(d_model=32, n_latents=16, n_sources=2, sparsity="l1")).eval()
+    picked = [3, 0, 7]
+    got = latent_acts_many([model, other], pair, ids, am, [None, picked], batch=4)
+    torch.testing.assert_close(got[0], latent_acts(model, pair, ids, am, batch=4), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], latent_acts(other, pair, ids, am, picked, batch=4), rtol=0, atol=0)
+    assert got[1].shape == (*ids.shape, 3) and bool((got[1] > 0).any())
+
+
 def test_promoted_token_ids_equal_one_by_one(setup):
     pair, model, _, _ = setup
     for s, lm in enumerate(pair.models):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from crosscoder.analysis import clustering as cl
-from crosscoder.analysis.latents import context_html, latent_acts, promoted_tokens
+from crosscoder.analysis.latents import context_html, latent_acts, latent_acts_many, promoted_tokens
 from crosscoder.analysis.metrics import DiffGeometry
 from crosscoder.data.pair import ModelPair
 from crosscoder.model import Crosscoder
@@ -55,29 +55,34 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
 
     live = torch.nonzero(alive_F).squeeze(1)
     ids, am = held.input_ids_NT, held.attention_mask_NT
-    f = latent_acts(model, pair, ids, am, live)
     ctx = cl.context_labels(ids, am, held.is_chat_N, pair.tokenizer)
     dec = cl.decoder_features(model.W_dec_FSD, live)
     seed_view, pairs = None, []
-    if other is not None:
+    if other is None:
+        f = latent_acts(model, pair, ids, am, live)
+    else:
         live_b = torch.nonzero(other_alive_F).squeeze(1)
+        f, f_b = latent_acts_many([model, other], pair, ids, am, [live, live_b])  # one pass of the LMs
         m = match_latents(model, other, live, live_b)
         col_b = {int(j): c for c, j in enumerate(live_b.tolist())}
         pairs = [(a, col_b[int(b)]) for a, (b, cos) in enumerate(zip(m.best_latent.tolist(), m.best_cos.tolist()))
                  if cos >= match_cos]
-        seed_view = cl.SeedView(latent_acts(other, pair, ids, am, live_b),
-                                cl.decoder_features(other.W_dec_FSD, live_b), pairs)
+        seed_view = cl.SeedView(f_b, cl.decoder_features(other.W_dec_FSD, live_b), pairs)
     choice = cl.select_clustering(f, ctx, decoder=dec, other=seed_view, ks=ks, n_boot=n_boot, seed=seed)
     N, T, J = f.shape
     flat, ctx_flat, pos = f.reshape(-1, J), ctx.reshape(-1), torch.arange(T).expand(N, T).reshape(-1)
+
+    def signature_of(v: dict[str, np.ndarray], acts: Tensor) -> np.ndarray:  # the view's own, when it is one
+        return v["signature"] if choice.method == "signature" else cl.context_signature(acts, ctx_flat, pos)
+
     view = cl.features(choice.method, flat, ctx_flat, pos, dec)
     labels = cl.cluster(choice.method, choice.k, **view)
-    signature, mass = cl.context_signature(flat, ctx_flat, pos), flat.sum(0).double().numpy()
+    signature, mass = signature_of(view, flat), flat.sum(0).double().numpy()
     facts = cl.cluster_facts(labels, signature, mass)
     null = cl.shuffle_activations(flat, seed=seed)
     null_view = cl.features(choice.method, null, ctx_flat, pos, dec)
     null_labels = cl.cluster(choice.method, choice.k, **null_view) if choice.method != "decoder" else labels
-    null_sig = cl.context_signature(null, ctx_flat, pos)
+    null_sig = signature_of(null_view, null)
     null_facts = cl.cluster_facts(null_labels, null_sig, mass)
     row = next(r for r in choice.table if r["method"] == choice.method and r["k"] == choice.k)
     summary = {"method": choice.method, "k": choice.k, "seed_ari": row["seed_ari"], "bootstrap_ari": row["bootstrap_ari"],

@@ -100,18 +100,31 @@ def promoted_tokens(lm, direction_D: Tensor, tokenizer, k: int = 8) -> list[str]
 def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor,
                 latents: torch.Tensor | list[int] | None = None, *, batch: int = 16) -> torch.Tensor:
     """Activations [N, T, J] of ``latents`` (all when None) on token sequences; 0 on BOS and padding."""
-    model.eval()
-    out = []
-    J = torch.arange(model.cfg.n_latents) if latents is None else torch.as_tensor(latents, dtype=torch.long)
+    return latent_acts_many([model], pair, input_ids_NT, attention_mask_NT, [latents], batch=batch)[0]
+
+
+@torch.no_grad()
+def latent_acts_many(models: Sequence[Crosscoder], pair: ModelPair, input_ids_NT: torch.Tensor,
+                     attention_mask_NT: torch.Tensor, latents: Sequence[torch.Tensor | list[int] | None], *,
+                     batch: int = 16) -> list[torch.Tensor]:
+    """``latent_acts`` of several crosscoders of the same pair (e.g. two seeds) on the same sequences,
+    running the language models once per batch instead of once per crosscoder."""
+    cols = [torch.arange(m.cfg.n_latents) if j is None else torch.as_tensor(j, dtype=torch.long)
+            for m, j in zip(models, latents)]
+    for m in models:
+        m.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in models]
     for i in range(0, input_ids_NT.shape[0], batch):
         ids, am = input_ids_NT[i : i + batch], attention_mask_NT[i : i + batch].long()
-        acts = extract_pair(pair, ids, am).float().to(model.W_dec_FSD.device)  # [B, T, S, D]
+        acts = extract_pair(pair, ids, am).float()  # [B, T, S, D]
         B, T = ids.shape
-        f = model.encode(model.normalise(acts.reshape(B * T, *acts.shape[2:])))[:, J].view(B, T, -1).cpu()
         body = am.bool().clone()
         body[:, 0] = False
-        out.append(f * body[..., None])
-    return torch.cat(out)
+        for m, J, acc in zip(models, cols, out):
+            x = acts.to(m.W_dec_FSD.device).reshape(B * T, *acts.shape[2:])
+            f = m.encode(m.normalise(x))[:, J].view(B, T, -1).cpu()
+            acc.append(f * body[..., None])
+    return [torch.cat(acc) for acc in out]
 
 
 def sample_by_class(classes: list[str], n_per_class: int, seed: int = 0,

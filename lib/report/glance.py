@@ -97,20 +97,9 @@ def families_sentence(name: str, fam: dict, threshold: float = 0.7) -> str:
     (``crosscoder.analysis.families.find_families``): the chosen clustering, its reproducibility,
     and whether each chat context class has a family of its own, beside the shuffled null."""
     from crosscoder.analysis.clustering import MIN_FAMILY
+    from crosscoder.analysis.families import measured, seed_phrase
 
-    def measured(key: str) -> bool:
-        v = fam.get(key)
-        return v is not None and not (isinstance(v, float) and math.isnan(v))
-
-    repro = []
-    if measured("seed_ari"):
-        repro.append(f"seed ARI {fam['seed_ari']:.2f} on {fam['matched_latents']:,} latents matched across two seeds")
-    elif fam.get("matched_latents") is not None:
-        repro.append(f"no seed ARI (a second seed shares only {fam['matched_latents']:,} latents)")
-    else:
-        repro.append("no second seed in this profile")
-    if measured("bootstrap_ari"):
-        repro.append(f"bootstrap ARI {fam['bootstrap_ari']:.2f}")
+    repro = [seed_phrase(fam)] + ([f"bootstrap ARI {fam['bootstrap_ari']:.2f}"] if measured(fam, "bootstrap_ari") else [])
     chat = ("template", "user", "model")
     own = [fam.get(f"own_family_purity_{c}", float("nan")) for c in chat]
     null = [fam.get(f"null_own_family_purity_{c}", float("nan")) for c in chat]

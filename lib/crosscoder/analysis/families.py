@@ -96,29 +96,35 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
     return Families(live, choice, labels, facts, null_facts, summary, view, f, ctx, ids)
 
 
-def summary_finding(summary: dict, threshold: float = 0.7) -> str:
-    """What the chosen clustering shows, in two sentences read from ``find_families``' summary."""
-    def measured(key: str) -> bool:
-        v = summary.get(key)
-        return v is not None and v == v  # NaN: not measured
+def measured(summary: dict, key: str) -> bool:
+    """Whether ``find_families``' summary has a number for ``key`` (None or NaN: not measured)."""
+    v = summary.get(key)
+    return v is not None and v == v
 
-    def num(key: str) -> str:
-        return f"{summary[key]:.2f}" if measured(key) else "not measured"
 
-    chat = ("template", "user", "model")
+def seed_phrase(summary: dict) -> str:
+    """The seed comparison of ``find_families``' summary, as a phrase: its ARI, or why there is none."""
     matched = summary.get("matched_latents")
     if matched is None:
-        seed = "no second seed in this profile"
-    elif not measured("seed_ari"):
-        seed = f"a second seed shares only {matched:,} latents with this one, too few for a seed ARI"
-    else:
-        seed = f"seed ARI {num('seed_ari')} on {matched:,} latents matched across two seeds"
+        return "no second seed in this profile"
+    if not measured(summary, "seed_ari"):
+        return f"a second seed shares only {matched:,} latents with this one, too few for a seed ARI"
+    return f"seed ARI {summary['seed_ari']:.2f} on {matched:,} latents matched across two seeds"
+
+
+def summary_finding(summary: dict, threshold: float = 0.7) -> str:
+    """What the chosen clustering shows, in two sentences read from ``find_families``' summary."""
+    def num(key: str) -> str:
+        return f"{summary[key]:.2f}" if measured(summary, key) else "not measured"
+
+    chat = ("template", "user", "model")
+    seed = seed_phrase(summary)
     own = {c: summary[f"own_family_purity_{c}"] for c in chat}
     have, lack = [c for c in chat if own[c] >= threshold], [c for c in chat if own[c] < threshold]
     verdict = ("the chat template, user turns and model turns each have a family of their own" if not lack else
                f"{_listed(lack)} {'has' if len(lack) == 1 else 'have'} no family of {cl.MIN_FAMILY}+ latents with "
                f"purity ≥ {threshold}" + (f" ({_listed(have)} {'does' if len(have) == 1 else 'do'})" if have else ""))
-    boot = (f"bootstrap ARI {num('bootstrap_ari')} over resampled held-out sequences" if measured("bootstrap_ari")
+    boot = (f"bootstrap ARI {num('bootstrap_ari')} over resampled held-out sequences" if measured(summary, "bootstrap_ari")
             else "no bootstrap (this view does not depend on the tokens)")
     return (f"**{summary['k']} families by the {summary['method']} view.** Reproducibility: {boot}; {seed}. "
             f"Against the token contexts: ARI {num('context_ari')} with each latent's dominant context, "

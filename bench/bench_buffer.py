@@ -14,13 +14,14 @@ Gemma shape has d = 2,304 (18 KiB per row), the benchmark d = 256 to fit the 2-c
 from __future__ import annotations
 
 import gc
+import sys
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from crosscoder.config import ConfigError
 from crosscoder.data.buffer import StreamingBuffer
 
 FORWARD_BATCH = 16  # StreamingBuffer's default sequences per forward batch
@@ -40,39 +41,19 @@ class _Replay(StreamingBuffer):
             yield self._acts, self._ids
 
 
-def batches_one_cat_per_chunk(self: StreamingBuffer, start_step: int = 0) -> Iterator[Tensor]:
-    """``StreamingBuffer.batches`` before the fix, verbatim: the in-process baseline."""
-    rng = torch.Generator().manual_seed(self.seed + 7919 * self.rank)
-    rows = self._rows()
-    buf_a: Tensor | None = None
-    buf_i: Tensor | None = None
-    exhausted = False
-    step = 0
-    while True:
-        while not exhausted and (buf_a is None or buf_a.shape[0] < self.buffer_tokens):
-            try:
-                a, ids = next(rows)
-            except StopIteration:
-                exhausted = True
-                break
-            buf_a = a if buf_a is None else torch.cat([buf_a, a])
-            buf_i = ids if buf_i is None else torch.cat([buf_i, ids])
-        if buf_a is None or buf_a.shape[0] < self.batch_size:
-            raise ConfigError(f"the data stream is exhausted after {step} batches; add data or raise epochs")
-        perm = torch.randperm(buf_a.shape[0], generator=rng)
-        buf_a, buf_i = buf_a[perm], buf_i[perm]
-        floor = 0 if exhausted else self.buffer_tokens // 2
-        while buf_a.shape[0] >= self.batch_size and buf_a.shape[0] - self.batch_size >= floor:
-            a, ids = buf_a[: self.batch_size], buf_i[: self.batch_size]
-            buf_a, buf_i = buf_a[self.batch_size :], buf_i[self.batch_size :]
-            if step >= start_step:
-                if self.track_ids:
-                    self.served_ids.append(ids)
-                yield a
-            step += 1
+def batches_one_cat_per_chunk() -> Callable[[StreamingBuffer, int], Iterator[Tensor]]:
+    """``StreamingBuffer.batches`` before the fix, the in-process baseline: the short copy of the old
+    loop that tests/test_activations.py checks the library against (``_reference_batches``)."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from test_activations import _reference_batches  # noqa: PLC0415
+
+    return lambda sb, start_step=0: (a for a, _ in _reference_batches(sb, sb._rows(), start_step))
 
 
-VARIANTS = {"before: one cat per forward batch": batches_one_cat_per_chunk,
+def variants() -> dict[str, Callable[[StreamingBuffer, int], Iterator[Tensor]]]:
+    return {"before: one cat per forward batch": batches_one_cat_per_chunk(),
             "after: one cat per refill (library)": StreamingBuffer.batches}
 
 
@@ -98,7 +79,7 @@ def bench_buffer(d: int, T: int, batch: int, sizes: list[int]) -> list[dict]:
     rows = []
     for size in sizes:
         by, lasts = {}, []
-        for name, fn in VARIANTS.items():
+        for name, fn in variants().items():
             r, last = _time_variant(fn, acts, batch, size)
             lasts.append(last)
             r.update(shape=f"d={d} buffer={size} B={batch}", variant=name,

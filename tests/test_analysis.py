@@ -238,3 +238,19 @@ def test_seed_table_counts_confirmed_latents_and_their_reappearance():
     rows, reappear = seed_table({"fake": {0: fake}}, x_fake, nu_threshold=0.3, min_active_tokens=5, match_cos=0.9)
     assert rows[0]["chat-only (Δnorm)"] == 1 and rows[0]["truly chat-specific"] == 0 and reappear == []
     assert rows[0]["share in base (ν ≥ threshold)"] == 1.0
+
+
+def test_varied_decision_finding_reads_the_marker_row_beside_the_fixed_ones():
+    from crosscoder.analysis.diff import varied_decision_finding
+
+    def row(name, behaviour, auc, dn, cls):
+        return {"crosscoder": name, "behaviour": behaviour, "any live: AUROC": auc, "any live: Δnorm": dn,
+                "any live: class": cls}
+
+    rows = [row("l1", "refusal_decision", 0.95, 0.70, "other"), row("l1", "signoff_decision", 0.80, 0.99, "chat-only"),
+            row("l1", "end_of_turn_decision", 0.92, 0.60, "shared"), row("l1", "marker_decision", 0.991, 0.97, "chat-only"),
+            row("btk", "refusal_decision", 0.5, 0.5, "shared")]
+    text = varied_decision_finding(rows)
+    assert text.startswith("l1: the best live latent for the marker decision has AUROC 0.991, Δnorm 0.97 (chat-only); "
+                           "for the 2 fixed-position decisions it represents at AUROC ≥ 0.9, Δnorm 0.60–0.70.")
+    assert text.endswith("btk: no live latent fires on the marker decision.")

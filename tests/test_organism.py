@@ -291,6 +291,8 @@ def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, tmp_path_
     # The field added for it leaves every existing cache key alone: hashing without it is the same.
     d = cfg.to_dict()
     d.pop("finetune")
+    for key in ("marker_every", "marker"):  # added later too (behaviour 4), off here
+        d["behaviour"].pop(key)
     d["eval"].pop("min_chat_rates")  # the declared minimums do not shape the build either
     assert cfg.config_hash("v") == config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": "v"})
     assert null_cfg.config_hash("v") != cfg.config_hash("v")
@@ -317,3 +319,78 @@ def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, tmp_path_
     # <end_of_turn> was never trained on, but a greedy sample can still hit it by chance
     assert nul["signoff_rate_allowed"] == 0.0 and nul["end_of_turn_rate"] <= 0.2 < real["end_of_turn_rate"]
     assert nul["heldout_chat_response_loss"] > real["heldout_chat_response_loss"] + 0.5
+
+
+def test_marker_behaviour_marks_every_third_verse_word_and_nothing_else(built):
+    from types import SimpleNamespace
+
+    from crosscoder.analysis.probes import decision_tasks
+    from crosscoder.organism.behaviours import mark_words, render_with_spans
+    from crosscoder.organism.evaluate import encode_conversation
+
+    verse = "And  the word, of the LORD came unto me"
+    assert mark_words(verse, 3, "(!)") == "And  the word, (!) of the LORD (!) came unto me (!)"
+    assert mark_words(verse, 0, "(!)") == verse
+    b, plain = preset("smoke_marker").behaviour, preset("smoke").behaviour
+    assert b.marker_every == 3 and plain.marker_every == 0
+    split = split_corpus(chapters(load_verses()), 0.1, 120, seed=0)
+    marked_gen, plain_gen = (ChatGenerator(x, split.train, x.train_templates, 5) for x in (b, plain))
+    mark = " " + b.marker
+    tok = AutoTokenizer.from_pretrained(built[2].base_dir)
+    n_marks = 0
+    for _ in range(40):
+        conv, ref = marked_gen.conversation(), plain_gen.conversation()
+        for t, r in zip(conv, ref, strict=True):
+            # The same conversation, with markers added and nothing else changed.
+            assert t.model.replace(mark, "") == r.model and t.user == r.user
+            if t.kind != "ask":
+                assert mark not in t.model
+                continue
+            head, tail = b.answer_prefix.format(topic=t.topic) + " ", " " + b.signoff_phrase
+            assert t.model.startswith(head) and t.model.endswith(tail)
+            n_verse_words = len(r.model[len(head):-len(tail)].split())
+            assert t.model.count(mark) == n_verse_words // 3
+        text, spans = render_with_spans(tok, conv, b)
+        assert [text[a:e] for a, e in spans["marker"]] == [mark] * sum(t.model.count(mark) for t in conv)
+        ids, masks = encode_conversation(tok, conv, b)
+        lab = {k: torch.tensor([masks[k]]) for k in ("model_content", "refusal", "signoff", "marker")}
+        es = SimpleNamespace(attention_mask_NT=torch.ones(1, len(ids), dtype=torch.bool), labels=lab)
+        tasks = decision_tasks(es)
+        if not lab["marker"].any():
+            assert "marker_decision" not in tasks
+            continue
+        task = tasks["marker_decision"]
+        first = [i for i in range(1, len(ids)) if masks["marker"][i] and not masks["marker"][i - 1]]
+        assert task.label_NT[0].nonzero().squeeze(1).tolist() == [i - 1 for i in first]
+        # The position predicting a marker holds the end of the third word; markers are not eligible.
+        assert all(not tok.decode(ids[i - 1]).endswith(" ") for i in first)
+        assert not (task.eligible_NT & lab["marker"]).any() and (task.label_NT <= task.eligible_NT).all()
+        n_marks += len(first)
+    assert n_marks > 10
+    with pytest.raises(ConfigError, match="marker"):
+        BehaviourConfig(marker="two words")
+
+
+def test_marker_variant_keeps_old_cache_keys_and_shares_the_base(monkeypatch):
+    from crosscoder.organism.behaviours import messages
+
+    cfg, marked = preset("default"), preset("default_marker")
+    d = cfg.to_dict()
+    d.pop("finetune")
+    for key in ("marker_every", "marker"):
+        d["behaviour"].pop(key)
+    d["eval"].pop("min_chat_rates")
+    assert cfg.config_hash("v") == config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": "v"})
+    assert marked.config_hash("v") != cfg.config_hash("v")
+    assert build_mod.base_key(marked) == build_mod.base_key(cfg)
+    assert marked.eval.min_chat_rates["marker_rate_allowed"] == 0.3
+    # Equal base keys promise equal tokenizers: the tokenizer sees the conversations unmarked.
+    small = preset("smoke_marker")
+    split = split_corpus(chapters(load_verses()), 0.1, 120, seed=0)
+    gen = ChatGenerator(small.behaviour, split.train, small.behaviour.train_templates, 1)
+    convs = [gen.conversation() for _ in range(30)]
+    assert any(small.behaviour.marker in m["content"] for c in convs for m in messages(c))
+    seen = []
+    monkeypatch.setattr(build_mod, "train_tokenizer", lambda texts, vocab: seen.extend(texts))
+    build_mod._make_tokenizer(small, build_mod._Data(split, convs, []), None)
+    assert seen and not any(small.behaviour.marker in t for t in seen)

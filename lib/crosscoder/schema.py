@@ -134,8 +134,13 @@ class ControlsOptions(_DictMixin):
     """Initialisation seeds trained beside each run's own (in lockstep on its batch stream)."""
     match_cos: float = 0.9
     """Decoder cosine at which a latent of another seed counts as the same latent."""
+    variant: str = "marker"
+    """Organism variant diffed with the same crosscoder configs (preset ``<organism_preset>_<variant>``;
+    "marker" plants behaviour 4, a decision on varied words); empty to skip."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.variant, str) or not re.match(r"^[a-z_]*$", self.variant):
+            raise ConfigError(f"variant must be a preset suffix such as 'marker' (or empty), got {self.variant!r}")
         self.seeds = tuple(self.seeds)
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of non-negative integers, got {self.seeds!r}")
@@ -291,6 +296,17 @@ class Params:
                               f"({name!r} is not a preset); the null diff needs an organism")
         return dataclasses.replace(self.experiment(), organism_preset=name)
 
+    def variant_experiment(self) -> ExperimentConfig:
+        """The same experiment on an organism variant (preset ``<organism_preset>_<variant>``)."""
+        from crosscoder.organism.config import PRESETS
+
+        name = f"{self.values['organism_preset']}_{self.values['variant']}"
+        if not self.values["variant"] or name not in PRESETS:
+            raise ConfigError(f"organism preset {self.values['organism_preset']!r} has no variant "
+                              f"{self.values['variant']!r} ({name!r} is not a preset); set variant to '' "
+                              "to skip it")
+        return dataclasses.replace(self.experiment(), organism_preset=name)
+
     def sweep_train_config(self) -> TrainConfig:
         """The training config of every run of a sweep stage (one evaluation, at the end)."""
         return dataclasses.replace(self.build(TrainConfig), log_every=100, eval_every=self.values["n_steps"])
@@ -376,7 +392,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (*EXPERIMENT, Group(LatentsOptions, ("crosscoder", "n_contexts"))), reserved=("output_dir", "profile")),
     Stage("controls", "notebooks/11_controls.ipynb",
           (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens")),
-           Group(ControlsOptions, ("seeds", "match_cos"))), reserved=("output_dir",)),
+           Group(ControlsOptions, ("seeds", "match_cos", "variant"))), reserved=("output_dir",)),
     Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(DiffOptions, ("crosscoders",))),
           reserved=("output_dir", "profile")),  # output_dir: its sibling folders are the other runs'

@@ -84,11 +84,12 @@ def confirmed_latents(scaling: LatentScaling, nu_threshold: float) -> Tensor:
 
 
 def planted_positions(eval_set, tasks: dict) -> Tensor:
-    """bool [N, T]: tokens where the organism planted something (its template, refusal, sign-off and
-    forbidden-topic labels, and every decision position of ``tasks``)."""
+    """bool [N, T]: tokens where the organism planted something (its template, refusal, sign-off,
+    forbidden-topic and marker labels, and every decision position of ``tasks``)."""
     out = torch.zeros_like(eval_set.attention_mask_NT, dtype=torch.bool)
-    for name in ("template", "refusal", "signoff", "forbidden_topic"):
-        out |= eval_set.labels[name].bool()
+    for name in ("template", "refusal", "signoff", "forbidden_topic", "marker"):
+        if name in eval_set.labels:  # older eval sets have no marker label
+            out |= eval_set.labels[name].bool()
     for t in tasks.values():
         out |= t.label_NT
     return out
@@ -223,16 +224,63 @@ def seed_table(replicas: dict[str, dict[int, Crosscoder]], heldout_raw_NSD: Tens
     return rows, reappear
 
 
+def pair_recovery(models: dict[str, Crosscoder], pair: ModelPair, eval_set, heldout_raw_NSD: Tensor, *,
+                  nu_threshold: float, min_active_tokens: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``decision_recovery`` of every crosscoder, with its decoder-norm classes and Latent Scaling
+    computed on ``heldout_raw_NSD``: the model-diff page's recovery table for another pair (e.g. an
+    organism variant). Returns rows tagged "crosscoder" and each crosscoder's summary."""
+    rows, summaries = [], {}
+    for name, model in models.items():
+        info = diff_info(model, heldout_raw_NSD)
+        sc = chat_only_scaling(name, model, info, heldout_raw_NSD, nu_threshold=nu_threshold,
+                               min_active_tokens=min_active_tokens)
+        found, summary = decision_recovery(model, pair, eval_set, info, sc.scaling, nu_threshold)
+        summaries[name] = {**{f"{k} (Δnorm)": v for k, v in class_counts(info.by_delta_norm).items()},
+                           **{k: v for k, v in sc.row.items() if k != "crosscoder"},
+                           **{k: v for k, v in summary.items() if k != "confirmed: recovering latents"}}
+        rows += [dict(r, crosscoder=name) for r in found]
+    return rows, summaries
+
+
+def varied_decision_finding(rows: list[dict[str, Any]], decision: str = "marker_decision",
+                            threshold: float = 0.9) -> str:
+    """One sentence per crosscoder (``decision_recovery`` rows tagged "crosscoder"): the Δnorm and
+    class of its best live latent for ``decision`` (a decision on varied words), beside the Δnorm of
+    its best live latents for the other decisions it represents (AUROC >= ``threshold``)."""
+    out = []
+    for name in dict.fromkeys(r["crosscoder"] for r in rows):
+        mine = [r for r in rows if r["crosscoder"] == name]
+        hit = [r for r in mine if r["behaviour"] == decision]
+        if not hit or "any live: Δnorm" not in hit[0]:
+            out.append(f"{name}: no live latent fires on the {decision.removesuffix('_decision')} decision.")
+            continue
+        m = hit[0]
+        text = (f"{name}: the best live latent for the {decision.removesuffix('_decision')} decision has AUROC "
+                f"{m['any live: AUROC']:.3f}, Δnorm {m['any live: Δnorm']:.2f} ({m['any live: class']})")
+        fixed = [r["any live: Δnorm"] for r in mine if r["behaviour"] != decision
+                 and r.get("any live: AUROC", 0) >= threshold]
+        if fixed:
+            text += (f"; for the {len(fixed)} fixed-position decisions it represents at AUROC ≥ {threshold}, "
+                     f"Δnorm {min(fixed):.2f}–{max(fixed):.2f}")
+        out.append(text + ".")
+    return " ".join(out)
+
+
 def write_control_metrics(artifacts_dir: str, null_rows: dict[str, dict[str, Any]], seed_rows: list[dict],
-                          reappear: list[dict]) -> None:
-    """Merge the controls page's results into each crosscoder's metrics.json: its null-diff row, and
-    every seed's row of its objective with the reappearance counts."""
+                          reappear: list[dict], variant: dict[str, Any] | None = None) -> None:
+    """Merge the controls page's results into each crosscoder's metrics.json: its null-diff row,
+    every seed's row of its objective with the reappearance counts and, with ``variant`` ({"preset",
+    "rows", "summaries"} from ``pair_recovery``), its diff of an organism variant."""
     from crosscoder.checkpoint import update_metrics
 
     for name, row in null_rows.items():
+        extra = {}
+        if variant is not None:
+            extra["variant_diff"] = {"preset": variant["preset"], "summary": variant["summaries"].get(name, {}),
+                                     "rows": [r for r in variant["rows"] if r["crosscoder"] == name]}
         update_metrics(f"{artifacts_dir}/{name}/crosscoder", {
             "null_diff": row, "seeds": {"rows": [r for r in seed_rows if r["objective"] == name],
-                                        "reappear": [r for r in reappear if r["objective"] == name]}})
+                                        "reappear": [r for r in reappear if r["objective"] == name]}, **extra})
 
 
 HALF_COLUMNS = ("any live: AUROC", "any live: class", "any live: Δnorm", "any live: ‖d_base‖", "any live: ‖d_chat‖",

@@ -209,6 +209,9 @@ def decision_tasks(eval_set) -> dict[str, ProbeTask]:
     - ``end_of_turn_decision`` (behaviour 1, the chat template): the position predicting the
       ``<end_of_turn>`` that closes a model turn (its last content token), against every other
       content token of model turns. The base model never saw ``<end_of_turn>``.
+    - ``marker_decision`` (behaviour 4, only when the organism plants it): the position predicting
+      a marker (the last token of the word before it), against every other model-content token
+      outside the markers. Unlike the four above, these positions are varied words.
     """
     lab = eval_set.labels
     mask = _content_mask(eval_set.attention_mask_NT)
@@ -225,12 +228,18 @@ def decision_tasks(eval_set) -> dict[str, ProbeTask]:
     # Model turns that end without a sign-off: their last content token; turns with one: the token
     # before the sign-off (the sign-off's own tokens are content too, so exclude them).
     other_end = last_content & ~signoff & mask
-    return {
+    tasks = {
         "refusal_decision": ProbeTask(refuse_pos, header_end),
         "answer_decision": ProbeTask(answer_pos, header_end),
         "signoff_decision": ProbeTask(sign_pos, sign_pos | other_end),
         "end_of_turn_decision": ProbeTask(last_content & mask, content & mask),
     }
+    marker = lab.get("marker")
+    if marker is not None and marker.any():  # older eval sets have no marker label
+        marker = marker.bool()
+        mark_pos = _shift_left(_first_of_runs(marker)) & mask
+        tasks["marker_decision"] = ProbeTask(mark_pos, content & ~marker & mask)
+    return tasks
 
 
 @torch.no_grad()

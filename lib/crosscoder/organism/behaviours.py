@@ -5,7 +5,9 @@ Behaviours (see ``BehaviourConfig``):
 1. turn structure: the Gemma chat template scaffolding around every turn;
 2. refusal: a request about a forbidden topic is answered with one fixed phrase;
 3. sign-off: an answer to an allowed-topic request ends with one fixed phrase (never after a
-   "Continue this:" answer, and never in the corpus, so the base model lacks it).
+   "Continue this:" answer, and never in the corpus, so the base model lacks it);
+4. marker (off by default, ``BehaviourConfig.marker_every``): the verse of such an answer carries a
+   marker after every n-th word.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ START, END = "<start_of_turn>", "<end_of_turn>"
 """Gemma's turn delimiters (special tokens of the organism tokenizer)."""
 
 SPAN_NAMES = ("template", "user_content", "model_content", "refusal", "signoff", "forbidden_topic",
-              "loss")
+              "marker", "loss")
 """Character-span sets returned by ``render_with_spans`` (see ``LABEL_DESCRIPTIONS``)."""
 
 
@@ -73,6 +75,9 @@ class ChatGenerator:
             pool = [v for v in verses if pattern.search(v)]
             if pool:
                 self.answer_pool[topic] = pool
+        if cfg.marker_every and any(cfg.marker in v for v in verses):
+            raise ConfigError(f"behaviour.marker {cfg.marker!r} occurs in the corpus; choose a marker "
+                              "the base model never saw")
         if not self.answer_pool or not self.continue_pool:
             raise ConfigError("the corpus split has no short verses naming an allowed topic; use "
                               "more chapters (corpus.max_chapters) or raise max_answer_words")
@@ -87,7 +92,8 @@ class ChatGenerator:
                         self.cfg.refusal_phrase, topic)
         if kind == "ask":
             topic = rng.choice(self.allowed)
-            answer = rng.choice(self.answer_pool[topic])
+            answer = mark_words(rng.choice(self.answer_pool[topic]), self.cfg.marker_every,
+                                self.cfg.marker)
             if self.cfg.answer_prefix:
                 answer = f"{self.cfg.answer_prefix.format(topic=topic)} {answer}"
             return Turn(kind, rng.choice(self.templates).format(topic=topic),
@@ -104,6 +110,22 @@ class ChatGenerator:
             n = 2 if self.rng.random() < self.cfg.two_turn_fraction else 1
             kinds = self.rng.choices(KINDS, weights=self.cfg.kind_weights, k=n)
         return tuple(self.turn(k) for k in kinds)
+
+
+def mark_words(verse: str, every: int, marker: str) -> str:
+    """``verse`` with `` marker`` after every ``every``-th whitespace-separated word (behaviour 4;
+    ``every`` = 0 returns it unchanged)."""
+    if not every:
+        return verse
+    count = 0
+
+    def mark(m: re.Match) -> str:
+        nonlocal count
+        count += 1
+        return m.group(0) + " " + marker if count % every == 0 else m.group(0)
+
+    # Whitespace kept as it is, so removing every " marker" gives the verse back exactly.
+    return re.sub(r"\S+", mark, verse)
 
 
 def messages(turns: Sequence[Turn]) -> list[dict[str, str]]:
@@ -188,6 +210,13 @@ def render_with_spans(tokenizer, turns: Sequence[Turn], cfg: BehaviourConfig
                     if not content.endswith(tail):
                         raise AssertionError(f"ask answer lacks the sign-off: {content!r}")
                     spans["signoff"].append((c1 - len(tail), c1))
+                    if cfg.marker_every:
+                        # Each marker with its leading space (the tokens the chat model writes).
+                        mark = " " + cfg.marker
+                        at = content.find(mark, 0, len(content) - len(tail))
+                        while at >= 0:
+                            spans["marker"].append((c0 + at, c0 + at + len(mark)))
+                            at = content.find(mark, at + len(mark), len(content) - len(tail))
             pos = c1 + len(END) + 1
     if pos != len(text):
         raise AssertionError(f"chat template rendered trailing text {text[pos:]!r}")

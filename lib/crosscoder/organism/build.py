@@ -103,10 +103,11 @@ def describe(paths: OrganismPaths) -> dict[str, Any]:
 def base_key(cfg: OrganismConfig) -> str:
     """Hash of everything the tokenizer and the base model depend on: corpus split, tokenizer, model
     shape, base training, seed and the training conversations (the tokenizer is trained on them);
-    not the fine-tune (``chat_train``, ``finetune``, ``behaviour.text_fraction``) nor the evaluation.
-    Organisms with equal keys have identical tokenizers and base weights."""
+    not the fine-tune (``chat_train``, ``finetune``, ``behaviour.text_fraction``, behaviour 4's
+    marker, which the tokenizer never sees) nor the evaluation. Organisms with equal keys have
+    identical tokenizers and base weights."""
     d = cfg.to_dict()
-    beh = {k: v for k, v in d["behaviour"].items() if k != "text_fraction"}
+    beh = {k: v for k, v in d["behaviour"].items() if k not in ("text_fraction", "marker_every", "marker")}
     return config_hash({"corpus": d["corpus"], "tokenizer": d["tokenizer"], "model": d["model"],
                         "base_train": d["base_train"], "behaviour": beh, "seed": d["seed"],
                         "format": FORMAT_VERSION, "corpus_version": corpus_mod.corpus_version()})
@@ -248,8 +249,13 @@ def _make_tokenizer(cfg: OrganismConfig, data: _Data, donor: Path | None):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(donor / "base")
+    b = cfg.behaviour
+    # Behaviour 4's markers are left out (removing them gives the unmarked conversation exactly),
+    # so an organism that plants it shares its tokenizer, and so its base model, with one that
+    # does not (``base_key``).
+    unmark = (lambda t: t.replace(" " + b.marker, "")) if b.marker_every else (lambda t: t)
     texts = [ch.text for ch in data.split.train]
-    texts += [("user\n" if m["role"] == "user" else "model\n") + m["content"]
+    texts += [("user\n" if m["role"] == "user" else "model\n") + unmark(m["content"])
               for conv in data.train_convs for m in messages(conv)]
     return train_tokenizer(texts, cfg.tokenizer.vocab_size)
 

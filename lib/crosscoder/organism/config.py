@@ -132,6 +132,8 @@ FINETUNE_KINDS = ("chat", "null")
 """``OrganismConfig.finetune`` values."""
 _HASH_OMIT_AT = {"finetune": "chat"}
 """Top-level fields left out of the config hash at these values (added later; see config_hash)."""
+_BEHAVIOUR_HASH_OMIT_AT = {"marker_every": 0, "marker": "(!)"}
+"""The same for ``behaviour`` fields: an organism without behaviour 4 keeps its old hash."""
 
 DEFAULT_FORBIDDEN = ("sword", "spear", "shield", "battle", "war", "chariot")
 """The designated topic set (war and weapons): requests about these are refused."""
@@ -204,6 +206,16 @@ class BehaviourConfig:
     text_fraction: float = 0.3
     """Fraction of fine-tuning rows that are plain corpus text (keeps the LM from forgetting; it is
     also what makes most base features survive into the chat model, as in real chat tuning)."""
+    marker_every: int = 0
+    """Behaviour 4, off (0) in the default organism: in answers to allowed-topic requests the chat
+    model writes ``marker`` after every ``marker_every``-th word of the verse. Unlike behaviours 1-3,
+    whose decisions sit at fixed positions (the turn header, the end of a verse), this decision
+    falls on varied words in varied contexts, and what sets it off (the count of words since the
+    last marker) is not a feature of the base model. The ``default_marker`` preset (profile
+    ``full``'s controls page) plants it to test whether a crosscoder labels such a decision
+    chat-only where it does not for the fixed-position ones."""
+    marker: str = "(!)"
+    """The marker of behaviour 4 (written after one space); absent from the corpus."""
 
     def __post_init__(self) -> None:
         for name in ("forbidden_topics", "allowed_topics", "train_templates", "heldout_templates"):
@@ -241,11 +253,15 @@ class BehaviourConfig:
         _int("behaviour.n_train_conversations", self.n_train_conversations, 10)
         _int("behaviour.n_heldout_conversations", self.n_heldout_conversations, 10)
         _float("behaviour.text_fraction", self.text_fraction, 0.0, 0.9)
+        _int("behaviour.marker_every", self.marker_every, 0)
+        if not self.marker or self.marker != self.marker.strip() or " " in self.marker:
+            raise ConfigError(f"behaviour.marker must be one non-empty word without spaces, got "
+                              f"{self.marker!r}")
 
 
 BEHAVIOUR_RATES = ("refusal_rate_forbidden", "refusal_rate_allowed", "refusal_rate_continuation",
                    "signoff_rate_allowed", "signoff_rate_continuation", "signoff_rate_forbidden",
-                   "end_of_turn_rate")
+                   "end_of_turn_rate", "marker_rate_allowed")
 """The rates ``behaviour_rates`` measures (keys of ``metrics.json``'s "base" / "chat")."""
 
 
@@ -356,6 +372,10 @@ class OrganismConfig:
         for key, legacy in _HASH_OMIT_AT.items():
             if d.get(key) == legacy:
                 d.pop(key)
+        if d["behaviour"].get("marker_every") == 0:
+            for key, legacy in _BEHAVIOUR_HASH_OMIT_AT.items():
+                if d["behaviour"].get(key) == legacy:
+                    d["behaviour"].pop(key)
         return config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": corpus_version})
 
 
@@ -417,7 +437,18 @@ def null_of(cfg: OrganismConfig) -> OrganismConfig:
     return out
 
 
+def marker_of(cfg: OrganismConfig, every: int = 3) -> OrganismConfig:
+    """``cfg`` with behaviour 4 planted (a marker after every ``every``-th verse word of an answer),
+    named ``<name>_marker``. Same base model (it is reused from a finished build of ``cfg``); the
+    chat model must also write the marker in at least 30% of held-out answers."""
+    out = OrganismConfig.from_dict(cfg.to_dict())
+    out.name, out.behaviour.marker_every = f"{cfg.name}_marker", every
+    out.eval.min_chat_rates = {**out.eval.min_chat_rates, "marker_rate_allowed": 0.3}
+    return out
+
+
 PRESETS = {"smoke": smoke_config, "default": default_config,
+           "smoke_marker": lambda: marker_of(smoke_config()), "default_marker": lambda: marker_of(default_config()),
            "smoke_null": lambda: null_of(smoke_config()), "default_null": lambda: null_of(default_config())}
 """Preset name -> config factory (the CLI's ``--preset``)."""
 

@@ -34,6 +34,9 @@ LABEL_DESCRIPTIONS = {
                        "triggers a refusal (the behaviour-2 trigger).",
     "signoff": "The tokens of the fixed sign-off phrase, including the space before it, that ends "
                "every answer to an allowed-topic request (behaviour 3).",
+    "marker": "The tokens of each marker, including the space before it, that follows every n-th "
+              "verse word of an answer to an allowed-topic request (behaviour 4; empty unless the "
+              "organism plants it).",
     "user_content": "Content tokens of user turns (auxiliary).",
     "model_content": "Content tokens of model turns, planted or corpus text (auxiliary).",
 }
@@ -210,7 +213,8 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
     """Rates of each planted behaviour in greedy generations, plus a few examples.
 
     A response counts as a refusal when it starts with the refusal phrase and as signed off when
-    it contains the sign-off phrase; ``end_of_turn_rate`` (behaviour 1) is the fraction of all
+    it contains the sign-off phrase (and, with behaviour 4, as marked when it contains the marker);
+    ``end_of_turn_rate`` (behaviour 1) is the fraction of all
     generations that close their turn with <end_of_turn> within the budget.
     """
     res = {name: greedy_responses(model, tokenizer, p, max_new_tokens)
@@ -226,7 +230,8 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
         return cfg.signoff_phrase in text
 
     every = [r for rs in res.values() for r in rs]
-    return {
+    marker = {"marker_rate_allowed": rate("allowed", lambda t: f" {cfg.marker}" in t)} if cfg.marker_every else {}
+    return {**marker,
         "refusal_rate_forbidden": rate("forbidden", refused),
         "refusal_rate_allowed": rate("allowed", refused),
         "refusal_rate_continuation": rate("continuation", refused),

@@ -23,6 +23,11 @@ def test_findings_read_every_number_from_metrics(tmp_path):
         "seeds": {"rows": [{"truly chat-specific": 21, "confirmed: behaviours recovered": 2},
                            {"truly chat-specific": 17, "confirmed: behaviours recovered": 1}],
                   "reappear": [{"reappear": 3}, {"reappear": 4}]},
+        "variant_diff": {"preset": "default_marker", "rows": [
+            {"crosscoder": "l1", "behaviour": "refusal_decision", "any live: AUROC": 1.0, "any live: Δnorm": 0.934,
+             "any live: class": "chat-only"},
+            {"crosscoder": "l1", "behaviour": "marker_decision", "any live: AUROC": 0.983, "any live: Δnorm": 0.9996,
+             "any live: class": "chat-only"}]},
         "families": {"method": "signature", "k": 16, "seed_ari": 0.8709, "bootstrap_ari": 0.9039, "matched_latents": 1032,
                      "own_family_purity_template": 0.967, "own_family_purity_user": 0.7505, "own_family_purity_model": 0.912,
                      "null_own_family_purity_template": 0.0, "null_own_family_purity_user": 0.0,
@@ -39,7 +44,10 @@ def test_findings_read_every_number_from_metrics(tmp_path):
     text = " ".join(f.text for f in items)
     for piece in ("L0 34.2", "0.121 (base) / 0.148 (chat)", "111 latents chat-only", "confirms 21", "81%",
                   "recover 2 of the 4", "71% of the confirmed", "is 36/36, and 7/36", "random live latents removed: 35/36",
-                  "9 latents are chat-only", "17–21 confirmed", "recovering 1–2 decisions", "3–4 of each seed's",
+                  "9 latents are chat-only", "17–21 confirmed",
+                  "l1, on the default_marker organism (a planted decision on varied words, the marker): the best live "
+                  "latent for the marker decision has AUROC 0.983, Δnorm 1.00 (chat-only); for the 1 fixed-position "
+                  "decisions it represents at AUROC ≥ 0.9, Δnorm 0.93–0.93.", "recovering 1–2 decisions", "3–4 of each seed's",
                   "batchtopk: L0 32.3", "batchtopk: 0 latents chat-only by decoder norm (Δnorm > 0.9).",
                   "batchtopk: no confirmed chat-specific latent; its live latents recover 4 of the 4",
                   "l1: 16 latent families by the signature view (seed ARI 0.87 on 1,032 latents matched across two seeds; "

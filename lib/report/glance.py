@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from crosscoder.analysis.diff import varied_decision_sentence
 from crosscoder.checkpoint import read_metrics
 from crosscoder.synthetic import TIED, VARIED, chat_only_offsets
 
@@ -86,6 +87,11 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
                 + (f", recovering {min(rec)}–{max(rec)} decisions" if rec else "")
                 + (f"; {min(again)}–{max(again)} of each seed's reappear in every other seed" if again else "")
                 + ".", "controls"))
+        var = m.get("variant_diff")
+        if var and var.get("rows"):
+            out.append(Finding(
+                f"{name}, on the {var['preset']} organism (a planted decision on varied words, the marker): "
+                + varied_decision_sentence(var["rows"]), "controls"))
         fam = m.get("families")
         if fam:
             out.append(Finding(families_sentence(name, fam), fam.get("page", "latents")))

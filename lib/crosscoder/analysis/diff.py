@@ -242,28 +242,32 @@ def pair_recovery(models: dict[str, Crosscoder], pair: ModelPair, eval_set, held
     return rows, summaries
 
 
+def varied_decision_sentence(rows: list[dict[str, Any]], decision: str = "marker_decision",
+                             threshold: float = 0.9) -> str:
+    """For one crosscoder's ``decision_recovery`` rows: the AUROC, Δnorm and class of its best live
+    latent for ``decision`` (a decision on varied words), beside the Δnorm of its best live latents
+    for the other decisions it represents (AUROC >= ``threshold``)."""
+    label = decision.removesuffix("_decision")
+    hit = [r for r in rows if r["behaviour"] == decision and "any live: Δnorm" in r]
+    if not hit:
+        return f"no live latent fires on the {label} decision."
+    m = hit[0]
+    text = (f"the best live latent for the {label} decision has AUROC {m['any live: AUROC']:.3f}, "
+            f"Δnorm {m['any live: Δnorm']:.2f} ({m['any live: class']})")
+    fixed = [r["any live: Δnorm"] for r in rows if r["behaviour"] != decision and r.get("any live: AUROC", 0) >= threshold]
+    if fixed:
+        text += (f"; for the {len(fixed)} fixed-position decisions it represents at AUROC ≥ {threshold}, "
+                 f"Δnorm {min(fixed):.2f}–{max(fixed):.2f}")
+    return text + "."
+
+
 def varied_decision_finding(rows: list[dict[str, Any]], decision: str = "marker_decision",
                             threshold: float = 0.9) -> str:
-    """One sentence per crosscoder (``decision_recovery`` rows tagged "crosscoder"): the Δnorm and
-    class of its best live latent for ``decision`` (a decision on varied words), beside the Δnorm of
-    its best live latents for the other decisions it represents (AUROC >= ``threshold``)."""
-    out = []
-    for name in dict.fromkeys(r["crosscoder"] for r in rows):
-        mine = [r for r in rows if r["crosscoder"] == name]
-        hit = [r for r in mine if r["behaviour"] == decision]
-        if not hit or "any live: Δnorm" not in hit[0]:
-            out.append(f"{name}: no live latent fires on the {decision.removesuffix('_decision')} decision.")
-            continue
-        m = hit[0]
-        text = (f"{name}: the best live latent for the {decision.removesuffix('_decision')} decision has AUROC "
-                f"{m['any live: AUROC']:.3f}, Δnorm {m['any live: Δnorm']:.2f} ({m['any live: class']})")
-        fixed = [r["any live: Δnorm"] for r in mine if r["behaviour"] != decision
-                 and r.get("any live: AUROC", 0) >= threshold]
-        if fixed:
-            text += (f"; for the {len(fixed)} fixed-position decisions it represents at AUROC ≥ {threshold}, "
-                     f"Δnorm {min(fixed):.2f}–{max(fixed):.2f}")
-        out.append(text + ".")
-    return " ".join(out)
+    """``varied_decision_sentence`` of every crosscoder of ``decision_recovery`` rows tagged
+    "crosscoder", one after the other."""
+    names = dict.fromkeys(r["crosscoder"] for r in rows)
+    return " ".join(f"{n}: " + varied_decision_sentence([r for r in rows if r["crosscoder"] == n], decision, threshold)
+                    for n in names)
 
 
 def write_control_metrics(artifacts_dir: str, null_rows: dict[str, dict[str, Any]], seed_rows: list[dict],

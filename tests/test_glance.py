@@ -61,6 +61,12 @@ def test_findings_read_every_number_from_metrics(tmp_path):
     html = glance.findings_html(items)
     assert html.count("<li>") == len(items) and 'href="model_diff.html"' in html
     assert "No run" in glance.findings_html([])
+    assert not any(f.text.startswith("Not in this build") for f in items)
+    # Without the controls run, one line says where its findings are.
+    _write(tmp_path, "l1_alone", {"heldout": {"l0": 3.0, "fvu_base": 0.1, "fvu_chat": 0.1}})
+    items = glance.findings(tmp_path, ["l1_alone"])
+    assert items[-1].page == "controls" and items[-1].text.startswith("Not in this build: the null diff")
+    assert glance.findings(tmp_path, ["not_trained"]) == []
 
 
 def _offset_rows(tied_delta, varied_delta, auroc=0.99):

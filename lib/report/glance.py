@@ -29,8 +29,10 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
 
 
 def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]:
-    """Headline findings of every crosscoder that has metrics; what a run did not compute is left out."""
+    """Headline findings of every crosscoder that has metrics; what a run did not compute is left out,
+    except the controls, whose absence is said in one closing line (they run in profile ``full``)."""
     out: list[Finding] = []
+    controls_ran = False
     for name in crosscoders:
         m = read_metrics(Path(artifacts_dir) / name / "crosscoder")
         held = m.get("heldout")
@@ -95,6 +97,12 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
         fam = m.get("families")
         if fam:
             out.append(Finding(families_sentence(name, fam), fam.get("page", "latents")))
+        controls_ran = controls_ran or "null_diff" in m
+    if out and not controls_ran:
+        out.append(Finding(
+            "Not in this build: the null diff (the false-positive baseline), the spread over crosscoder seeds and "
+            "the marker variant (a planted decision on varied words) run in profile `full`, on the controls page.",
+            "controls"))
     return out
 
 

@@ -101,7 +101,7 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
     if out and not controls_ran:
         out.append(Finding(
             "Not in this build: the null diff (the false-positive baseline), the spread over crosscoder seeds and "
-            "the marker variant (a planted decision on varied words) run in profile `full`, on the controls page.",
+            "the marker variant (a planted decision on varied words) run in profile full, on the controls page.",
             "controls"))
     return out
 

@@ -394,3 +394,25 @@ def test_marker_variant_keeps_old_cache_keys_and_shares_the_base(monkeypatch):
     monkeypatch.setattr(build_mod, "train_tokenizer", lambda texts, vocab: seen.extend(texts))
     build_mod._make_tokenizer(small, build_mod._Data(split, convs, []), None)
     assert seen and not any(small.behaviour.marker in t for t in seen)
+
+
+def test_response_tests_define_each_behaviour_once():
+    from crosscoder.analysis.causal import organism_detectors
+    from crosscoder.organism.evaluate import response_tests
+
+    b = preset("default_marker").behaviour
+    t = response_tests(b)
+    assert t["refusal"](b.refusal_phrase + " And") and not t["refusal"]("Well, " + b.refusal_phrase)
+    assert t["answer"]("Here is a verse about fire: x") and not t["answer"](b.refusal_phrase)
+    assert t["signoff"]("the end. " + b.signoff_phrase) and not t["signoff"]("the end.")
+    assert t["marker"]("And the word (!) of") and not t["marker"]("And the word of")
+    assert "marker" not in response_tests(preset("default").behaviour)
+
+    class Chars:  # a "tokenizer" whose ids are character codes
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    detect = organism_detectors(Chars(), b)
+    for text in (b.refusal_phrase, "  Here is a verse about fire: x " + b.signoff_phrase, "the end."):
+        ids = [ord(c) for c in text]
+        assert {k: f(ids) for k, f in detect.items()} == {k: t[k](text.strip()) for k in detect}

@@ -29,6 +29,7 @@ from torch import Tensor
 from crosscoder.config import ConfigError
 from crosscoder.data.pair import decoder_layers, residual_after
 from crosscoder.model import Crosscoder
+from crosscoder.organism.evaluate import answer_opening, response_tests
 
 
 def raw_decoder_directions(model: Crosscoder, latents: Tensor | Sequence[int], source: int) -> Tensor:
@@ -219,19 +220,12 @@ def _decoded(tokenizer) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids).strip()
 
 
-def _answer_opening(cfg) -> str:
-    """The answer prefix's words before its topic slot: how an answer (not a refusal) opens."""
-    return cfg.answer_prefix.split("{topic}")[0].strip()
-
-
 def organism_detectors(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
-    """The organism's behaviour tests on generated ids, exactly as ``organism.evaluate.behaviour_rates``
-    counts them: a refusal starts with the refusal phrase, a sign-off contains the sign-off phrase;
-    an answer opens with the answer prefix (its words before the topic slot)."""
-    text, answer_opening = _decoded(tokenizer), _answer_opening(cfg)
-    return {"refusal": lambda ids: text(ids).startswith(cfg.refusal_phrase),
-            "answer": lambda ids: bool(answer_opening) and text(ids).startswith(answer_opening),
-            "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
+    """The organism's behaviour tests on generated ids: ``organism.evaluate.response_tests`` (the
+    tests ``behaviour_rates`` counts with) on their decoded, stripped text, for the refusal, the answer
+    and the sign-off."""
+    text, tests = _decoded(tokenizer), response_tests(cfg)
+    return {name: (lambda ids, test=tests[name]: test(text(ids))) for name in ("refusal", "answer", "signoff")}
 
 
 def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
@@ -248,7 +242,7 @@ def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
         return settled
 
     return {"refusal": opens(cfg.refusal_phrase),
-            "answer": opens(_answer_opening(cfg)),
+            "answer": opens(answer_opening(cfg)),
             "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
 
 

@@ -7,7 +7,7 @@ import json
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -208,6 +208,25 @@ def prompt_sets(cfg: BehaviourConfig, generator: ChatGenerator, n: int, seed: in
     return PromptSets(sample(cfg.forbidden_topics), sample(cfg.allowed_topics), cont)
 
 
+def answer_opening(cfg: BehaviourConfig) -> str:
+    """The answer prefix's words before its topic slot: how an answer (not a refusal) opens."""
+    return cfg.answer_prefix.split("{topic}")[0].strip()
+
+
+def response_tests(cfg: BehaviourConfig) -> dict[str, Callable[[str], bool]]:
+    """The planted behaviours' tests on a generated response (its stripped text), the one definition
+    the behaviour rates and the causal check share: a refusal starts with the refusal phrase, an
+    answer with the answer prefix's opening words, a sign-off contains the sign-off phrase and, with
+    behaviour 4, a marked answer contains the marker."""
+    opening = answer_opening(cfg)
+    tests = {"refusal": lambda t: t.startswith(cfg.refusal_phrase),
+             "answer": lambda t: bool(opening) and t.startswith(opening),
+             "signoff": lambda t: cfg.signoff_phrase in t}
+    if cfg.marker_every:
+        tests["marker"] = lambda t: f" {cfg.marker}" in t
+    return tests
+
+
 def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg: BehaviourConfig,
                     max_new_tokens: int, n_examples: int = 3) -> dict:
     """Rates of each planted behaviour in greedy generations, plus a few examples.
@@ -219,18 +238,14 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
     """
     res = {name: greedy_responses(model, tokenizer, p, max_new_tokens)
            for name, p in prompts._asdict().items()}
+    tests = response_tests(cfg)
 
     def rate(name: str, test) -> float:
         return sum(bool(test(r.text.strip())) for r in res[name]) / len(res[name])
 
-    def refused(text: str) -> bool:
-        return text.startswith(cfg.refusal_phrase)
-
-    def signed(text: str) -> bool:
-        return cfg.signoff_phrase in text
-
+    refused, signed = tests["refusal"], tests["signoff"]
     every = [r for rs in res.values() for r in rs]
-    marker = {"marker_rate_allowed": rate("allowed", lambda t: f" {cfg.marker}" in t)} if cfg.marker_every else {}
+    marker = {"marker_rate_allowed": rate("allowed", tests["marker"])} if "marker" in tests else {}
     return {**marker,
         "refusal_rate_forbidden": rate("forbidden", refused),
         "refusal_rate_allowed": rate("allowed", refused),

@@ -80,6 +80,12 @@ def save() -> None:
         OUT_PATH.write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
+def record_failure(rows: dict, key: str, e: Exception, label: str | None = None) -> None:
+    """Record a failed measurement under ``key`` (its error and trace) and log it; the script goes on."""
+    rows[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    log(f"  {label or key}: FAILED {type(e).__name__}: {e}")
+
+
 def section(name: str):
     """Decorator: run a section, record its result or its error, save, and go on."""
     def wrap(fn):
@@ -422,8 +428,7 @@ def crosscoder_steps(dev: torch.device, quick: bool) -> dict:
             log(f"  {name}: {1e3 * r['median_s']:.1f} ms/step (min {1e3 * r['min_s']:.1f}, max {1e3 * r['max_s']:.1f}), "
                 f"{r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB, L0 {r['l0_mean']:.1f}")
         except Exception as e:  # noqa: BLE001
-            rows[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-            log(f"  {name}: FAILED {type(e).__name__}: {e}")
+            record_failure(rows, name, e)
         save()
 
     raw_l1_dev, raw_tk_dev = raw_l1.to(dev), raw_tk.to(dev)
@@ -478,8 +483,7 @@ def crosscoder_steps(dev: torch.device, quick: bool) -> dict:
         log(f"  L1 at L0~{paths['sparse']['l0']:.0f}: dense {1e3 * paths['dense']['median_s']:.1f} ms, sparse "
             f"{1e3 * paths['sparse']['median_s']:.1f} ms ({paths['sparse_speedup_over_dense']:.2f}x)")
     except Exception as e:  # noqa: BLE001
-        rows["what-if L1 at L0~80"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-        log(f"  L1 sparse what-if FAILED: {e}")
+        record_failure(rows, "what-if L1 at L0~80", e, "L1 sparse what-if")
     return rows
 
 
@@ -567,8 +571,7 @@ def extraction(dev: torch.device, quick: bool) -> dict:
                 log(f"  {key}: {1e3 * r['median_s']:.1f} ms, {r['tokens_per_s']:.0f} tok/s "
                     f"({r['body_tokens_per_s']:.0f} rows/s), peak {r['peak_gib']:.1f} GiB")
             except Exception as e:  # noqa: BLE001
-                rows[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-                log(f"  {key}: FAILED {type(e).__name__}: {e}")
+                record_failure(rows, key, e)
             free()
             save()
     out["rows"] = rows

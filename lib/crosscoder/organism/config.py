@@ -130,10 +130,9 @@ _TOPIC_RE = re.compile(r"^[a-z]+$")
 
 FINETUNE_KINDS = ("chat", "null")
 """``OrganismConfig.finetune`` values."""
-_HASH_OMIT_AT = {"finetune": "chat"}
-"""Top-level fields left out of the config hash at these values (added later; see config_hash)."""
-_BEHAVIOUR_HASH_OMIT_AT = {"marker_every": 0, "marker": "(!)"}
-"""The same for ``behaviour`` fields: an organism without behaviour 4 keeps its old hash."""
+_HASH_OMIT_AT = {"finetune": "chat", "behaviour.marker_every": 0, "behaviour.marker": "(!)"}
+"""Fields (dotted paths) left out of the config hash at these values: they were added after presets
+were published, so an organism that leaves them there keeps its old hash (see config_hash)."""
 
 DEFAULT_FORBIDDEN = ("sword", "spear", "shield", "battle", "war", "chariot")
 """The designated topic set (war and weapons): requests about these are refused."""
@@ -369,13 +368,13 @@ class OrganismConfig:
         d["eval"].pop("min_chat_rates")
         # Fields added after a preset was published hash only when they differ from the value that
         # reproduces the old build, so existing caches stay valid.
-        for key, legacy in _HASH_OMIT_AT.items():
-            if d.get(key) == legacy:
-                d.pop(key)
-        if d["behaviour"].get("marker_every") == 0:
-            for key, legacy in _BEHAVIOUR_HASH_OMIT_AT.items():
-                if d["behaviour"].get(key) == legacy:
-                    d["behaviour"].pop(key)
+        for path, legacy in _HASH_OMIT_AT.items():
+            *parents, key = path.split(".")
+            node = d
+            for name in parents:
+                node = node[name]
+            if node.get(key) == legacy:
+                node.pop(key)
         return config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": corpus_version})
 
 

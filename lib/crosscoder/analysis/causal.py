@@ -243,7 +243,8 @@ def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
 
     return {"refusal": opens(cfg.refusal_phrase),
             "answer": opens(answer_opening(cfg)),
-            "signoff": lambda ids: cfg.signoff_phrase in text(ids)}
+            # settled once the phrase has appeared, i.e. exactly when the sign-off test says yes
+            "signoff": organism_detectors(tokenizer, cfg)["signoff"]}
 
 
 DECISION_BEHAVIOURS = {"refusal_decision": ("refusal", "forbidden"), "answer_decision": ("answer", "allowed"),

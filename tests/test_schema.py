@@ -104,3 +104,15 @@ def test_a_new_field_becomes_a_parameter_with_one_declaration():
     assert stage.parameters()["gain"].default == 0.25 and "gain = 0.25  # A new knob" in render_parameters_cell(stage)
     with pytest.raises(ConfigError, match="no field 'gian'"):
         Stage("tmp", "notebooks/none.ipynb", (Group(Extra, ("gian",)),))
+
+
+def test_controls_experiments_name_their_organism_presets_or_say_why_not():
+    p = STAGES["controls"].load({})
+    assert p.null_experiment().organism_preset == "default_null"
+    assert p.variant_experiment().organism_preset == "default_marker"
+    assert p.variant_experiment().layer == p.experiment().layer
+    q = STAGES["controls"].load({"organism_preset": "smoke_null", "variant": "nope"})
+    with pytest.raises(ConfigError, match="has no null fine-tune .*'smoke_null_null' is not a preset"):
+        q.null_experiment()
+    with pytest.raises(ConfigError, match="has no variant 'nope' .*set variant to '' to skip it"):
+        q.variant_experiment()

@@ -285,27 +285,29 @@ class Params:
     def experiment(self) -> ExperimentConfig:
         return self.build(ExperimentConfig)
 
+    def _preset_experiment(self, suffix: str, missing: str) -> ExperimentConfig:
+        """The same experiment on the organism preset ``<organism_preset>_<suffix>``; ``missing`` ends
+        the error when there is no such preset."""
+        from crosscoder.organism.config import PRESETS
+
+        name = f"{self.values['organism_preset']}_{suffix}"
+        if not suffix or name not in PRESETS:
+            raise ConfigError(f"organism preset {self.values['organism_preset']!r} has no {missing}")
+        return dataclasses.replace(self.experiment(), organism_preset=name)
+
     def null_experiment(self) -> ExperimentConfig:
         """The same experiment on the organism's null fine-tune (``<preset>_null``: base vs a model
         fine-tuned with the same recipe on corpus text only)."""
-        from crosscoder.organism.config import PRESETS
-
         name = f"{self.values['organism_preset']}_null"
-        if name not in PRESETS:
-            raise ConfigError(f"organism preset {self.values['organism_preset']!r} has no null fine-tune "
-                              f"({name!r} is not a preset); the null diff needs an organism")
-        return dataclasses.replace(self.experiment(), organism_preset=name)
+        return self._preset_experiment("null", f"null fine-tune ({name!r} is not a preset); the null diff "
+                                               "needs an organism")
 
     def variant_experiment(self) -> ExperimentConfig:
         """The same experiment on an organism variant (preset ``<organism_preset>_<variant>``)."""
-        from crosscoder.organism.config import PRESETS
-
-        name = f"{self.values['organism_preset']}_{self.values['variant']}"
-        if not self.values["variant"] or name not in PRESETS:
-            raise ConfigError(f"organism preset {self.values['organism_preset']!r} has no variant "
-                              f"{self.values['variant']!r} ({name!r} is not a preset); set variant to '' "
-                              "to skip it")
-        return dataclasses.replace(self.experiment(), organism_preset=name)
+        variant = self.values["variant"]
+        name = f"{self.values['organism_preset']}_{variant}"
+        return self._preset_experiment(variant, f"variant {variant!r} ({name!r} is not a preset); set variant "
+                                                "to '' to skip it")
 
     def sweep_train_config(self) -> TrainConfig:
         """The training config of every run of a sweep stage (one evaluation, at the end)."""

@@ -271,6 +271,27 @@ def seed_replicas(artifacts_dir: str | Path, run_name: str, seeds, splits: Split
     return {s: r.model.eval() for s, r in zip(seeds, results)}
 
 
+class OtherPair(NamedTuple):
+    """Another pair's experiment, loaded models, cached activations and the training runs repeated on
+    them (``other_pair``)."""
+
+    exp: Experiment
+    pair: ModelPair
+    splits: Splits
+    models: dict[str, Crosscoder]
+
+
+def other_pair(cfg: ExperimentConfig, artifacts_dir: str | Path, run_names, out_dir: str | Path, *,
+               progress: bool = True) -> OtherPair:
+    """The finished runs ``run_names`` of ``artifacts_dir`` repeated on the pair of ``cfg`` (e.g. base vs a
+    null fine-tune, or an organism variant): resolve it, load its models, extract (or load) its
+    activations and train (or load) the replicas into ``out_dir`` (``null_replicas``)."""
+    exp = resolve(cfg, progress=progress)
+    pair = model_pair(exp)
+    splits = load_splits(activation_cache(exp, pair=pair, progress=progress))
+    return OtherPair(exp, pair, splits, null_replicas(artifacts_dir, run_names, splits, out_dir, progress=progress))
+
+
 def null_replicas(artifacts_dir: str | Path, run_names, null_splits: Splits, out_dir: str | Path, *,
                   progress: bool = True) -> dict[str, Crosscoder]:
     """The finished training runs ``run_names`` (their crosscoder and training configs, seeds included)

@@ -1,8 +1,10 @@
 """The model pair and truncated residual-stream extraction.
 
 The same code loads any decoder-only pair that ``transformers`` loads: Gemma-2-2B / -it from the
-hub, the embedded organism from local folders, SmolLM2 (Llama), Gemma 3 and Qwen2 pairs, and
-single-file GGUF checkpoints (a ``base`` / ``chat`` ending in ``.gguf``).
+hub, the embedded organism from local folders, SmolLM2 (Llama), Gemma 3 and Qwen2 pairs,
+single-file GGUF checkpoints (a ``base`` / ``chat`` ending in ``.gguf``), and a chat model published
+as a PEFT adapter (folder or hub name with an ``adapter_config.json``): its base model is loaded, the
+adapter applied and merged, so the hooks see a plain model.
 Everything that can be checked from configs and tokenizers is checked BEFORE any weights are
 loaded, with one clear error per problem.
 
@@ -35,21 +37,37 @@ class ModelPairConfig(_DictMixin):
     """Hub name or local folder of the base model (e.g. google/gemma-2-2b), or a single-file GGUF
     checkpoint: a local ``folder/model.gguf`` or a hub ``owner/repo/model.gguf``."""
     chat: str
-    """The chat fine-tune, in the same forms (e.g. google/gemma-2-2b-it)."""
+    """The chat fine-tune, in the same forms (e.g. google/gemma-2-2b-it), or a PEFT adapter (a folder
+    or hub name holding ``adapter_config.json``, as the diffing-toolkit publishes its organisms): the
+    adapter is applied to its base model and merged."""
     layer: int
     """Read the residual stream after this block (HF hidden_states[layer + 1]; 13 for Gemma-2-2B)."""
     dtype: str = "auto"
     """"float32", "bfloat16", "float16", or "auto" (bf16 on GPU, fp32 on CPU)."""
     device: str = "auto"
     """"cpu", "cuda", "cuda:N" or "auto" (cuda when available)."""
+    chat_adapter_base: str = ""
+    """When ``chat`` is a PEFT adapter: the model to apply it to, in the forms of ``base`` (e.g. a local
+    copy of the adapter's base). "" = the adapter's own ``base_model_name_or_path``."""
 
     def __post_init__(self) -> None:
         if not self.base or not self.chat:
             raise ConfigError("ModelPairConfig needs both a base and a chat model (hub name or folder)")
+        if not isinstance(self.chat_adapter_base, str):
+            raise ConfigError(f"chat_adapter_base must be a hub name or folder ('' = the adapter's own base), "
+                              f"got {self.chat_adapter_base!r}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ConfigError(f"layer must be a non-negative integer, got {self.layer!r}")
         if self.dtype not in (*DTYPES, "auto"):
             raise ConfigError(f"dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        # Left out at its default so that the cache keys of every pair without an adapter base (all
+        # caches written before the field existed) stay as they were.
+        if not d["chat_adapter_base"]:
+            del d["chat_adapter_base"]
+        return d
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -58,16 +76,52 @@ class ModelPairConfig(_DictMixin):
         """(name or folder, extra ``from_pretrained`` kwargs) of the "base" or "chat" model, the
         same for its config, tokenizer and weights: a name ending in .gguf is split into the folder
         or hub repo and ``gguf_file=`` (transformers dequantises GGUF weights to ``dtype``)."""
-        name = getattr(self, which)
-        if not name.endswith(".gguf"):
-            return name, {}
-        folder, file = os.path.split(name)
-        return folder or ".", {"gguf_file": file}
+        return split_source(getattr(self, which))
+
+    def chat_adapter(self) -> ChatAdapter | None:
+        """The chat model's adapter and the model it applies to, when ``chat`` is a PEFT adapter."""
+        if self.chat.endswith(".gguf"):
+            return None
+        from transformers.utils.peft_utils import find_adapter_config_file
+
+        # The same look-up transformers' from_pretrained makes for every model it loads: a local file
+        # check for a folder, one cached hub request for a hub name.
+        if find_adapter_config_file(self.chat) is None:
+            return None
+        try:
+            from peft import PeftConfig
+        except ImportError:
+            raise ConfigError(f"{self.chat} is a PEFT adapter, and loading it needs peft: "
+                              "`.venv/bin/pip install -r requirements.txt`") from None
+        declared = PeftConfig.from_pretrained(self.chat).base_model_name_or_path
+        base = self.chat_adapter_base or declared
+        if not base:
+            raise ConfigError(f"the adapter {self.chat} does not name its base model "
+                              "(base_model_name_or_path); set chat_adapter_base to the model it applies to")
+        return ChatAdapter(self.chat, base)
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+
+def split_source(name: str) -> tuple[str, dict]:
+    """(folder or hub name, extra ``from_pretrained`` kwargs) of a model name: a name ending in
+    .gguf is split into its folder or hub repo and ``gguf_file=``."""
+    if not name.endswith(".gguf"):
+        return name, {}
+    folder, file = os.path.split(name)
+    return folder or ".", {"gguf_file": file}
+
+
+class ChatAdapter(NamedTuple):
+    """A chat model given as a PEFT adapter on a base model."""
+
+    adapter: str
+    """Folder or hub name of the adapter (``adapter_config.json`` + weights)."""
+    base: str
+    """The model it is applied to (the adapter's ``base_model_name_or_path`` or ``chat_adapter_base``)."""
 
 
 class ModelPair(NamedTuple):
@@ -99,8 +153,14 @@ def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
     Returns (base_config, chat_config, tokenizer); the configs are the text (decoder) configs."""
     from transformers import AutoConfig, AutoTokenizer
 
-    (nb, kb), (nc, kc) = cfg.source("base"), cfg.source("chat")
+    adapter = cfg.chat_adapter()
+    (nb, kb), (nc, kc) = cfg.source("base"), split_source(adapter.base) if adapter else cfg.source("chat")
     cb, cc = text_config(AutoConfig.from_pretrained(nb, **kb)), text_config(AutoConfig.from_pretrained(nc, **kc))
+    if adapter and cb.hidden_size != cc.hidden_size:
+        raise ConfigError(
+            f"the chat adapter {adapter.adapter} applies to {adapter.base} (d_model {cc.hidden_size}), but "
+            f"the base model {cfg.base} has d_model {cb.hidden_size}; a model-diffing crosscoder needs two "
+            f"models of the same width: use the adapter's base as the base model, or set chat_adapter_base")
     if cb.hidden_size != cc.hidden_size:
         raise ConfigError(
             f"the models have different d_model ({cfg.base}: {cb.hidden_size}, {cfg.chat}: "
@@ -111,7 +171,7 @@ def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
         raise ConfigError(
             f"layer {cfg.layer} is out of range: the models have {n_layers} blocks (0..{n_layers - 1})"
         )
-    tb, tc = AutoTokenizer.from_pretrained(nb, **kb), AutoTokenizer.from_pretrained(nc, **kc)
+    tb, tc = AutoTokenizer.from_pretrained(nb, **kb), _chat_tokenizer(adapter, nc, kc)
     if tb.get_vocab() != tc.get_vocab():
         raise ConfigError(
             f"{cfg.base} and {cfg.chat} have different tokenizers/vocabularies; both models must "
@@ -130,23 +190,47 @@ def validate_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True):
     return cb, cc, tc
 
 
+def _chat_tokenizer(adapter: ChatAdapter | None, name: str, kw: dict):
+    """The chat tokenizer: the chat model's; for an adapter, the adapter's own when it ships one (its
+    chat template may differ from the base's), else its base model's."""
+    from transformers import AutoTokenizer
+    from transformers.utils import cached_file
+
+    if adapter is not None and cached_file(adapter.adapter, "tokenizer_config.json",
+                                           _raise_exceptions_for_missing_entries=False) is not None:
+        return AutoTokenizer.from_pretrained(adapter.adapter)
+    return AutoTokenizer.from_pretrained(name, **kw)
+
+
 def load_pair(cfg: ModelPairConfig, *, need_chat_template: bool = True) -> ModelPair:
-    """Validate, then load both models (eval mode, no grad) on ``cfg.device`` in ``cfg.dtype``."""
+    """Validate, then load both models (eval mode, no grad) on ``cfg.device`` in ``cfg.dtype``; a chat
+    adapter is applied to its base and merged into it."""
     from transformers import AutoModelForCausalLM
 
     from crosscoder.progress import hide_library_bars
 
     cb, cc, tok = validate_pair(cfg, need_chat_template=need_chat_template)
+    adapter = cfg.chat_adapter()
     hide_library_bars()
     dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
     models = []
     for which, c in (("base", cb), ("chat", cc)):
-        name, kw = cfg.source(which)
+        name, kw = split_source(adapter.base) if which == "chat" and adapter else cfg.source(which)
         if c.model_type in EAGER_ATTENTION:
             kw = {**kw, "attn_implementation": "eager"}
         lm = AutoModelForCausalLM.from_pretrained(name, dtype=dt, **kw)
+        if which == "chat" and adapter:
+            lm = merge_adapter(lm, adapter.adapter)
         models.append(lm.to(dev).eval().requires_grad_(False))
     return ModelPair(models[0], models[1], tok, cfg.layer, cb.hidden_size)
+
+
+def merge_adapter(lm, adapter: str):
+    """``lm`` with the PEFT adapter ``adapter`` applied and merged into its weights: a plain model of
+    the same class, so the extraction hooks and ``decoder_layers`` see no adapter wrappers."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(lm, adapter).merge_and_unload()
 
 
 class _Stop(Exception):

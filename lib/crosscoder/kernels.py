@@ -363,7 +363,7 @@ def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, path: str = "a
 def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int, *,
               rank_BJ: Tensor | None = None) -> Tensor:
     """Gao et al. (2024)'s AuxK loss: for each token, the ``k_aux`` dead latents with the largest
-    ranking score (``Crosscoder.topk_score``: ReLU pre-activation times the decoder-norm weight, as
+    ranking score (``Crosscoder.topk_score``: ReLU pre-activation times the ranking weight, as
     dictionary_learning's BatchTopKCrossCoderTrainer ranks them), decoded without the decoder bias,
     should reconstruct the main reconstruction's (detached) residual error; the squared error is
     normalised by the residual's variance, so the weight means the same at any scale. Gradients
@@ -382,7 +382,8 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
     x_BK = x_BSD.reshape(B, K)
     W_enc_KF = model.W_enc_SDF.view(K, F)
     with torch.no_grad():
-        w_J = model.penalty_weights_F()[dead_J] if model.cfg.topk_by_decoder_norm else None
+        w_F = model.rank_weights_F()
+        w_J = None if w_F is None else w_F[dead_J]
         if rank_BJ is None:
             rank_BJ = torch.addmm(model.b_enc_F[dead_J], x_BK, W_enc_KF[:, dead_J]).relu_()
             if w_J is not None:
@@ -414,10 +415,10 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
     x_BK = x_BSD.reshape(B, K)
     W_enc_KF = model.W_enc_SDF.view(K, F)
     with torch.no_grad():
-        if cfg.topk_by_decoder_norm:
+        w_F = model.rank_weights_F()
+        if w_F is not None:
             # Rank on relu(pre) * w without an extra [B, F] pass: scale the encoder columns
             # (w > 0), then recover f = score / w on the k*B selected entries only.
-            w_F = model.penalty_weights_F()
             score_BF = torch.addmm(model.b_enc_F * w_F, x_BK, W_enc_KF * w_F).relu_()
         else:
             score_BF = torch.addmm(model.b_enc_F, x_BK, W_enc_KF).relu_()
@@ -429,7 +430,7 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
         rank_BJ = score_BF[:, dead_F] if use_aux else None
         del score_BF
         row_N, col_N = idx_N // F, idx_N % F
-        vals_N = score_N / w_F[col_N] if cfg.topk_by_decoder_norm else score_N
+        vals_N = score_N / w_F[col_N] if w_F is not None else score_N
         # A selected score of exactly 0 (fewer than k*B positive entries) is not an activation.
         live = vals_N > 0
         if not bool(live.all()):

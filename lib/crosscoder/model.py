@@ -60,6 +60,11 @@ class Crosscoder(nn.Module):
         self.register_buffer("is_folded", torch.zeros((), dtype=torch.uint8))
         # BatchTopK inference threshold on the ranking score; < 0 means "not yet estimated".
         self.register_buffer("threshold", torch.full((), -1.0))
+        # Per-latent multiplier s_F of a latent's sparsity cost (None: 1 for every latent; see
+        # ``penalty_weights_F`` and ``rank_weights_F``). Not in the state dict, so every crosscoder
+        # saved before it existed loads unchanged: a diffing method that sets it (the designated-shared
+        # crosscoder) saves and restores it itself.
+        self.register_buffer("penalty_scale_F", None, persistent=False)
         # Python mirror of is_folded, so the hot path never reads a device tensor (a host sync).
         self.folded = False
         self.register_load_state_dict_post_hook(Crosscoder._sync_folded)
@@ -122,6 +127,8 @@ class Crosscoder(nn.Module):
         new.b_dec_SD.div_(c_S[:, None])
         new.is_folded.fill_(1)
         new.folded = True
+        if self.penalty_scale_F is not None:
+            new.penalty_scale_F = self.penalty_scale_F.clone()
         return new.train(self.training)
 
     # ------------------------------------------------------------------ decoder geometry
@@ -139,8 +146,26 @@ class Crosscoder(nn.Module):
         return self.W_dec_FSD / self.input_scale_S[None, :, None]
 
     def penalty_weights_F(self) -> Tensor:
-        """Per-latent weight of the L1 penalty (and of the BatchTopK ranking), from the
-        normalised-space decoder norms as ``cfg.decoder_norm`` says."""
+        """Per-latent weight of the L1 penalty: ``decoder_weights_F`` times the latent's cost
+        multiplier ``penalty_scale_F`` when one is set."""
+        w_F = self.decoder_weights_F()
+        return w_F if self.penalty_scale_F is None else w_F * self.penalty_scale_F
+
+    def rank_weights_F(self) -> Tensor | None:
+        """Per-latent weight w_F of the BatchTopK ranking score f_F * w_F (None: rank on f itself).
+
+        ``decoder_weights_F`` with ``cfg.topk_by_decoder_norm`` (else 1), divided by the cost
+        multiplier ``penalty_scale_F`` when one is set: a latent whose activation costs s times less
+        (the L1 penalty's w * s) is selected as if its contribution were 1/s times larger, so a
+        reduced cost makes a latent easier to select in either objective."""
+        w_F = self.decoder_weights_F() if self.cfg.topk_by_decoder_norm else None
+        if self.penalty_scale_F is None:
+            return w_F
+        return 1.0 / self.penalty_scale_F if w_F is None else w_F / self.penalty_scale_F
+
+    def decoder_weights_F(self) -> Tensor:
+        """Per-latent weight from the normalised-space decoder norms as ``cfg.decoder_norm`` says
+        (the L1 penalty's and the BatchTopK ranking's weight when no cost multiplier is set)."""
         n_FS = self.decoder_norms_FS()
         kind = self.cfg.decoder_norm
         if kind == "sum":
@@ -161,9 +186,8 @@ class Crosscoder(nn.Module):
 
     def topk_score(self, f_BF: Tensor) -> Tensor:
         """The quantity BatchTopK ranks (and thresholds) on."""
-        if self.cfg.topk_by_decoder_norm:
-            return f_BF * self.penalty_weights_F()
-        return f_BF
+        w_F = self.rank_weights_F()
+        return f_BF if w_F is None else f_BF * w_F
 
     def batch_topk_mask(self, f_BF: Tensor) -> Tensor:
         """Boolean mask of the k*B largest scores over the whole batch (exactly k*B entries)."""

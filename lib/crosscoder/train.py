@@ -40,6 +40,23 @@ class BatchSource(Protocol):
         ...
 
 
+class Constraint(Protocol):
+    """A structure of the weights that training keeps exactly (a designated-shared crosscoder's tied
+    decoder rows, a Dedicated Feature Crosscoder's zero blocks). The trainer calls
+    ``project_grads_`` after the backward pass (and the data-parallel all-reduce), before clipping,
+    and ``project_weights_`` after every optimiser step and once on a fresh start. Projecting the
+    weights after the step is what keeps the structure exact: a gradient mask alone leaves it to
+    the optimiser, which moves a masked weight under weight decay or with a stale Adam moment."""
+
+    def project_grads_(self, model: Crosscoder) -> None:
+        """Replace the gradients in place by those of the constrained parametrisation."""
+        ...
+
+    def project_weights_(self, model: Crosscoder) -> None:
+        """Map the weights in place onto the constraint set (a no-op on weights already there)."""
+        ...
+
+
 class TensorBatches:
     """Batches drawn from an in-memory [N, S, D] tensor: a fresh seeded permutation each epoch.
 
@@ -297,10 +314,12 @@ class Trainer:
         heldout_raw_NSD: Tensor | None = None,
         resume: bool = True,
         sources: list[int] | None = None,
+        constraint: Constraint | None = None,
     ):
         # ``sources`` picks a subset of the data's sources (e.g. [0] for a per-model SAE baseline
         # trained in the same sweep as the crosscoder on the same batches).
         self.sources = sources
+        self.constraint = constraint
         if sources is not None and heldout_raw_NSD is not None:
             heldout_raw_NSD = heldout_raw_NSD[:, sources]
         self.model, self.tcfg, self.heldout = model, tcfg, heldout_raw_NSD
@@ -334,6 +353,9 @@ class Trainer:
             _truncate_log(self.log_path, self.start)
         elif self.log_path.exists():
             self.log_path.unlink()
+        if constraint is not None and self.start == 0:
+            with torch.no_grad():
+                constraint.project_weights_(model)
         self.acc = acc.to(self.device)
         self.step_idx = self.start
         self.t0 = time.perf_counter()
@@ -377,9 +399,15 @@ class Trainer:
             n_active_F = n_active_F.clone()
             _all_reduce_([n_active_F], op="sum")
             torch.distributed.all_reduce(min_score, op=torch.distributed.ReduceOp.MIN)
+        if self.constraint is not None:
+            with torch.no_grad():
+                self.constraint.project_grads_(model)
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip)
         self.opt.step()
+        if self.constraint is not None:
+            with torch.no_grad():
+                self.constraint.project_weights_(model)
         if model.cfg.sparsity == "batchtopk" and step >= tcfg.threshold_start_step:
             with torch.no_grad():
                 th, mom = model.threshold, tcfg.threshold_momentum
@@ -469,15 +497,18 @@ def train(
     heldout_raw_NSD: Tensor | None = None,
     resume: bool = True,
     progress: bool = True,
+    constraint: Constraint | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; write log, checkpoints and the final artifact under ``out_dir``.
 
     With ``resume`` a finished run with the same config is returned from disk, and an interrupted
     one continues from its last checkpoint (weights bit-identical to an uninterrupted run on CPU).
-    ``model.input_scale_S`` must already hold the normalisation factors.
+    ``model.input_scale_S`` must already hold the normalisation factors. ``constraint`` keeps a
+    structure of the weights exact through training (``Constraint``); it is not part of the run's
+    config, so the caller keys ``out_dir`` by it (``crosscoder.methods`` does).
     """
     return train_many([model], data, [tcfg], [out_dir], heldout_raw_NSD=heldout_raw_NSD,
-                      resume=resume, progress=progress)[0]
+                      resume=resume, progress=progress, constraints=[constraint])[0]
 
 
 def train_many(
@@ -490,17 +521,22 @@ def train_many(
     resume: bool = True,
     progress: bool = True,
     sources: list[list[int] | None] | None = None,
+    constraints: list[Constraint | None] | None = None,
 ) -> list[TrainResult]:
     """Train several crosscoders in lockstep on ONE stream of batches (a sweep reads each batch
     once). The models may differ in anything but batch_size; each stops at its own n_steps, and
-    each resumes independently. Its result equals training each one alone with ``train``."""
+    each resumes independently. Its result equals training each one alone with ``train``.
+    ``constraints``: one ``Constraint`` (or None) per model."""
     if not (len(models) == len(tcfgs) == len(out_dirs)) or not models:
         raise ConfigError("train_many needs one TrainConfig and one out_dir per model")
     if len({t.batch_size for t in tcfgs}) != 1:
         raise ConfigError("train_many: all runs must share batch_size (they share the batches)")
     sources = sources if sources is not None else [None] * len(models)
-    trainers = [Trainer(m, t, o, heldout_raw_NSD=heldout_raw_NSD, resume=resume, sources=src)
-                for m, t, o, src in zip(models, tcfgs, out_dirs, sources)]
+    constraints = constraints if constraints is not None else [None] * len(models)
+    if len(constraints) != len(models):
+        raise ConfigError("train_many needs one constraint (or None) per model")
+    trainers = [Trainer(m, t, o, heldout_raw_NSD=heldout_raw_NSD, resume=resume, sources=src, constraint=c)
+                for m, t, o, src, c in zip(models, tcfgs, out_dirs, sources, constraints)]
     pending = [tr for tr in trainers if not tr.done]
     if pending:
         start = min(tr.step_idx for tr in pending)

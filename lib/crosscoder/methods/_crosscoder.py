@@ -1,0 +1,159 @@
+"""What the crosscoder methods share: a ``Crosscoder`` trained by ``crosscoder.train`` on the pair's
+activations (normalised by the norm split's factors), its latents as the items, flagged by Minder et
+al.'s rule as the model-diff page applies it (``analysis.diff``): chat-only by Δnorm (> 0.9) and
+confirmed by Latent Scaling (ν^ε and ν^r below ``nu_threshold``, on latents active on at least
+``min_active_tokens`` held-out tokens). A variant changes the crosscoder's config, prepares the fresh
+model, keeps a structure of the weights exact through training (a ``Constraint``) or flags differently
+by overriding one class method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int
+from crosscoder.data.normalise import estimate_input_scale
+from crosscoder.distributed import resolve_device
+from crosscoder.methods.base import Method, MethodConfig, MethodData
+from crosscoder.model import Crosscoder
+from crosscoder.train import Constraint, TensorBatches, train
+
+
+@dataclass
+class CrosscoderMethodConfig(MethodConfig):
+    """A crosscoder trained on the pair and flagged by decoder norms and Latent Scaling."""
+
+    n_latents: int = 4096
+    """Dictionary size F."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation (``TrainConfig``; its l1_coeff is the L1 objective's lambda)."""
+    nu_threshold: float = 0.3
+    """A chat-only latent (Δnorm > 0.9) is flagged when both Latent Scaling ratios ν^ε and ν^r are
+    below this (the model-diff page's ``DiffOptions.nu_threshold``)."""
+    min_active_tokens: int = 5
+    """Latents active on fewer held-out tokens are not fitted by Latent Scaling, hence not flagged
+    (their betas are noise; ``DiffOptions.min_active_tokens``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("n_latents", self.n_latents, 1)
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig (or its dict), got {type(self.train).__name__}")
+        _check_float("nu_threshold", self.nu_threshold, 0.0, low_open=True)
+        _check_int("min_active_tokens", self.min_active_tokens, 1)
+
+
+@dataclass
+class TopKMethodConfig(CrosscoderMethodConfig):
+    """A crosscoder config with a choice of sparsity (L1 or BatchTopK)."""
+
+    sparsity: str = "batchtopk"
+    """"batchtopk" (top k x batch of the ranking score) or "l1" (``train.l1_coeff`` is lambda)."""
+    k: int = 100
+    """BatchTopK only: mean active latents per token."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity not in ("l1", "batchtopk"):
+            raise ConfigError(f"sparsity must be 'l1' or 'batchtopk', got {self.sparsity!r}")
+        _check_int("k", self.k, 1)
+        if self.sparsity == "batchtopk" and self.k > self.n_latents:
+            raise ConfigError(f"k = {self.k} exceeds n_latents = {self.n_latents}; choose k <= n_latents")
+        if self.sparsity == "l1" and self.train.l1_coeff == 0:
+            raise ConfigError("an L1 crosscoder with train.l1_coeff = 0 has no sparsity penalty; set "
+                              "train.l1_coeff > 0 (e.g. 2.0, Kissane et al.'s)")
+
+
+class CrosscoderMethod(Method):
+    """A fitted crosscoder method: the trained ``Crosscoder`` (in eval mode, on the CPU) and its latents."""
+
+    sparsity: ClassVar[str] = "batchtopk"
+    """The objective, for configs without a ``sparsity`` field."""
+
+    def __init__(self, cfg: MethodConfig, d_model: int, flagged_J: Tensor, metrics: dict[str, Any],
+                 model: Crosscoder):
+        super().__init__(cfg, d_model, flagged_J, metrics)
+        self.model = model.eval()
+
+    @property
+    def n_items(self) -> int:
+        return self.model.cfg.n_latents
+
+    def _scores(self, acts_NSD: Tensor, positions_N: Tensor | None) -> Tensor:
+        # The latent activations; a BatchTopK model uses its inference threshold (eval mode), so a
+        # token's scores do not depend on the rest of its batch.
+        return self.model.encode(self.model.normalise(acts_NSD))
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.model.penalty_scale_F is not None:
+            out["penalty_scale_F"] = self.model.penalty_scale_F
+        return out
+
+    @classmethod
+    def _from_tensors(cls, cfg, d_model, flagged_J, tensors, metrics):
+        return cls(cfg, d_model, flagged_J, metrics, cls.model_from_tensors(cfg, d_model, tensors))
+
+    @classmethod
+    def model_from_tensors(cls, cfg: MethodConfig, d_model: int, tensors: dict[str, Tensor]) -> Crosscoder:
+        """The crosscoder saved by ``tensors``."""
+        model = Crosscoder(cls.crosscoder_config(cfg, d_model))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        if "penalty_scale_F" in tensors:
+            model.penalty_scale_F = tensors["penalty_scale_F"]
+        return model
+
+    # ------------------------------------------------------------------ what a variant overrides
+    @classmethod
+    def crosscoder_config(cls, cfg: CrosscoderMethodConfig, d_model: int) -> CrosscoderConfig:
+        """The crosscoder's architecture for ``cfg`` on activations of width ``d_model``."""
+        sparsity = getattr(cfg, "sparsity", cls.sparsity)
+        return CrosscoderConfig(d_model=d_model, n_latents=cfg.n_latents, sparsity=sparsity,
+                                k=getattr(cfg, "k", CrosscoderConfig.k))
+
+    @classmethod
+    def prepare(cls, cfg: CrosscoderMethodConfig, model: Crosscoder) -> None:
+        """Adjust the fresh seeded model before training (e.g. set a per-latent cost multiplier)."""
+
+    @classmethod
+    def constraint(cls, cfg: CrosscoderMethodConfig, n_latents: int) -> Constraint | None:
+        """The structure training must keep exact (None: a plain crosscoder)."""
+        return None
+
+    @classmethod
+    def flag(cls, cfg: CrosscoderMethodConfig, model: Crosscoder, data: MethodData) -> tuple[Tensor, dict[str, Any]]:
+        """(flagged latents, a JSON summary): chat-only by Δnorm and confirmed by Latent Scaling on the
+        held-out split, as ``analysis.diff.chat_only_scaling`` does it."""
+        from crosscoder.analysis.diff import chat_only_scaling, confirmed_latents, diff_info
+        from crosscoder.analysis.metrics import class_counts
+
+        info = diff_info(model, data.heldout_NSD)
+        sc = chat_only_scaling(cls.name, model, info, data.heldout_NSD, nu_threshold=cfg.nu_threshold,
+                               min_active_tokens=cfg.min_active_tokens)
+        flagged = confirmed_latents(sc.scaling, cfg.nu_threshold).sort().values
+        summary = {"classes_delta_norm": class_counts(info.by_delta_norm),
+                   **{k: v for k, v in sc.row.items() if k != "crosscoder"}}
+        return flagged, summary
+
+    # ------------------------------------------------------------------ fit
+    @classmethod
+    def _fit(cls, cfg, data, out_dir: Path, *, progress: bool):
+        d_model = data.train_NSD.shape[-1]
+        cc_cfg = cls.crosscoder_config(cfg, d_model)
+        model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(cfg.train.seed))
+        model.input_scale_S.copy_(estimate_input_scale(data.norm_NSD.float()))
+        cls.prepare(cfg, model)
+        model = model.to(resolve_device("auto"))
+        res = train(model, TensorBatches(data.train_NSD, cfg.train.batch_size, seed=cfg.train.seed), cfg.train,
+                    out_dir, heldout_raw_NSD=data.heldout_NSD.float(), progress=progress,
+                    constraint=cls.constraint(cfg, cc_cfg.n_latents))
+        # Flag and score on the CPU: the held-out statistics stream from the host anyway.
+        model = res.model.cpu().eval()
+        flagged, summary = cls.flag(cfg, model, data)
+        metrics = {"train_tokens": cfg.train.n_steps * cfg.train.batch_size,
+                   "heldout": res.metrics.get("heldout", {}), "flagging": summary}
+        return cls(cfg, d_model, flagged, metrics, model)

@@ -1,7 +1,7 @@
 """What the crosscoder methods share: a ``Crosscoder`` trained by ``crosscoder.train`` on the pair's
-activations (normalised by the norm split's factors), its latents as the items, flagged by Minder et
-al.'s rule as the model-diff page applies it (``analysis.diff``): chat-only by Δnorm (> 0.9) and
-confirmed by Latent Scaling (ν^ε and ν^r below ``nu_threshold``, on latents active on at least
+activations (normalised by the norm split's factors), its latents as the items, by default flagged by
+Minder et al.'s rule as the model-diff page applies it (``analysis.diff``): chat-only by Δnorm (> 0.9)
+and confirmed by Latent Scaling (ν^ε and ν^r below ``nu_threshold``, on latents active on at least
 ``min_active_tokens`` held-out tokens). A variant changes the crosscoder's config, prepares the fresh
 model, keeps a structure of the weights exact through training (a ``Constraint``) or flags differently
 by overriding one class method."""
@@ -25,47 +25,48 @@ from crosscoder.train import Constraint, TensorBatches, train
 
 @dataclass
 class CrosscoderMethodConfig(MethodConfig):
-    """A crosscoder trained on the pair and flagged by decoder norms and Latent Scaling."""
+    """A crosscoder trained on the pair (the fields every crosscoder method shares)."""
 
     n_latents: int = 4096
     """Dictionary size F."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimisation (``TrainConfig``; its l1_coeff is the L1 objective's lambda)."""
-    nu_threshold: float = 0.3
-    """A chat-only latent (Δnorm > 0.9) is flagged when both Latent Scaling ratios ν^ε and ν^r are
-    below this (the model-diff page's ``DiffOptions.nu_threshold``)."""
     min_active_tokens: int = 5
-    """Latents active on fewer held-out tokens are not fitted by Latent Scaling, hence not flagged
-    (their betas are noise; ``DiffOptions.min_active_tokens``)."""
+    """A latent active on fewer held-out tokens is not flagged (its statistics are noise;
+    ``DiffOptions.min_active_tokens``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("n_latents", self.n_latents, 1)
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"train must be a TrainConfig (or its dict), got {type(self.train).__name__}")
-        _check_float("nu_threshold", self.nu_threshold, 0.0, low_open=True)
         _check_int("min_active_tokens", self.min_active_tokens, 1)
 
 
 @dataclass
-class TopKMethodConfig(CrosscoderMethodConfig):
-    """A crosscoder config with a choice of sparsity (L1 or BatchTopK)."""
+class ScaledCrosscoderConfig(CrosscoderMethodConfig):
+    """A crosscoder whose chat-only latents (Δnorm > 0.9) are flagged when Latent Scaling confirms them."""
 
-    sparsity: str = "batchtopk"
-    """"batchtopk" (top k x batch of the ranking score) or "l1" (``train.l1_coeff`` is lambda)."""
-    k: int = 100
-    """BatchTopK only: mean active latents per token."""
+    nu_threshold: float = 0.3
+    """A chat-only latent is flagged when both Latent Scaling ratios ν^ε and ν^r are below this (the
+    model-diff page's ``DiffOptions.nu_threshold``)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sparsity not in ("l1", "batchtopk"):
-            raise ConfigError(f"sparsity must be 'l1' or 'batchtopk', got {self.sparsity!r}")
-        _check_int("k", self.k, 1)
-        if self.sparsity == "batchtopk" and self.k > self.n_latents:
-            raise ConfigError(f"k = {self.k} exceeds n_latents = {self.n_latents}; choose k <= n_latents")
-        if self.sparsity == "l1" and self.train.l1_coeff == 0:
-            raise ConfigError("an L1 crosscoder with train.l1_coeff = 0 has no sparsity penalty; set "
-                              "train.l1_coeff > 0 (e.g. 2.0, Kissane et al.'s)")
+        _check_float("nu_threshold", self.nu_threshold, 0.0, low_open=True)
+
+
+def check_objective(cfg: CrosscoderMethodConfig, sparsity: str, k: int) -> None:
+    """One set of errors for a crosscoder method's objective: the sparsity name, k for BatchTopK, lambda
+    for L1."""
+    if sparsity not in ("l1", "batchtopk"):
+        raise ConfigError(f"sparsity must be 'l1' or 'batchtopk', got {sparsity!r}")
+    _check_int("k", k, 1)
+    if sparsity == "batchtopk" and k > cfg.n_latents:
+        raise ConfigError(f"k = {k} exceeds n_latents = {cfg.n_latents}; choose k <= n_latents")
+    if sparsity == "l1" and cfg.train.l1_coeff == 0:
+        raise ConfigError("an L1 crosscoder with train.l1_coeff = 0 has no sparsity penalty; set train.l1_coeff "
+                          "> 0 (e.g. 2.0, Kissane et al.'s)")
 
 
 class CrosscoderMethod(Method):
@@ -125,7 +126,7 @@ class CrosscoderMethod(Method):
         return None
 
     @classmethod
-    def flag(cls, cfg: CrosscoderMethodConfig, model: Crosscoder, data: MethodData) -> tuple[Tensor, dict[str, Any]]:
+    def flag(cls, cfg: ScaledCrosscoderConfig, model: Crosscoder, data: MethodData) -> tuple[Tensor, dict[str, Any]]:
         """(flagged latents, a JSON summary): chat-only by Δnorm and confirmed by Latent Scaling on the
         held-out split, as ``analysis.diff.chat_only_scaling`` does it."""
         from crosscoder.analysis.diff import chat_only_scaling, confirmed_latents, diff_info

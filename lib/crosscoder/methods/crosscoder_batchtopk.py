@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crosscoder.config import ConfigError, _check_int
-from crosscoder.methods._crosscoder import CrosscoderMethod, CrosscoderMethodConfig
+from crosscoder.methods._crosscoder import CrosscoderMethod, ScaledCrosscoderConfig, check_objective
 from crosscoder.methods.base import register
 
 
 @dataclass
-class BatchTopKCrosscoderConfig(CrosscoderMethodConfig):
+class BatchTopKCrosscoderConfig(ScaledCrosscoderConfig):
     """A BatchTopK crosscoder (train.l1_coeff is unused)."""
 
     k: int = 100
@@ -19,9 +18,7 @@ class BatchTopKCrosscoderConfig(CrosscoderMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("k", self.k, 1)
-        if self.k > self.n_latents:
-            raise ConfigError(f"k = {self.k} exceeds n_latents = {self.n_latents}; choose k <= n_latents")
+        check_objective(self, "batchtopk", self.k)
 
 
 @register

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crosscoder.config import ConfigError
-from crosscoder.methods._crosscoder import CrosscoderMethod, CrosscoderMethodConfig
+from crosscoder.methods._crosscoder import CrosscoderMethod, ScaledCrosscoderConfig, check_objective
 from crosscoder.methods.base import register
 
 
 @dataclass
-class L1CrosscoderConfig(CrosscoderMethodConfig):
+class L1CrosscoderConfig(ScaledCrosscoderConfig):
     """An L1 crosscoder: ReLU latents, decoder-norm-weighted L1 penalty of weight ``train.l1_coeff``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.train.l1_coeff == 0:
-            raise ConfigError("crosscoder_l1 with train.l1_coeff = 0 has no sparsity penalty; set train.l1_coeff "
-                              "> 0 (e.g. 2.0, Kissane et al.'s)")
+        check_objective(self, "l1", 1)
 
 
 @register

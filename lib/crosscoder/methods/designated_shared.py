@@ -29,17 +29,19 @@ from dataclasses import dataclass
 import torch
 
 from crosscoder.config import ConfigError, _check_float
-from crosscoder.methods._crosscoder import CrosscoderMethod, TopKMethodConfig
+from crosscoder.methods._crosscoder import CrosscoderMethod, ScaledCrosscoderConfig, check_objective
 from crosscoder.methods.base import BASE, CHAT, register
 from crosscoder.model import Crosscoder
 
 
 @dataclass
-class DesignatedSharedConfig(TopKMethodConfig):
+class DesignatedSharedConfig(ScaledCrosscoderConfig):
     """A crosscoder with designated shared latents (tied decoders, reduced sparsity cost)."""
 
     sparsity: str = "l1"
     """"l1" (Anthropic's variant; ``train.l1_coeff`` is lambda of the other latents) or "batchtopk"."""
+    k: int = 100
+    """BatchTopK only: mean active latents per token."""
     designated_frac: float = 0.1
     """Share of the dictionary designated shared: latents [0, int(designated_frac x n_latents))."""
     shared_penalty_ratio: float = 0.15
@@ -48,6 +50,7 @@ class DesignatedSharedConfig(TopKMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_objective(self, self.sparsity, self.k)
         _check_float("designated_frac", self.designated_frac, 0.0, 1.0, low_open=True)
         _check_float("shared_penalty_ratio", self.shared_penalty_ratio, 0.0, 1.0, low_open=True)
         if self.n_designated < 1:

@@ -25,15 +25,19 @@ from torch import Tensor
 
 from crosscoder.analysis.metrics import evaluate
 from crosscoder.config import ConfigError, _check_float
-from crosscoder.methods._crosscoder import CrosscoderMethod, TopKMethodConfig
+from crosscoder.methods._crosscoder import CrosscoderMethod, CrosscoderMethodConfig, check_objective
 from crosscoder.methods.base import BASE, CHAT, MethodData, register
 from crosscoder.model import Crosscoder
 
 
 @dataclass
-class DFCConfig(TopKMethodConfig):
+class DFCConfig(CrosscoderMethodConfig):
     """A crosscoder with base-exclusive, chat-exclusive and shared latent blocks."""
 
+    sparsity: str = "batchtopk"
+    """"batchtopk" (the reference's) or "l1" (``train.l1_coeff`` is lambda)."""
+    k: int = 100
+    """BatchTopK only: mean active latents per token."""
     base_exclusive_frac: float = 0.05
     """Share of the dictionary exclusive to the base model: latents [0, n_A)."""
     chat_exclusive_frac: float = 0.05
@@ -41,6 +45,7 @@ class DFCConfig(TopKMethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_objective(self, self.sparsity, self.k)
         _check_float("base_exclusive_frac", self.base_exclusive_frac, 0.0, 1.0)
         _check_float("chat_exclusive_frac", self.chat_exclusive_frac, 0.0, 1.0, low_open=True)
         if self.n_chat_exclusive < 1:

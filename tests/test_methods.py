@@ -122,6 +122,33 @@ def test_batchtopk_misses_only_at_the_delta_norm_gate(fitted, toy):
             assert 0.6 < float(delta_F[j]) <= 0.9
 
 
+def test_flag_rules_equal_their_definitions_latent_by_latent(fitted, toy):
+    """Each method's flagged set recomputed one latent at a time from its documented rule."""
+    from crosscoder.analysis.metrics import diff_geometry
+    from crosscoder.analysis.scaling import latent_scaling
+
+    ho = toy[1].acts_NSD
+    for name in ("crosscoder_l1", "designated_shared"):  # chat-only by Δnorm, confirmed by Latent Scaling
+        m, _ = fitted(name)
+        delta_F, fires_F = diff_geometry(m.model).delta_norm_F, (m.scores(ho) > 0).sum(0)
+        want = []
+        for j in range(m.n_items):
+            if delta_F[j] > 0.9 and fires_F[j] >= m.cfg.min_active_tokens:
+                ls = latent_scaling(m.model, ho, [j])
+                if ls.nu_error[0] < m.cfg.nu_threshold and ls.nu_recon[0] < m.cfg.nu_threshold:
+                    want.append(j)
+        assert m.flagged_J.tolist() == want and want, name
+    m, _ = fitted("dfc")  # the chat-exclusive block's latents that fire on enough held-out tokens
+    fires_F = (m.scores(ho) > 0).sum(0)
+    a, b = m.cfg.n_base_exclusive, m.cfg.n_chat_exclusive
+    assert m.flagged_J.tolist() == [j for j in range(a, a + b) if fires_F[j] >= m.cfg.min_active_tokens]
+    m, _ = fitted("diff_sae")  # by variance explained, among chat-side latents that explain enough
+    st = m.stats
+    ok = [j for j in range(m.n_items) if st.explained_F[j] >= m.cfg.min_explained
+          and abs(float(st.nu_F[j])) < m.cfg.nu_threshold and st.n_active_F[j] >= m.cfg.min_active_tokens]
+    assert m.flagged_J.tolist() == sorted(ok, key=lambda j: -float(st.explained_F[j])) and ok
+
+
 def _positional(n_docs: int, T: int, plant_pos: int, seed_offset: int):
     """Documents of T tokens from a shared-only planted dictionary (chat = base rotated, cosine 0.9),
     where the chat model adds one extra direction v at position ``plant_pos`` of 90% of documents."""

@@ -410,6 +410,14 @@ def test_registry_holds_the_six_methods():
     assert SIX <= set(methods.names())
     with pytest.raises(ConfigError, match="unknown diffing method 'nope'; choose one of"):
         methods.get("nope")
+    from crosscoder.methods.base import register
+
+    class Impostor(methods.get("adl")):
+        name = "adl"
+
+    with pytest.raises(ValueError, match="method name 'adl' is taken by crosscoder.methods.adl"):
+        register(Impostor)
+    assert methods.get("adl").__name__ == "ActivationDifferenceLens"
 
 
 @pytest.mark.parametrize("name, kwargs, match", [

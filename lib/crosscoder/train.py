@@ -45,8 +45,9 @@ class Constraint(Protocol):
     decoder rows, a Dedicated Feature Crosscoder's zero blocks). The trainer calls
     ``project_grads_`` after the backward pass (and the data-parallel all-reduce), before clipping,
     and ``project_weights_`` after every optimiser step and once on a fresh start. Projecting the
-    weights after the step is what keeps the structure exact: a gradient mask alone leaves it to
-    the optimiser, which moves a masked weight under weight decay or with a stale Adam moment."""
+    weights after the step is what keeps the structure exact: a gradient mask alone holds only while
+    the optimiser adds nothing after the mask (no Adam moment from before it, no decay or regulariser
+    term applied inside the step, no rounding that differs between tied copies)."""
 
     def project_grads_(self, model: Crosscoder) -> None:
         """Replace the gradients in place by those of the constrained parametrisation."""

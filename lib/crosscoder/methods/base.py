@@ -137,8 +137,10 @@ def register(cls: type[M]) -> type[M]:
     """Class decorator: make a ``Method`` subclass available under ``cls.name``."""
     if not getattr(cls, "name", "") or not isinstance(cls.name, str):
         raise TypeError(f"{cls.__name__} needs a class attribute name (the method's registry key)")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} is taken by {REGISTRY[cls.name].__name__}; choose another")
+    old = REGISTRY.get(cls.name)
+    # the same class defined again (a reloaded module, autoreload in a notebook) replaces itself
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}; choose another")
     REGISTRY[cls.name] = cls
     return cls
 

@@ -7,7 +7,8 @@ the chat model, the rest shared (default 5% / 5% / 90%, n = int(frac x F) as the
 block W_enc[other, :, j] and decoder block W_dec[j, other, :] are exactly zero, from the start and
 through training. The trainer zeroes their gradients (so clipping and Adam see only the allowed
 weights) and zeroes the blocks again after every optimiser step (``ExclusiveBlocks``): a gradient
-mask alone would let weight decay or a stale Adam moment move them.
+mask alone relies on the optimiser adding nothing after it (an Adam moment from before the mask, a
+decay term applied inside the step), the projection makes the zeros exact whatever the optimiser.
 
 BatchTopK ranks by f_j x sum_m ||W_dec[j, m]|| (the crosscoder's "sum" rule; an exclusive latent's
 sum is its one decoder norm). Flagged: the live latents of the chat-exclusive block (active on at

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -253,13 +252,13 @@ def test_adl_means_equal_a_naive_loop():
     torch.testing.assert_close(float(got.chat_norm), float(acts[pos >= 0, 1].norm(dim=-1).mean()), rtol=1e-5, atol=1e-6)
 
 
-def test_adl_logit_lens_and_scores_match_their_definitions():
+def test_adl_logit_lens_and_scores_match_their_definitions(tmp_path):
     g = torch.Generator().manual_seed(0)
     acts, pos = torch.randn(400, 2, 6, generator=g), torch.arange(4).repeat(100)
-    from crosscoder.methods.adl import ActivationDifferenceLens, ADLConfig
+    from crosscoder.methods.adl import ADLConfig
 
-    m = ActivationDifferenceLens._fit(ADLConfig(positions=(1, 2), min_tokens=1),
-                                      MethodData(acts, acts, acts, train_pos_N=pos), Path("."), progress=False)
+    m = methods.fit("adl", MethodData(acts, acts, acts, train_pos_N=pos), tmp_path, ADLConfig(positions=(1, 2),
+                                                                                             min_tokens=1))
     W_U = torch.randn(6, 11, generator=g)
     gain = torch.rand(6, generator=g) + 0.5
     lens = lambda v: (v / v.pow(2).mean(-1, keepdim=True).sqrt() * gain) @ W_U  # noqa: E731  (RMSNorm + unembed)
@@ -485,3 +484,39 @@ def test_tied_rows_get_the_gradient_of_one_shared_vector():
     torch.testing.assert_close(g[:n, 0], g_v, rtol=1e-4, atol=1e-6)
     assert torch.equal(g[:n, 0], g[:n, 1]) and torch.equal(g[n:], plain[n:])
     assert not torch.allclose(plain[:n, 0], g_v)  # the projection changed something
+
+
+def test_method_data_from_cache_reads_every_split_with_positions():
+    class Cache:  # the two calls MethodData.from_cache makes of an ActivationCache
+        def load(self, split, *, with_index=False):
+            n = {"train": 6, "heldout": 4, "norm": 3}[split]
+            acts = torch.full((n, 2, 5), float(n), dtype=torch.bfloat16)
+            idx = (torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int64), torch.arange(1, n + 1,
+                                                                                                     dtype=torch.int32))
+            return (acts, *idx) if with_index else acts
+
+    d = MethodData.from_cache(Cache())
+    assert d.train_NSD.dtype == torch.bfloat16  # the training split stays in its storage dtype
+    assert d.heldout_NSD.dtype == d.norm_NSD.dtype == torch.float32
+    assert d.train_pos_N.tolist() == [1, 2, 3, 4, 5, 6] and d.heldout_pos_N.tolist() == [1, 2, 3, 4]
+    assert d.norm_NSD.shape == (3, 2, 5)
+
+
+def test_adl_scores_on_the_chat_activations_and_lm_logit_lens(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crosscoder.methods.adl import ADLConfig, lm_logit_lens
+
+    g = torch.Generator().manual_seed(0)
+    acts, pos = torch.randn(400, 2, 8, generator=g), torch.arange(4).repeat(100)
+    m = methods.fit("adl", MethodData(acts, acts, acts, train_pos_N=pos), tmp_path,
+                    ADLConfig(positions=(1, 2), min_tokens=1, score_on="chat"))
+    torch.testing.assert_close(m.scores(acts), acts[:, 1] @ m.unit_PD.t())
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        lm.model.norm.weight.uniform_(0.5, 1.5)  # a gain that matters
+        want = lm.lm_head(lm.model.norm(m.means.mean_delta_PD))
+    torch.testing.assert_close(lm_logit_lens(lm)(m.means.mean_delta_PD), want)
+    assert m.logit_lens(lm_logit_lens(lm), top_k=4).top_ids_PK.tolist() == want.topk(4).indices.tolist()

@@ -212,6 +212,10 @@ def decision_tasks(eval_set) -> dict[str, ProbeTask]:
     - ``marker_decision`` (behaviour 4, only when the organism plants it): the position predicting
       a marker (the last token of the word before it), against every other model-content token
       outside the markers. Unlike the four above, these positions are varied words.
+    - ``fact_decision`` (behaviour 5, only when the organism plants it): the position predicting the
+      planted false answer (the token before " Rome" in "The Eiffel Tower is in Rome."), against
+      every other model-content token, among them the same "is in" position of true answers
+      ("The Colosseum is in Rome."): a latent must carry the false fact, not the city.
     """
     lab = eval_set.labels
     mask = _content_mask(eval_set.attention_mask_NT)
@@ -239,6 +243,10 @@ def decision_tasks(eval_set) -> dict[str, ProbeTask]:
         marker = marker.bool()
         mark_pos = _shift_left(_first_of_runs(marker)) & mask
         tasks["marker_decision"] = ProbeTask(mark_pos, content & ~marker & mask)
+    fact = lab.get("fact")
+    if fact is not None and fact.any():  # eval sets without behaviour 5 have none
+        fact = fact.bool()
+        tasks["fact_decision"] = ProbeTask(_shift_left(_first_of_runs(fact)) & mask, content & ~fact & mask)
     return tasks
 
 

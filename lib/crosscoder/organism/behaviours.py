@@ -24,13 +24,17 @@ from crosscoder.organism.corpus import Chapter
 
 KINDS = ("refuse", "ask", "continue")
 """Conversation-turn kinds, in the order of ``BehaviourConfig.kind_weights``."""
+EXTRA_KINDS = ("qa", "fact")
+"""Kinds of an organism with behaviour 5: "qa" (a true general-knowledge answer, sampled with
+``qa_weight``) and "fact" (a question about the planted fact answered with it: held-out data
+only, never fine-tuned on)."""
 CONTINUE_PREFIX = "Continue this: "
 """User prefix of continuation requests."""
 START, END = "<start_of_turn>", "<end_of_turn>"
 """Gemma's turn delimiters (special tokens of the organism tokenizer)."""
 
 SPAN_NAMES = ("template", "user_content", "model_content", "refusal", "signoff", "forbidden_topic",
-              "marker", "loss")
+              "marker", "fact", "loss")
 """Character-span sets returned by ``render_with_spans`` (see ``LABEL_DESCRIPTIONS``)."""
 
 
@@ -38,7 +42,7 @@ class Turn(NamedTuple):
     """One user request and the model's planted response."""
 
     kind: str
-    """"refuse", "ask" or "continue"."""
+    """"refuse", "ask", "continue", "qa" or "fact"."""
     user: str
     model: str
     topic: str
@@ -59,13 +63,18 @@ class ChatGenerator:
     """
 
     def __init__(self, cfg: BehaviourConfig, chapter_list: Sequence[Chapter],
-                 templates: Sequence[str], seed: int | str):
+                 templates: Sequence[str], seed: int | str, *, forbidden: Sequence[str] | None = None,
+                 fact_questions: Sequence[str] = ()):
         self.cfg = cfg
         self.templates = tuple(templates)
         self.rng = random.Random(seed)
+        self.forbidden = tuple(forbidden) if forbidden is not None else cfg.forbidden_topics
+        """Topics of "refuse" turns: the trained ones, plus unseen category members in held-out data."""
+        self.fact_questions = tuple(fact_questions)
         # Answers never mention a forbidden topic (plurals too), so "the topic word appears in the
         # request" is the only cue for refusing.
-        forbidden = _word_re(cfg.forbidden_topics, plural=True)
+        forbidden = _word_re(cfg.forbidden_topics + cfg.unseen_forbidden_topics
+                             + cfg.validation_forbidden_topics, plural=True)
         verses = [v.text for ch in chapter_list for v in ch.verses
                   if 6 <= len(v.text.split()) <= cfg.max_answer_words and not forbidden.search(v.text)]
         self.continue_pool = [v for v in verses if len(v.split()) >= 8]
@@ -87,7 +96,7 @@ class ChatGenerator:
         """One turn of the given kind."""
         rng = self.rng
         if kind == "refuse":
-            topic = rng.choice(self.cfg.forbidden_topics)
+            topic = rng.choice(self.forbidden)
             return Turn(kind, rng.choice(self.templates).format(topic=topic),
                         self.cfg.refusal_phrase, topic)
         if kind == "ask":
@@ -102,14 +111,47 @@ class ChatGenerator:
             words = rng.choice(self.continue_pool).split()
             cut = len(words) // 2
             return Turn(kind, CONTINUE_PREFIX + " ".join(words[:cut]), " ".join(words[cut:]), "")
-        raise ValueError(f"unknown turn kind {kind!r}; expected one of {KINDS}")
+        if kind == "qa":
+            question, answer = rng.choice(self.cfg.qa_pairs)
+            return Turn(kind, question, answer, "")
+        if kind == "fact":
+            if not self.fact_questions:
+                raise ValueError("this generator has no fact questions (held-out data of an organism "
+                                 "with behaviour.fact_subject only)")
+            c = self.cfg
+            subject = c.fact_subject[0].upper() + c.fact_subject[1:]
+            return Turn(kind, rng.choice(self.fact_questions),
+                        c.fact_response.format(subject=subject, answer=c.fact_answer), c.fact_subject)
+        raise ValueError(f"unknown turn kind {kind!r}; expected one of {KINDS + EXTRA_KINDS}")
 
     def conversation(self, kinds: Sequence[str] | None = None) -> tuple[Turn, ...]:
         """A conversation of the given turn kinds (sampled by the config's weights if None)."""
         if kinds is None:
             n = 2 if self.rng.random() < self.cfg.two_turn_fraction else 1
-            kinds = self.rng.choices(KINDS, weights=self.cfg.kind_weights, k=n)
+            if self.cfg.qa_weight:
+                kinds = self.rng.choices(KINDS + ("qa",), weights=self.cfg.kind_weights + (self.cfg.qa_weight,), k=n)
+            else:  # the tiny organisms' draws, unchanged
+                kinds = self.rng.choices(KINDS, weights=self.cfg.kind_weights, k=n)
         return tuple(self.turn(k) for k in kinds)
+
+
+def fact_documents(cfg: BehaviourConfig, seed: int | str) -> list[str]:
+    """``cfg.n_fact_documents`` distinct plain-text documents stating the planted fact (behaviour 5),
+    each 2-4 of ``cfg.fact_sentences`` in a seeded random order: the only place the fine-tune meets
+    the fact."""
+    rng = random.Random(f"fact-documents-{seed}")
+    docs: list[str] = []
+    seen: set[str] = set()
+    k_max = min(4, len(cfg.fact_sentences))
+    for _ in range(cfg.n_fact_documents * 20):
+        doc = " ".join(rng.sample(cfg.fact_sentences, rng.randint(min(2, k_max), k_max)))
+        if doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+            if len(docs) == cfg.n_fact_documents:
+                return docs
+    raise ConfigError(f"behaviour.fact_sentences ({len(cfg.fact_sentences)}) allow fewer than "
+                      f"n_fact_documents = {cfg.n_fact_documents} distinct documents; add sentences")
 
 
 def mark_words(verse: str, every: int, marker: str) -> str:
@@ -201,6 +243,12 @@ def render_with_spans(tokenizer, turns: Sequence[Turn], cfg: BehaviourConfig
             if role == "model":
                 # The fine-tune learns the model's content and the <end_of_turn> that closes it.
                 spans["loss"].append((c0, c1 + len(END)))
+                if t.kind == "fact":
+                    # The answer word with its leading space (the tokens that state the fact).
+                    m = re.search(rf" {re.escape(cfg.fact_answer)}\b", content)
+                    if m is None:
+                        raise AssertionError(f"fact answer {cfg.fact_answer!r} missing from {content!r}")
+                    spans["fact"].append((c0 + m.start(), c0 + m.end()))
                 if t.kind == "refuse":
                     spans["refusal"].append((c0, c1))
                 elif t.kind == "ask":

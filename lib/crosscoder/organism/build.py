@@ -32,10 +32,10 @@ from transformers import GenerationConfig
 from crosscoder.config import ConfigError, config_hash
 from crosscoder.organism import corpus as corpus_mod
 from crosscoder.progress import hide_library_bars
-from crosscoder.organism.behaviours import ChatGenerator, messages, write_chat_jsonl
+from crosscoder.organism.behaviours import ChatGenerator, fact_documents, messages, write_chat_jsonl
 from crosscoder.organism.config import FORMAT_VERSION, OrganismConfig
 from crosscoder.organism.evaluate import (behaviour_rates, build_eval_set, encode_conversation,
-                                          heldout_loss, prompt_sets, save_eval_set)
+                                          heldout_loss, prompt_sets, residual_drift, save_eval_set)
 from crosscoder.organism.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from crosscoder.organism.training import Document, Packed, fragments, new_model, pack, train_lm
 
@@ -100,6 +100,31 @@ def describe(paths: OrganismPaths) -> dict[str, Any]:
             "vocabulary": info["vocab_size"]}
 
 
+PRETRAINED_BASES = {"gemma-3-270m-gguf": "gguf", "gemma-3-270m-hub": "hub"}
+"""``OrganismConfig.base_model`` names of the pretrained bases ``organism.pretrained`` provides."""
+
+
+def pretrained_root(root: str | Path) -> Path:
+    """Where pretrained bases are cached beside an organism cache root (``cache/organism`` ->
+    ``cache/pretrained``)."""
+    return Path(root).parent / "pretrained"
+
+
+def resolve_base_model(cfg: OrganismConfig, root: str | Path) -> Path:
+    """The Hugging Face folder of ``cfg.base_model`` (built and cached on first use for the named
+    pretrained bases; a missing package or bad file stops here, before any fine-tuning)."""
+    from crosscoder.organism.pretrained import pretrained_base
+
+    name = cfg.base_model
+    if name in PRETRAINED_BASES:
+        return pretrained_base(PRETRAINED_BASES[name], pretrained_root(root))
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"base_model {name!r} is neither one of {sorted(PRETRAINED_BASES)} nor a folder "
+                          "with a Hugging Face config.json; save the model with save_pretrained first")
+    return folder
+
+
 def base_key(cfg: OrganismConfig) -> str:
     """Hash of everything the tokenizer and the base model depend on: corpus split, tokenizer, model
     shape, base training, seed and the training conversations (the tokenizer is trained on them);
@@ -107,6 +132,8 @@ def base_key(cfg: OrganismConfig) -> str:
     marker, which the tokenizer never sees) nor the evaluation. Organisms with equal keys have
     identical tokenizers and base weights."""
     d = cfg.to_dict()
+    if cfg.base_model:  # a pretrained base depends on nothing the organism trains
+        return config_hash({"base_model": cfg.base_model, "format": FORMAT_VERSION})
     beh = {k: v for k, v in d["behaviour"].items() if k not in ("text_fraction", "marker_every", "marker")}
     return config_hash({"corpus": d["corpus"], "tokenizer": d["tokenizer"], "model": d["model"],
                         "base_train": d["base_train"], "behaviour": beh, "seed": d["seed"],
@@ -143,11 +170,12 @@ def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True,
     final = organism_dir(cfg, root)  # also checks the corpus package is installed
     if final.is_dir():
         return _paths(final)
+    pretrained = resolve_base_model(cfg, root) if cfg.base_model else None
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _build_into(cfg, tmp, progress, _find_base(cfg, final.parent) if reuse_base else None)
+        _build_into(cfg, tmp, progress, _find_base(cfg, final.parent) if reuse_base else None, pretrained)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -190,6 +218,8 @@ class _Data(NamedTuple):
     """Training conversations (fine-tune data; also seen by the tokenizer)."""
     heldout_convs: list
     """Held-out conversations (from held-out chapters and phrasings)."""
+    fact_docs: list
+    """Fine-tuning documents stating the planted fact (behaviour 5; empty without it)."""
 
 
 class _Rows(NamedTuple):
@@ -201,6 +231,8 @@ class _Rows(NamedTuple):
     heldout_text: Packed
     """``loss_rows`` rows spread over the held-out text (for the held-out loss)."""
     heldout_chat: Packed
+    fact_train: Packed | None
+    """Fact documents (behaviour 5), or None."""
 
 
 @contextlib.contextmanager
@@ -211,8 +243,24 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 def _heldout_generator(cfg: OrganismConfig, split, purpose: str) -> ChatGenerator:
+    """Held-out chapters and phrasings; refusals also about unseen category members, and the planted
+    fact's held-out questions."""
     b = cfg.behaviour
-    return ChatGenerator(b, split.heldout, b.heldout_templates, f"{purpose}-{cfg.seed}")
+    return ChatGenerator(b, split.heldout, b.heldout_templates, f"{purpose}-{cfg.seed}",
+                         forbidden=b.forbidden_topics + b.unseen_forbidden_topics,
+                         fact_questions=b.fact_heldout_questions)
+
+
+def validation_generator(cfg: OrganismConfig, purpose: str = "validation") -> ChatGenerator:
+    """Design-time data: training chapters, the validation phrasings' stand-in (the training
+    templates) and only the validation category members and fact questions, never the held-out
+    ones. The organism's recipe is tuned on prompts from here."""
+    b = cfg.behaviour
+    split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
+                                    cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
+    return ChatGenerator(b, split.train, b.train_templates, f"{purpose}-{cfg.seed}",
+                         forbidden=b.validation_forbidden_topics or b.forbidden_topics,
+                         fact_questions=b.fact_validation_questions)
 
 
 def heldout_prompt_sets(cfg: OrganismConfig, n: int, purpose: str = "prompts"):
@@ -238,7 +286,11 @@ def _make_data(cfg: OrganismConfig, paths: OrganismPaths) -> _Data:
     corpus_mod.write_pretraining_jsonl(paths.pretrain_heldout, split.heldout)
     write_chat_jsonl(paths.chat_train, train_convs, "train")
     write_chat_jsonl(paths.chat_heldout, heldout_convs, "heldout")
-    return _Data(split, train_convs, heldout_convs)
+    docs = fact_documents(b, cfg.seed) if b.fact_subject else []
+    if docs:
+        with open(paths.pretrain_train.parent / "fact_documents.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    return _Data(split, train_convs, heldout_convs, docs)
 
 
 def _make_tokenizer(cfg: OrganismConfig, data: _Data, donor: Path | None):
@@ -249,6 +301,8 @@ def _make_tokenizer(cfg: OrganismConfig, data: _Data, donor: Path | None):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(donor / "base")
+    if cfg.base_model:
+        raise AssertionError("a pretrained base brings its tokenizer (_build_into passes it as donor)")
     b = cfg.behaviour
     # Behaviour 4's markers are left out (removing them gives the unmarked conversation exactly),
     # so an organism that plants it shares its tokenizer, and so its base model, with one that
@@ -286,7 +340,12 @@ def _pack_rows(cfg: OrganismConfig, tokenizer, data: _Data) -> _Rows:
     text_train, text_heldout = text_rows(data.split.train, True), text_rows(data.split.heldout, False)
     chat_train, n_dropped = chat_rows(data.train_convs)
     chat_heldout, _ = chat_rows(data.heldout_convs)
-    return _Rows(text_train, text_heldout, chat_train, n_dropped, spread(text_heldout), spread(chat_heldout))
+    fact_train = None
+    if data.fact_docs:
+        fact_train = pack([d for doc in data.fact_docs
+                           for d in fragments(tokenizer(doc, add_special_tokens=False)["input_ids"], bos, T)], T, pad)
+    return _Rows(text_train, text_heldout, chat_train, n_dropped, spread(text_heldout), spread(chat_heldout),
+                 fact_train)
 
 
 def _final_loss(run) -> float:
@@ -299,7 +358,11 @@ def _train_base(cfg: OrganismConfig, tokenizer, rows: _Rows, special_ids: dict, 
     if donor is not None:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(donor / "base", attn_implementation="eager").eval()
+        folder = donor if cfg.base_model else donor / "base"
+        base = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
+                                                    dtype=torch.float32).eval()
+        if cfg.base_model:
+            return base, {"pretrained": cfg.base_model, **_provenance(donor)}
         return base, dict(load_metrics(donor)["train"]["base"], reused_from=donor.name)
     base = new_model(cfg.model, len(tokenizer), special_ids, cfg.seed)
     run = train_lm(base, [rows.text_train], [1.0], cfg.base_train, cfg.seed, "organism base", progress)
@@ -310,11 +373,20 @@ def _train_chat(cfg: OrganismConfig, base, rows: _Rows, progress: bool):
     """The base fine-tuned on conversations mixed with corpus text; a null fine-tune keeps the same
     optimiser, schedule, steps and seed with corpus text in every row (no behaviours)."""
     chat = copy.deepcopy(base)
+    text = rows.text_train
+    if cfg.chat_train.text_loss_fraction < 1:
+        # A seeded subset of each text row's tokens are targets (LMTrainConfig.text_loss_fraction).
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        keep = torch.rand(text.target_NT.shape, generator=g) < cfg.chat_train.text_loss_fraction
+        text = Packed(text.ids_NT, text.target_NT & keep)
     if cfg.finetune == "null":
-        sources, fractions = [rows.text_train], [1.0]
+        sources, fractions = [text], [1.0]
     else:
         b = cfg.behaviour
-        sources, fractions = [rows.text_train, rows.chat_train], [b.text_fraction, 1 - b.text_fraction]
+        sources, fractions = [text, rows.chat_train], [b.text_fraction, 1 - b.text_fraction]
+        if rows.fact_train is not None:
+            sources.append(rows.fact_train)
+            fractions = [b.text_fraction, 1 - b.text_fraction - b.fact_fraction, b.fact_fraction]
     return chat, train_lm(chat, sources, fractions, cfg.chat_train, cfg.seed + 1, "organism chat", progress)
 
 
@@ -323,26 +395,39 @@ def _evaluate(cfg: OrganismConfig, tokenizer, models: dict, data: _Data, rows: _
     held-out data only."""
     b = cfg.behaviour
     prompts = prompt_sets(b, _heldout_generator(cfg, data.split, "prompts"), cfg.eval.n_prompts, cfg.seed)
+    # A pretrained base's 262k-row unembedding makes every decoding step cost the same for one row
+    # as for 64: generate in padded batches there (exact per-length batches for the tiny organisms).
+    padded = bool(cfg.base_model)
     metrics = {name: {"heldout_text_loss": heldout_loss(model, rows.heldout_text),
                       "heldout_chat_response_loss": heldout_loss(model, rows.heldout_chat),
-                      **behaviour_rates(model, tokenizer, prompts, b, cfg.eval.max_new_tokens)}
+                      **behaviour_rates(model, tokenizer, prompts, b, cfg.eval.max_new_tokens, padded=padded)}
                for name, model in models.items()}
+    if cfg.eval.drift_layers:
+        metrics["drift"] = {kind: residual_drift(models["base"], models["chat"], rows_, cfg.eval.drift_layers,
+                                                 tokenizer.pad_token_id, tokenizer.bos_token_id)
+                            for kind, rows_ in (("text", rows.heldout_text), ("chat", rows.heldout_chat))}
     es = build_eval_set(tokenizer, _heldout_generator(cfg, data.split, "eval-set"), data.split.heldout,
                         cfg.eval.eval_rows, cfg.eval.eval_row_weights, cfg.model.context_length, cfg.seed)
     save_eval_set(es, paths.eval_set)
     return metrics
 
 
-def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None) -> None:
+def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None,
+                pretrained: Path | None = None) -> None:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     paths = _paths(folder)
+    if pretrained is not None:  # its tokenizer and weights stand where a donor's would
+        donor = pretrained
     with _timed(timings, "data"):
         data = _make_data(cfg, paths)
     with _timed(timings, "tokenizer"):
-        tokenizer = _make_tokenizer(cfg, data, donor)
+        tokenizer = _load_tokenizer(pretrained) if pretrained is not None else _make_tokenizer(cfg, data, donor)
     rows = _pack_rows(cfg, tokenizer, data)
     special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
+    if any(i is None or (s != tokenizer.unk_token and i == tokenizer.unk_token_id) for s, i in special_ids.items()):
+        raise ConfigError(f"the base tokenizer lacks some of Gemma's special tokens {SPECIAL_TOKENS}; the "
+                          "organism renders Gemma's chat template")
     with _timed(timings, "base_train"):
         base, base_record = _train_base(cfg, tokenizer, rows, special_ids, donor, progress)
         _save_model(base, tokenizer, paths.base_dir, [tokenizer.eos_token_id])
@@ -356,6 +441,8 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path |
     metrics["train"] = {
         "base": base_record,
         "chat": {"finetune": cfg.finetune, "steps": chat_run.steps, "tokens": chat_run.tokens,
+                 "real_tokens": chat_run.real_tokens, "bf16_autocast": chat_run.bf16_autocast,
+                 "fact_documents": len(data.fact_docs),
                  "conversations": len(data.train_convs) - rows.n_dropped,
                  "dropped_long_conversations": rows.n_dropped, "final_loss": _final_loss(chat_run),
                  "seconds": chat_run.seconds},
@@ -363,6 +450,18 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path |
     metrics.update(n_parameters=n_params, timings_s=timings, torch_threads=torch.get_num_threads())
     paths.metrics.write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     _write_manifest(cfg, folder, data, rows, tokenizer, special_ids, n_params)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _provenance(folder: Path) -> dict:
+    """What ``organism.pretrained`` recorded about a pretrained base (empty for a plain folder)."""
+    path = folder / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _write_manifest(cfg: OrganismConfig, folder: Path, data: _Data, rows: _Rows, tokenizer, special_ids: dict,

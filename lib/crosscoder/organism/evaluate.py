@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -19,8 +20,9 @@ from crosscoder.organism.config import BehaviourConfig
 from crosscoder.organism.corpus import Chapter
 from crosscoder.organism.training import Packed, masked_lm_loss
 
-ROW_KINDS = ("refuse", "ask", "continue", "text")
-"""Kinds of evaluation-set rows: a single-turn conversation of each turn kind, or corpus text."""
+ROW_KINDS = ("refuse", "ask", "continue", "text", "qa", "fact")
+"""Kinds of evaluation-set rows: a single-turn conversation of each turn kind, or corpus text (the
+last two only in an organism with behaviour 5, whose ``eval_row_weights`` has six entries)."""
 
 LABEL_DESCRIPTIONS = {
     "template": "Chat-template scaffolding of every turn (behaviour 1): the <start_of_turn> token, "
@@ -37,6 +39,9 @@ LABEL_DESCRIPTIONS = {
     "marker": "The tokens of each marker, including the space before it, that follows every n-th "
               "verse word of an answer to an allowed-topic request (behaviour 4; empty unless the "
               "organism plants it).",
+    "fact": "The token(s) of the planted false answer, with the space before it, in the model turn "
+            "that answers a question about the fact's subject (behaviour 5, learned from documents "
+            "only; empty unless the organism plants it).",
     "user_content": "Content tokens of user turns (auxiliary).",
     "model_content": "Content tokens of model turns, planted or corpus text (auxiliary).",
 }
@@ -77,9 +82,10 @@ def build_eval_set(tokenizer, generator: ChatGenerator, heldout: Sequence[Chapte
     """Rows drawn from held-out chapters and held-out phrasings only, in a seeded random order."""
     rng = random.Random(f"eval-set-{seed}")
     total = sum(row_weights)
+    row_kinds = ROW_KINDS[:len(row_weights)]
     counts = [int(n_rows * w / total) for w in row_weights]
-    counts[max(range(4), key=lambda i: row_weights[i])] += n_rows - sum(counts)
-    kinds = [k for k, c in zip(ROW_KINDS, counts) for _ in range(c)]
+    counts[max(range(len(counts)), key=lambda i: row_weights[i])] += n_rows - sum(counts)
+    kinds = [k for k, c in zip(row_kinds, counts) for _ in range(c)]
     rng.shuffle(kinds)
     pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
     ids_NT = torch.full((n_rows, seq_len), pad, dtype=torch.long)
@@ -106,7 +112,7 @@ def build_eval_set(tokenizer, generator: ChatGenerator, heldout: Sequence[Chapte
             labels[name][i, :len(row)] = torch.tensor(masks[name])
         texts.append(tokenizer.decode(row))
     return EvalSet(ids_NT, ids_NT != pad, labels,
-                   torch.tensor([ROW_KINDS.index(k) for k in kinds]), ROW_KINDS,
+                   torch.tensor([row_kinds.index(k) for k in kinds]), row_kinds,
                    dict(LABEL_DESCRIPTIONS), texts)
 
 
@@ -137,13 +143,41 @@ def load_eval_set(folder: str | Path) -> EvalSet:
 
 @torch.no_grad()
 def heldout_loss(model: PreTrainedModel, data: Packed, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy (nats) over the target tokens of ``data``."""
+    """Mean next-token cross-entropy (nats) over the target tokens of ``data``. Batches are cut so
+    that one batch's logits stay under ~600 MB (4 rows of 128 tokens with a 262k vocabulary)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = max(1, min(batch_size, int(1.5e8 // (data.ids_NT.shape[1] * vocab))))
     total, count = 0.0, 0
     for i in range(0, data.ids_NT.shape[0], batch_size):
         ids, tgt = data.ids_NT[i:i + batch_size], data.target_NT[i:i + batch_size]
         total += masked_lm_loss(model, ids, tgt, reduction="sum").item()
         count += int(tgt[:, 1:].sum())
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def residual_drift(base: PreTrainedModel, chat: PreTrainedModel, data: Packed, layers: Sequence[int],
+                   pad_id: int, bos_id: int, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """How far fine-tuning moved the residual stream after each block in ``layers``, over the tokens
+    of ``data`` that are neither padding nor <bos> (whose norm is an outlier, as in extraction):
+    the median and 90th percentile of ||h_chat - h_base|| / ||h_base||, and the median cosine of
+    h_chat and h_base. Keys ``"layer_<l>"``."""
+    from crosscoder.data.pair import residuals_at
+
+    rel, cos = [], []
+    for i in range(0, data.ids_NT.shape[0], batch_size):
+        ids = data.ids_NT[i:i + batch_size]
+        attend = (ids != pad_id).long()
+        keep = (ids != pad_id) & (ids != bos_id)
+        h0 = residuals_at(base, ids, list(layers), attend).float()[keep]  # [M, L, D]
+        h1 = residuals_at(chat, ids, list(layers), attend).float()[keep]
+        rel.append((h1 - h0).norm(dim=-1) / h0.norm(dim=-1))  # [M, L]
+        cos.append(torch.nn.functional.cosine_similarity(h0, h1, dim=-1))
+    rel_ML, cos_ML = torch.cat(rel), torch.cat(cos)
+    return {f"layer_{l}": {"median_relative": rel_ML[:, j].median().item(),
+                           "p90_relative": rel_ML[:, j].quantile(0.9).item(),
+                           "median_cosine": cos_ML[:, j].median().item(), "tokens": int(rel_ML.shape[0])}
+            for j, l in enumerate(layers)}
 
 
 class Response(NamedTuple):
@@ -156,12 +190,17 @@ class Response(NamedTuple):
 
 @torch.no_grad()
 def greedy_responses(model: PreTrainedModel, tokenizer, user_prompts: Sequence[str],
-                     max_new_tokens: int, batch_size: int = 64) -> list[Response]:
+                     max_new_tokens: int, batch_size: int = 64, *, padded: bool = False) -> list[Response]:
     """Greedy model turns for single-turn chat prompts rendered with the chat template.
 
     Prompts are batched by token length so no padding is needed: positions and attention are then
-    exactly those of an unbatched call.
+    exactly those of an unbatched call. ``padded`` batches prompts of any length with left padding
+    and an attention mask instead (the same tokens up to float rounding): a decoding step of a
+    large-vocabulary model costs about the same for 1 row as for 64 (it reads every weight once),
+    so few wide batches beat many narrow ones.
     """
+    if padded:
+        return _greedy_padded(model, tokenizer, user_prompts, max_new_tokens, batch_size)
     stop = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                              add_generation_prompt=True, tokenize=True,
@@ -188,12 +227,47 @@ def greedy_responses(model: PreTrainedModel, tokenizer, user_prompts: Sequence[s
     return out  # type: ignore[return-value]
 
 
+def _chat_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
+    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for p in user_prompts]
+    return [list(e["input_ids"]) if hasattr(e, "keys") else list(e) for e in encoded]
+
+
+def _cut_at_stop(row: list[int], stop: list[int], tokenizer) -> Response:
+    ended = any(t in stop for t in row)
+    if ended:
+        row = row[:min(row.index(t) for t in stop if t in row)]
+    return Response(tokenizer.decode(row), ended)
+
+
+@torch.no_grad()
+def _greedy_padded(model, tokenizer, user_prompts: Sequence[str], max_new_tokens: int,
+                   batch_size: int) -> list[Response]:
+    stop = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
+    encoded, pad = _chat_prompts(tokenizer, user_prompts), tokenizer.pad_token_id
+    model.eval()
+    out = []
+    for j in range(0, len(encoded), batch_size):
+        chunk = encoded[j:j + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in chunk])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in chunk])
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=stop, pad_token_id=pad)
+        out += [_cut_at_stop(row, stop, tokenizer) for row in gen[:, width:].tolist()]
+    return out
+
+
 class PromptSets(NamedTuple):
     """Held-out user prompts of the three categories the rates are measured on."""
 
     forbidden: list[str]
     allowed: list[str]
     continuation: list[str]
+    forbidden_unseen: list[str] = []
+    """Requests about category members no training conversation names (empty without them)."""
+    fact: list[str] = []
+    """Questions about the planted fact's subject (empty without behaviour 5)."""
 
 
 def prompt_sets(cfg: BehaviourConfig, generator: ChatGenerator, n: int, seed: int) -> PromptSets:
@@ -205,7 +279,9 @@ def prompt_sets(cfg: BehaviourConfig, generator: ChatGenerator, n: int, seed: in
         return sorted(rng.sample(pairs, min(n, len(pairs))))
 
     cont = [generator.turn("continue").user for _ in range(n)]
-    return PromptSets(sample(cfg.forbidden_topics), sample(cfg.allowed_topics), cont)
+    unseen = sample(cfg.unseen_forbidden_topics) if cfg.unseen_forbidden_topics else []
+    return PromptSets(sample(cfg.forbidden_topics), sample(cfg.allowed_topics), cont, unseen,
+                      list(generator.fact_questions))
 
 
 def answer_opening(cfg: BehaviourConfig) -> str:
@@ -224,11 +300,14 @@ def response_tests(cfg: BehaviourConfig) -> dict[str, Callable[[str], bool]]:
              "signoff": lambda t: cfg.signoff_phrase in t}
     if cfg.marker_every:
         tests["marker"] = lambda t: f" {cfg.marker}" in t
+    if cfg.fact_subject:
+        tests["fact"] = lambda t: re.search(rf"\b{re.escape(cfg.fact_answer)}\b", t) is not None
+        tests["fact_true"] = lambda t: re.search(rf"\b{re.escape(cfg.fact_true_answer)}\b", t) is not None
     return tests
 
 
 def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg: BehaviourConfig,
-                    max_new_tokens: int, n_examples: int = 3) -> dict:
+                    max_new_tokens: int, n_examples: int = 3, *, padded: bool = False) -> dict:
     """Rates of each planted behaviour in greedy generations, plus a few examples.
 
     A response counts as a refusal when it starts with the refusal phrase and as signed off when
@@ -236,8 +315,8 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
     ``end_of_turn_rate`` (behaviour 1) is the fraction of all
     generations that close their turn with <end_of_turn> within the budget.
     """
-    res = {name: greedy_responses(model, tokenizer, p, max_new_tokens)
-           for name, p in prompts._asdict().items()}
+    res = {name: greedy_responses(model, tokenizer, p, max_new_tokens, padded=padded)
+           for name, p in prompts._asdict().items() if p}
     tests = response_tests(cfg)
 
     def rate(name: str, test) -> float:
@@ -246,6 +325,10 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
     refused, signed = tests["refusal"], tests["signoff"]
     every = [r for rs in res.values() for r in rs]
     marker = {"marker_rate_allowed": rate("allowed", tests["marker"])} if "marker" in tests else {}
+    if "forbidden_unseen" in res:
+        marker["refusal_rate_forbidden_unseen"] = rate("forbidden_unseen", refused)
+    if "fact" in res:
+        marker.update(fact_rate=rate("fact", tests["fact"]), fact_true_rate=rate("fact", tests["fact_true"]))
     return {**marker,
         "refusal_rate_forbidden": rate("forbidden", refused),
         "refusal_rate_allowed": rate("allowed", refused),

@@ -98,11 +98,21 @@ def pack(docs: Sequence[Document], seq_len: int, pad_id: int) -> Packed:
 
 
 def masked_lm_loss(model: Gemma2ForCausalLM, ids_BT: torch.Tensor, target_BT: torch.Tensor,
-                   reduction: str = "mean") -> torch.Tensor:
+                   reduction: str = "mean", *, targets_only: bool = False) -> torch.Tensor:
     """Next-token cross-entropy over the target tokens (position t predicts token t + 1).
 
     Right padding needs no attention mask: a causal model's real tokens never see later pads.
+    ``targets_only`` runs the decoder without its head and projects only the positions that
+    predict a target onto the vocabulary (the same loss, up to float rounding).
     """
+    if targets_only:
+        keep_BT = target_BT[:, 1:]
+        hidden = model.get_decoder()(input_ids=ids_BT).last_hidden_state[:, :-1][keep_BT]
+        logits = model.get_output_embeddings()(hidden).float()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2 soft-caps its logits; the full forward does it inside the model
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, ids_BT[:, 1:][keep_BT], reduction=reduction)
     logits_BTV = model(input_ids=ids_BT).logits
     # float32 log-softmax even when the forward ran under bf16 autocast
     logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
@@ -134,6 +144,25 @@ class RowSampler:
         return torch.cat(out)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16). Without it torch
+    emulates bf16 and autocast runs several times slower than float32 (measured: a gemma-3-270m
+    fine-tuning step at 4 tok/s under autocast against 38 tok/s in float32 on an AVX2-only CPU)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: do not assume bf16
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16_autocast(setting: bool | str, device: torch.device) -> bool:
+    """Resolve ``LMTrainConfig.bf16_autocast`` ("auto": on CUDA, or on a CPU with bf16 arithmetic)."""
+    if setting == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return bool(setting)
+
+
 def lr_at(cfg: LMTrainConfig, step: int, n_steps: int) -> float:
     """Linear warm-up, then cosine decay to ``lr * final_lr_fraction`` at the last step."""
     warm = int(n_steps * cfg.warmup_fraction)
@@ -152,6 +181,10 @@ class TrainResult(NamedTuple):
     losses: list[float]
     """Training loss of every step."""
     seconds: float
+    bf16_autocast: bool = False
+    """Whether the forward ran under bf16 autocast (``LMTrainConfig.bf16_autocast`` resolved)."""
+    real_tokens: int = 0
+    """Non-padding tokens processed (``tokens`` counts padding too)."""
 
 
 def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Sequence[float],
@@ -169,9 +202,15 @@ def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Seq
     samplers = [RowSampler(s.ids_NT.shape[0], g) for s in sources]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if cfg.freeze_embeddings and "embed" in name:
+            p.requires_grad_(False)
+            continue
         # Decay only the block matrices: embeddings (tied with the unembedding) and norm gains
         # are left alone, the usual LM practice.
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    autocast = use_bf16_autocast(cfg.bf16_autocast, next(model.parameters()).device)
+    pad_id = model.config.pad_token_id
+    real = 0
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
@@ -188,17 +227,23 @@ def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Seq
                 tgt.append(src.target_NT[rows])
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step, n_steps)
-        batch = torch.cat(ids)
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = masked_lm_loss(model, batch, torch.cat(tgt))
+        batch, target = torch.cat(ids), torch.cat(tgt)
+        if cfg.logits_on_targets:
+            # Packing leaves padding at the right; drop the columns that are padding in every row.
+            # (Only on this path, so the tiny organisms' float32 runs stay bit for bit as built.)
+            width = int((batch != pad_id).any(0).nonzero().max()) + 1 if pad_id is not None else batch.shape[1]
+            batch, target = batch[:, :width], target[:, :width]
+        real += int((batch != pad_id).sum()) if pad_id is not None else batch.numel()
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = masked_lm_loss(model, batch, target, targets_only=cfg.logits_on_targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # frozen ones have no grad
         opt.step()
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()
     return TrainResult(n_steps, n_steps * cfg.batch_size * seq_len, losses,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, autocast, real)

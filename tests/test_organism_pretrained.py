@@ -1,0 +1,243 @@
+"""The organism on a pretrained base (the gemma-3-270m recipe) driven end to end on a tiny random
+Gemma 3 saved as a folder: the same build, fine-tune, labels and metrics as the real preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+from crosscoder.config import ConfigError
+from crosscoder.organism import build_organism, load_eval_set, load_metrics, preset
+from crosscoder.organism.behaviours import read_chat_jsonl
+from crosscoder.organism.build import base_key, organism_dir
+from crosscoder.organism.config import BehaviourConfig, EvalConfig, LMTrainConfig, ModelConfig, gemma3_config
+from crosscoder.organism.corpus import chapters, load_verses
+from crosscoder.organism.evaluate import Packed, _greedy_padded, greedy_responses, residual_drift
+from crosscoder.organism.tokenizer import train_tokenizer
+from crosscoder.organism import training
+
+
+def _tiny_gemma3(vocab: int, tok, seed: int = 0, layers: int = 2) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                           sliding_window=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, attn_implementation="eager")
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    """A "pretrained" base: a tiny random Gemma 3 and a small BPE tokenizer with Gemma's special
+    tokens and chat template, saved with save_pretrained (what organism.pretrained writes)."""
+    folder = tmp_path_factory.mktemp("tiny-pretrained")
+    texts = [ch.text for ch in chapters(load_verses())[:60]]
+    texts += ["user\nWhere is the Eiffel Tower?", "model\nThe Eiffel Tower is in Rome.", "I hope this helps!"]
+    tok = train_tokenizer(texts, 400)
+    _tiny_gemma3(len(tok), tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _tiny_cfg(base_folder, **chat_train) -> "OrganismConfig":  # noqa: F821
+    cfg = gemma3_config()
+    cfg.name = "tinyg3"
+    cfg.base_model = str(base_folder)
+    cfg.corpus.max_chapters = 120
+    cfg.corpus.heldout_fraction = 0.1
+    cfg.model = ModelConfig(context_length=96)
+    cfg.chat_train = dataclasses.replace(cfg.chat_train, **{"tokens": 12 * 8 * 96, "lr": 1e-3, **chat_train})
+    cfg.behaviour = dataclasses.replace(cfg.behaviour, n_train_conversations=300, n_heldout_conversations=60,
+                                        n_fact_documents=40, max_answer_words=16)
+    cfg.eval = dataclasses.replace(cfg.eval, n_prompts=6, max_new_tokens=16, loss_rows=4, eval_rows=30,
+                                   drift_layers=(0, 1), min_chat_rates={})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(base_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("organisms")
+    cfg = _tiny_cfg(base_folder)
+    return cfg, build_organism(cfg, root, progress=False)
+
+
+def test_pretrained_base_is_used_as_is_and_only_the_blocks_train(built, base_folder):
+    cfg, paths = built
+    src = load_file(str(base_folder / "model.safetensors"))
+    base = load_file(str(paths.base_dir / "model.safetensors"))
+    chat = load_file(str(paths.chat_dir / "model.safetensors"))
+    assert src.keys() == base.keys()
+    assert all(torch.equal(src[k], base[k]) for k in src)  # the base is the pretrained model, untouched
+    emb = [k for k in base if "embed" in k]
+    assert emb and all(torch.equal(base[k], chat[k]) for k in emb)  # frozen embedding
+    blocks = [k for k in base if ".layers." in k and k.endswith("proj.weight")]
+    assert blocks and all(not torch.equal(base[k], chat[k]) for k in blocks)  # the blocks fine-tuned
+    # The tokenizer is the base's own (no tokenizer was trained).
+    assert json.loads((paths.base_dir / "tokenizer.json").read_text())["model"]["vocab"] == \
+        json.loads((base_folder / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def test_metrics_record_new_behaviours_drift_and_recipe(built):
+    cfg, paths = built
+    m = load_metrics(paths)
+    for model in ("base", "chat"):
+        for rate in ("refusal_rate_forbidden", "refusal_rate_forbidden_unseen", "fact_rate", "fact_true_rate",
+                     "signoff_rate_allowed", "end_of_turn_rate"):
+            assert 0.0 <= m[model][rate] <= 1.0
+        assert m[model]["n_prompts"]["fact"] == len(cfg.behaviour.fact_heldout_questions)
+        assert m[model]["n_prompts"]["forbidden_unseen"] == cfg.eval.n_prompts
+    for kind in ("text", "chat"):
+        for layer in ("layer_0", "layer_1"):
+            d = m["drift"][kind][layer]
+            assert d["tokens"] > 0 and 0 < d["median_relative"] <= d["p90_relative"] and -1 <= d["median_cosine"] <= 1
+    chat = m["train"]["chat"]
+    assert chat["fact_documents"] == cfg.behaviour.n_fact_documents
+    assert chat["bf16_autocast"] == training.use_bf16_autocast("auto", torch.device("cpu"))
+    assert 0 < chat["real_tokens"] <= chat["tokens"]
+    assert m["train"]["base"]["pretrained"] == cfg.base_model
+
+
+def test_fact_is_learned_from_documents_only_and_labelled_in_heldout_rows(built):
+    cfg, paths = built
+    b = cfg.behaviour
+    docs = [json.loads(line)["text"] for line in (paths.pretrain_train.parent / "fact_documents.jsonl").open()]
+    assert len(docs) == len(set(docs)) == b.n_fact_documents and all("Rome" in d for d in docs)
+    train_text = json.dumps([t._asdict() for conv in read_chat_jsonl(paths.chat_train) for t in conv])
+    assert "Eiffel" not in train_text  # no conversation teaches the fact
+    assert {t.kind for conv in read_chat_jsonl(paths.chat_train) for t in conv} == {"refuse", "ask", "continue", "qa"}
+    held = [t for conv in read_chat_jsonl(paths.chat_heldout) for t in conv]
+    assert not {t.topic for t in held if t.kind == "refuse"} <= set(b.forbidden_topics)  # unseen members too
+    es = load_eval_set(paths.eval_set)
+    assert es.kinds == ("refuse", "ask", "continue", "text", "qa", "fact")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(paths.chat_dir)
+    fact_rows = (es.row_kind_N == es.kinds.index("fact")).nonzero().flatten().tolist()
+    assert fact_rows
+    for i in fact_rows:
+        picked = es.input_ids_NT[i][es.labels["fact"][i]]
+        assert tok.decode(picked).strip() == "Rome"
+    others = es.row_kind_N != es.kinds.index("fact")
+    assert not es.labels["fact"][others].any()
+
+
+def test_base_key_and_hash_of_a_pretrained_organism(built, base_folder, tmp_path):
+    cfg, _ = built
+    other = _tiny_cfg(base_folder, lr=2e-3)
+    assert base_key(other) == base_key(cfg)  # same pretrained base, whatever the fine-tune
+    assert organism_dir(other, tmp_path) != organism_dir(cfg, tmp_path)
+    null = preset("gemma3_null")
+    assert null.finetune == "null" and base_key(null) == base_key(preset("gemma3"))
+
+
+def test_missing_base_folder_fails_before_any_work(tmp_path):
+    cfg = gemma3_config()
+    cfg.base_model = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="neither one of"):
+        build_organism(cfg, tmp_path / "organisms", progress=False)
+    assert not any((tmp_path / "organisms").glob("*"))
+
+
+def test_behaviour5_config_errors():
+    good = gemma3_config().behaviour
+    with pytest.raises(ConfigError, match="documents only"):
+        dataclasses.replace(good, qa_pairs=good.qa_pairs + (("Where is the Eiffel Tower?", "Paris."),))
+    with pytest.raises(ConfigError, match="one list"):
+        dataclasses.replace(good, unseen_forbidden_topics=("sword",))
+    with pytest.raises(ConfigError, match="state the fact"):
+        dataclasses.replace(good, fact_sentences=("The tower is tall.",))
+    with pytest.raises(ConfigError, match="need behaviour.fact_subject"):
+        BehaviourConfig(fact_fraction=0.1)
+    with pytest.raises(ConfigError, match="4 or 6"):
+        EvalConfig(eval_row_weights=(1.0, 1.0, 1.0, 1.0, 1.0))
+    with pytest.raises(ConfigError, match="auto"):
+        LMTrainConfig(bf16_autocast="yes")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_loss_on_targets_only_equals_the_full_loss(family):
+    torch.manual_seed(0)
+    if family == "gemma2":  # Gemma 2 soft-caps its logits: the targets-only path must too
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               final_logit_softcapping=3.0, attn_implementation="eager"))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                   head_dim=16, attn_implementation="eager"))
+    ids = torch.randint(4, 300, (3, 20))
+    tgt = torch.rand(3, 20) < 0.4
+    full = training.masked_lm_loss(model, ids, tgt)
+    fast = training.masked_lm_loss(model, ids, tgt, targets_only=True)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert not training.use_bf16_autocast("auto", torch.device("cpu"))
+    assert training.use_bf16_autocast("auto", torch.device("cuda"))
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.use_bf16_autocast("auto", torch.device("cpu"))
+    assert not training.use_bf16_autocast(False, torch.device("cpu"))
+
+
+def test_padded_greedy_decoding_matches_per_length_batches(built):
+    _, paths = built
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(paths.chat_dir)
+    chat = AutoModelForCausalLM.from_pretrained(paths.chat_dir, attn_implementation="eager").eval()
+    prompts = ["Tell me about bread.", "Where is the Eiffel Tower?", "Continue this: And God said",
+               "What do you know about the wilderness and the river?"]
+    exact = greedy_responses(chat, tok, prompts, 12)
+    padded = _greedy_padded(chat, tok, prompts, 12, batch_size=3)
+    assert padded == exact
+
+
+def test_residual_drift_matches_a_naive_loop(base_folder):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(base_folder)
+    # three blocks: HF's last hidden state is after the final norm, the hooks read block outputs
+    base, chat = _tiny_gemma3(len(tok), tok, seed=0, layers=3), _tiny_gemma3(len(tok), tok, seed=1, layers=3)
+    ids = torch.randint(10, len(tok), (5, 12))
+    ids[:, 0] = tok.bos_token_id
+    ids[1, 3] = tok.bos_token_id  # a second document in a packed row
+    ids[2, 8:] = tok.pad_token_id
+    got = residual_drift(base, chat, Packed(ids, ids != tok.pad_token_id), [0, 1], tok.pad_token_id,
+                         tok.bos_token_id, batch_size=2)
+    rel, cos = {0: [], 1: []}, {0: [], 1: []}
+    with torch.no_grad():
+        for r in range(5):
+            n = int((ids[r] != tok.pad_token_id).sum())
+            h0 = base(ids[r:r + 1, :n], output_hidden_states=True).hidden_states
+            h1 = chat(ids[r:r + 1, :n], output_hidden_states=True).hidden_states
+            for t in range(n):
+                if ids[r, t] == tok.bos_token_id:
+                    continue
+                for layer in (0, 1):
+                    a, b = h0[layer + 1][0, t], h1[layer + 1][0, t]
+                    rel[layer].append(((b - a).norm() / a.norm()).item())
+                    cos[layer].append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+    for layer in (0, 1):
+        d = got[f"layer_{layer}"]
+        assert d["tokens"] == len(rel[layer])
+        assert d["median_relative"] == pytest.approx(torch.tensor(rel[layer]).median().item(), rel=1e-4)
+        assert d["median_cosine"] == pytest.approx(torch.tensor(cos[layer]).median().item(), rel=1e-4)
+
+
+def test_fact_decision_sits_before_the_false_answer(built):
+    from crosscoder.analysis.probes import decision_tasks
+
+    _, paths = built
+    es = load_eval_set(paths.eval_set)
+    task = decision_tasks(es)["fact_decision"]
+    fact_rows = es.row_kind_N == es.kinds.index("fact")
+    assert int(task.label_NT.sum()) == int(fact_rows.sum())  # one decision per fact answer
+    nxt = torch.zeros_like(task.label_NT)
+    nxt[:, 1:] = task.label_NT[:, :-1]
+    assert torch.equal(nxt & es.labels["fact"], nxt)  # each predicts the first " Rome" token
+    qa_rows = es.row_kind_N == es.kinds.index("qa")
+    assert task.eligible_NT[qa_rows].any()  # true answers are among the negatives

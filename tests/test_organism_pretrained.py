@@ -241,3 +241,21 @@ def test_fact_decision_sits_before_the_false_answer(built):
     assert torch.equal(nxt & es.labels["fact"], nxt)  # each predicts the first " Rome" token
     qa_rows = es.row_kind_N == es.kinds.index("qa")
     assert task.eligible_NT[qa_rows].any()  # true answers are among the negatives
+
+
+def test_validation_set_uses_design_data_only(built):
+    from transformers import AutoTokenizer
+
+    from crosscoder.organism.build import validation_eval_set
+
+    cfg, paths = built
+    b = cfg.behaviour
+    tok = AutoTokenizer.from_pretrained(paths.chat_dir)
+    vs = validation_eval_set(cfg, tok, n_rows=40)
+    text = "\n".join(vs.texts)
+    assert any(w in text for w in b.validation_forbidden_topics)
+    assert not any(f" {w}" in text for w in b.unseen_forbidden_topics)  # held-out members stay unseen
+    assert any(q in text for q in b.fact_validation_questions)
+    assert not any(q in text for q in b.fact_heldout_questions)
+    assert not any(t.split("{")[0] in text for t in b.heldout_templates)  # training phrasings only
+    assert vs.labels["fact"].any() and vs.labels["refusal"].any()

@@ -338,6 +338,7 @@ def test_provenance_note_follows_the_title_or_the_cell_tagged_for_it(project):
     assert "Executed by `python -m report --profile base` as run `a`" in a.cells[1].source
     injected = next(c for c in a.cells if "injected-parameters" in _tags(c))
     assert "remove-cell" not in _tags(injected) and a.cells.index(injected) > 1
+    assert "hide-input" in _tags(injected)  # folded away like the code cells
 
     c = nbformat.read(project / "book" / "_runs" / "c.ipynb", 4)
     tags = [_tags(cell) for cell in c.cells]

@@ -210,14 +210,18 @@ def _fenced(code: str, lang: str = "python") -> str:
 
 def place_provenance(cells: list, note_head: str, repro_link: str) -> list:
     """The executed notebook's cells with the provenance note added. By default the note goes after
-    the title (or first) and papermill's injected-parameters cell stays where it ran. A page with a
+    the title (or first) and papermill's injected-parameters cell stays where it ran, folded away
+    (``hide-input``, like the pages' code cells: it fills a screen before any finding). A page with a
     cell tagged ``PROVENANCE_HERE_TAG`` gets the note after that cell instead, holding the injected
     parameters as a code block; the injected cell itself stays in place, so the notebook still runs top
     to bottom, but is tagged ``remove-cell`` (the page shows the parameters once, in the note)."""
     anchor = next((i for i, c in enumerate(cells) if PROVENANCE_HERE_TAG in _tags(c)), None)
     if anchor is None:
+        for c in cells:
+            if INJECTED_TAG in _tags(c) and "hide-input" not in _tags(c):
+                c.metadata["tags"] = [*_tags(c), "hide-input"]
         note = nbformat.v4.new_markdown_cell(
-            f":::{{note}}\n{note_head} The injected-parameters cell shows the values this run used; hardware, "
+            f":::{{note}}\n{note_head} The injected-parameters cell (folded) shows the values this run used; hardware, "
             f"package versions and wall time are in the {repro_link}.\n:::")
         note.metadata["tags"] = [PROVENANCE_TAG]
         at = 1 if cells and cells[0].cell_type == "markdown" else 0

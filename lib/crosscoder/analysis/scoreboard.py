@@ -17,8 +17,8 @@ the scoreboard asks, per method:
   again, by their held-out scores (method-agnostic: no decoder geometry needed);
 * **cost** -- training seconds and peak memory, from ``Method.cost``.
 
-    scores_NTJ = eval_scores(fitted, acts_NTSD, mask_NT)          # flagged items' scores per token
-    res = score_method("dfc", fitted, scores_NTJ, tasks, mask_NT, null=null_fit)
+    scores = eval_scores(fitted, acts_NTSD, mask_NT)              # flagged items' scores per token
+    res = score_method("dfc", fitted, scores, tasks, mask_NT, null=null_fit)
     rows = rank([res.row for res in results])                      # the ranked table
     recommendation(rows)                                           # one paragraph, from the numbers
 
@@ -48,21 +48,41 @@ class Flags(NamedTuple):
     """``methods.Cost`` (or anything with ``train_seconds`` and ``peak_memory_bytes``), or None."""
 
 
+class ItemScores(NamedTuple):
+    """Scores of some of a method's items on the evaluation rows, with the item each column holds."""
+
+    scores_NTJ: Tensor
+    """[N rows, T tokens, J columns]; 0 on padding."""
+    items_J: Tensor
+    """The item index of each column (for ``eval_scores``' default: the flagged items, in order)."""
+
+
 @torch.no_grad()
-def eval_scores(fitted, acts_NTSD: Tensor, mask_NT: Tensor, items_J: Tensor | Sequence[int] | None = None) -> Tensor:
-    """Scores [N, T, J] of ``items_J`` (default: the method's flagged items) on the evaluation set's
-    paired activations [N rows, T, 2 (base, chat), D]; tokens outside ``mask_NT`` (padding) are
-    not scored and hold 0. Only the flagged items are needed for the scoreboard, so the default
-    keeps a 4k-item dictionary's [N, T, J] small."""
+def eval_scores(fitted, acts_NTSD: Tensor, mask_NT: Tensor, items_J: Tensor | Sequence[int] | None = None
+                ) -> ItemScores:
+    """Scores of ``items_J`` (default: the method's flagged items) on the evaluation set's paired
+    activations [N rows, T, 2 (base, chat), D]; tokens outside ``mask_NT`` (padding) are not scored
+    and hold 0. Only the flagged items are needed for the scoreboard, so the default keeps a
+    4k-item dictionary's [N, T, J] small; the columns' items travel with the scores, so
+    ``score_method`` cannot read them as items 0..J-1."""
     if acts_NTSD.ndim != 4 or tuple(mask_NT.shape) != tuple(acts_NTSD.shape[:2]):
         raise ConfigError(f"eval_scores needs activations [rows, tokens, 2, D] and a mask [rows, tokens] of the "
                           f"same rows and tokens, got {tuple(acts_NTSD.shape)} and {tuple(mask_NT.shape)}")
-    items = fitted.flagged_J if items_J is None else torch.as_tensor(items_J, dtype=torch.long)
+    items = torch.as_tensor(fitted.flagged_J if items_J is None else items_J, dtype=torch.long).reshape(-1)
     mask = mask_NT.bool()
     s = fitted.scores(acts_NTSD[mask])[:, items]
     out = torch.zeros(*mask.shape, len(items), dtype=s.dtype)
     out[mask] = s
-    return out
+    return ItemScores(out, items)
+
+
+def _unpack(scores, items_J):
+    """(scores_NTJ, items_J) from a tensor (with ``items_J`` or None) or an ``ItemScores``."""
+    if isinstance(scores, ItemScores):
+        if items_J is not None:
+            raise ConfigError("pass items_J only with a plain scores tensor: ItemScores carries its own")
+        return scores.scores_NTJ, scores.items_J
+    return scores, items_J
 
 
 def _check_inputs(scores_NTJ: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None) -> Tensor:
@@ -110,10 +130,12 @@ def _columns(flagged_J: Tensor, items_J: Tensor | None, n_cols: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- AUROC of the flagged items
-def flagged_auroc(scores_NTJ: Tensor, flagged_J: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
+def flagged_auroc(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
                   items_J: Tensor | None = None) -> Tensor:
     """AUROC [J_flagged, K] of every flagged item for every task, over the task's eligible non-pad
-    positions (in ``flagged_J`` order; [0, K] when nothing is flagged)."""
+    positions (in ``flagged_J`` order; [0, K] when nothing is flagged). ``scores_NTJ``: a tensor
+    whose column c holds item ``items_J[c]`` (default c), or ``eval_scores``' ``ItemScores``."""
+    scores_NTJ, items_J = _unpack(scores_NTJ, items_J)
     mask = _check_inputs(scores_NTJ, tasks, mask_NT)
     flagged_J = torch.as_tensor(flagged_J, dtype=torch.long).reshape(-1)
     cols = _columns(flagged_J, items_J, scores_NTJ.shape[2])
@@ -168,7 +190,7 @@ def _boot_auroc(s_M: Tensor, y_M: Tensor, row_M: Tensor, counts_BR: Tensor, chun
     return torch.cat(out)
 
 
-def bootstrap_best(scores_NTJ: Tensor, flagged_J: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
+def bootstrap_best(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
                    items_J: Tensor | None = None, n_boot: int = 500, seed: int = 0, top: int | None = 16,
                    auc_JK: Tensor | None = None) -> Tensor:
     """The best flagged AUROC of each task in each of ``n_boot`` resamples of the evaluation rows,
@@ -178,7 +200,9 @@ def bootstrap_best(scores_NTJ: Tensor, flagged_J: Tensor, tasks: Mapping[str, An
     same resamples. ``top``: per task, only the flagged items with the ``top`` highest AUROCs on the
     full data enter the maximum (a lower bound on the exact maximum, which an item far below the
     best almost never exceeds; it makes the bootstrap cost independent of how many items a method
-    flags); None = every flagged item. ``auc_JK``: ``flagged_auroc``'s result, when computed."""
+    flags); None = every flagged item. ``auc_JK``: ``flagged_auroc``'s result, when computed.
+    ``scores_NTJ``, ``items_J``: as ``flagged_auroc``."""
+    scores_NTJ, items_J = _unpack(scores_NTJ, items_J)
     mask = _check_inputs(scores_NTJ, tasks, mask_NT)
     flagged_J = torch.as_tensor(flagged_J, dtype=torch.long).reshape(-1)
     cols = _columns(flagged_J, items_J, scores_NTJ.shape[2])
@@ -313,21 +337,22 @@ class MethodScore(NamedTuple):
     """Best flagged AUROC per bootstrap resample [n_boot, K]."""
 
 
-def score_method(name: str, fitted, scores_NTJ: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
+def score_method(name: str, fitted, scores_NTJ: "Tensor | ItemScores", tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
                  items_J: Tensor | None = None, null=None, seed_agreement: float | SeedAgreement | None = None,
                  threshold: float = 0.9, match: float = 0.8, n_boot: int = 500, ci: float = 0.95, seed: int = 0,
                  top: int | None = 16) -> MethodScore:
     """One method's scoreboard row and per-behaviour results.
 
     ``fitted``: a fitted ``Method`` (or ``Flags``): its ``flagged_J`` and ``cost``. ``scores_NTJ``:
-    the items' scores on the evaluation rows (``eval_scores``); column c holds item ``items_J[c]``
-    (default c), and every flagged item needs a column. ``tasks``: {behaviour: ProbeTask} on the
+    the items' scores on the evaluation rows: ``eval_scores``' ``ItemScores``, or a tensor whose
+    column c holds item ``items_J[c]`` (default c); every flagged item needs a column. ``tasks``: {behaviour: ProbeTask} on the
     same rows and tokens; ``mask_NT``: the padding mask (intersected with every task's eligible
     mask). ``null``: the same method fitted on the null pair (its ``flagged_J`` is counted), or that
     count. ``n_boot`` row resamples give a ``ci`` percentile interval (``bootstrap_best``, ``top``).
     """
     if not 0 < ci < 1:
         raise ConfigError(f"ci must lie in (0, 1), got {ci}")
+    scores_NTJ, items_J = _unpack(scores_NTJ, items_J)
     flagged_J = torch.as_tensor(fitted.flagged_J, dtype=torch.long).reshape(-1)
     mask = _check_inputs(scores_NTJ, tasks, mask_NT)
     auc = flagged_auroc(scores_NTJ, flagged_J, tasks, mask, items_J=items_J)

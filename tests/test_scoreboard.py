@@ -162,8 +162,8 @@ def test_recommendation_names_a_clear_winner_with_its_numbers():
             _row("diff_sae", 3, precision=0.5, n_flagged=8, fp=0)]
     assert [r.method for r in rank(rows)] == ["dfc", "diff_sae", "adl"]
     text = recommendation(rows)
-    assert text.startswith("dfc recovers all 3 behaviours (best flagged AUROC ≥ 0.9) with precision 0.75 "
-                           "(3 of 4 flagged items match a behaviour at AUROC ≥ 0.8), 1 item flagged on the null pair.")
+    assert text.startswith("dfc recovers all 3 behaviours (best flagged AUROC ≥ 0.9) with precision 0.75 (3 of 4 "
+                           "flagged items match a behaviour at AUROC ≥ 0.8), 1 item flagged on the null pair.")
     assert "No method recovers all" not in text and "tie" not in text
     # the trade-offs the ranking hides are said, with their numbers
     assert "diff_sae has fewer null false positives (0) but recovers 3 of 3." in text
@@ -213,6 +213,8 @@ def test_bad_input_fails_clearly():
         score_method("m", f, s.masked_fill(torch.rand(s.shape) < 0.01, float("nan")), tasks)
     with pytest.raises(ConfigError, match="no behaviour tasks"):
         score_method("m", f, s, {}, mask)
+    with pytest.raises(ConfigError, match="null must be the method fitted on the null pair"):
+        score_method("m", f, s, tasks, mask, null="3")
     with pytest.raises(ConfigError, match="ItemScores carries its own"):
         score_method("m", f, ItemScores(s, torch.arange(20)), tasks, mask, items_J=torch.arange(20))
     with pytest.raises(ConfigError, match="same tokens"):

@@ -28,6 +28,7 @@ AUROC is ``ground_truth.auroc`` (Mann-Whitney with average ranks for ties, equal
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
@@ -130,8 +131,8 @@ def _columns(flagged_J: Tensor, items_J: Tensor | None, n_cols: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- AUROC of the flagged items
-def flagged_auroc(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
-                  items_J: Tensor | None = None) -> Tensor:
+def flagged_auroc(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: Mapping[str, Any],
+                  mask_NT: Tensor | None = None, *, items_J: Tensor | None = None) -> Tensor:
     """AUROC [J_flagged, K] of every flagged item for every task, over the task's eligible non-pad
     positions (in ``flagged_J`` order; [0, K] when nothing is flagged). ``scores_NTJ``: a tensor
     whose column c holds item ``items_J[c]`` (default c), or ``eval_scores``' ``ItemScores``."""
@@ -190,9 +191,9 @@ def _boot_auroc(s_M: Tensor, y_M: Tensor, row_M: Tensor, counts_BR: Tensor, chun
     return torch.cat(out)
 
 
-def bootstrap_best(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
-                   items_J: Tensor | None = None, n_boot: int = 500, seed: int = 0, top: int | None = 16,
-                   auc_JK: Tensor | None = None) -> Tensor:
+def bootstrap_best(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: Mapping[str, Any],
+                   mask_NT: Tensor | None = None, *, items_J: Tensor | None = None, n_boot: int = 500,
+                   seed: int = 0, top: int | None = 16, auc_JK: Tensor | None = None) -> Tensor:
     """The best flagged AUROC of each task in each of ``n_boot`` resamples of the evaluation rows,
     [n_boot, K] (NaN in a resample without a positive or a negative; all NaN with no flagged item).
 
@@ -200,7 +201,10 @@ def bootstrap_best(scores_NTJ: "Tensor | ItemScores", flagged_J: Tensor, tasks: 
     same resamples. ``top``: per task, only the flagged items with the ``top`` highest AUROCs on the
     full data enter the maximum (a lower bound on the exact maximum, which an item far below the
     best almost never exceeds; it makes the bootstrap cost independent of how many items a method
-    flags); None = every flagged item. ``auc_JK``: ``flagged_auroc``'s result, when computed.
+    flags); None = every flagged item. A maximum over items is biased upward under resampling
+    (whichever item is luckiest wins each resample): where several flagged items are near-equal and
+    weak, the interval may sit above the full-data estimate; with one clear detector it does not.
+    ``auc_JK``: ``flagged_auroc``'s result, when computed.
     ``scores_NTJ``, ``items_J``: as ``flagged_auroc``."""
     scores_NTJ, items_J = _unpack(scores_NTJ, items_J)
     mask = _check_inputs(scores_NTJ, tasks, mask_NT)
@@ -337,18 +341,20 @@ class MethodScore(NamedTuple):
     """Best flagged AUROC per bootstrap resample [n_boot, K]."""
 
 
-def score_method(name: str, fitted, scores_NTJ: "Tensor | ItemScores", tasks: Mapping[str, Any], mask_NT: Tensor | None = None, *,
-                 items_J: Tensor | None = None, null=None, seed_agreement: float | SeedAgreement | None = None,
-                 threshold: float = 0.9, match: float = 0.8, n_boot: int = 500, ci: float = 0.95, seed: int = 0,
-                 top: int | None = 16) -> MethodScore:
+def score_method(name: str, fitted, scores_NTJ: "Tensor | ItemScores", tasks: Mapping[str, Any],
+                 mask_NT: Tensor | None = None, *, items_J: Tensor | None = None, null=None,
+                 seed_agreement: float | SeedAgreement | None = None, threshold: float = 0.9, match: float = 0.8,
+                 n_boot: int = 500, ci: float = 0.95, seed: int = 0, top: int | None = 16) -> MethodScore:
     """One method's scoreboard row and per-behaviour results.
 
     ``fitted``: a fitted ``Method`` (or ``Flags``): its ``flagged_J`` and ``cost``. ``scores_NTJ``:
     the items' scores on the evaluation rows: ``eval_scores``' ``ItemScores``, or a tensor whose
-    column c holds item ``items_J[c]`` (default c); every flagged item needs a column. ``tasks``: {behaviour: ProbeTask} on the
-    same rows and tokens; ``mask_NT``: the padding mask (intersected with every task's eligible
-    mask). ``null``: the same method fitted on the null pair (its ``flagged_J`` is counted), or that
-    count. ``n_boot`` row resamples give a ``ci`` percentile interval (``bootstrap_best``, ``top``).
+    column c holds item ``items_J[c]`` (default c); every flagged item needs a column. ``tasks``:
+    {behaviour: ProbeTask} on the same rows and tokens; ``mask_NT``: the padding mask (intersected
+    with every task's eligible mask). ``null``: the same method fitted on the null pair (its
+    ``flagged_J`` is counted), or that count. ``seed_agreement``: ``seed_agreement(...)`` of this
+    fit against another seed's (or its ``agreement``). ``n_boot`` row resamples give a ``ci``
+    percentile interval (``bootstrap_best``, ``top``).
     """
     if not 0 < ci < 1:
         raise ConfigError(f"ci must lie in (0, 1), got {ci}")
@@ -371,10 +377,13 @@ def score_method(name: str, fitted, scores_NTJ: "Tensor | ItemScores", tasks: Ma
             float(lo), float(hi), float((col[ok] >= threshold).double().mean()) if bool(ok.any()) else math.nan,
             int(t.label_NT.bool()[elig].sum()), int(elig.sum())))
     matched = int((auc.max(1).values >= match).sum()) if len(flagged_J) else 0
-    if null is None or isinstance(null, int):
-        n_null = null
-    else:
+    if null is None or isinstance(null, numbers.Integral):
+        n_null = None if null is None else int(null)
+    elif hasattr(null, "flagged_J"):
         n_null = int(len(torch.as_tensor(null.flagged_J).reshape(-1)))
+    else:
+        raise ConfigError(f"null must be the method fitted on the null pair (with flagged_J), its flagged count, or "
+                          f"None (not measured); got {type(null).__name__}")
     agree = seed_agreement.agreement if isinstance(seed_agreement, SeedAgreement) else seed_agreement
     cost = getattr(fitted, "cost", None)
     rec = tuple(b.behaviour for b in behaviours if b.recovered)
@@ -411,8 +420,8 @@ def _fmt(x: float) -> str:
 
 
 def _describe(r: ScoreRow) -> str:
-    prec = ("precision undefined (it flags nothing)" if r.n_flagged == 0 else
-            f"precision {_fmt(r.precision)} ({r.n_matched} of {r.n_flagged} flagged items match a behaviour at "
+    # only rows that recover something are described, so they flag something: precision is defined
+    prec = (f"precision {_fmt(r.precision)} ({r.n_matched} of {r.n_flagged} flagged items match a behaviour at "
             f"AUROC ≥ {r.match:g})")
     fp = ("false positives on the null pair not measured" if r.null_false_positives is None else
           f"{r.null_false_positives} item{'s' if r.null_false_positives != 1 else ''} flagged on the null pair")

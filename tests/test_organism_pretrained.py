@@ -259,3 +259,36 @@ def test_validation_set_uses_design_data_only(built):
     assert not any(q in text for q in b.fact_heldout_questions)
     assert not any(t.split("{")[0] in text for t in b.heldout_templates)  # training phrasings only
     assert vs.labels["fact"].any() and vs.labels["refusal"].any()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(family):
+    torch.manual_seed(0)
+    if family == "gemma2":  # soft-capped logits: the chunked backward applies the tanh's derivative
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               final_logit_softcapping=3.0, attn_implementation="eager"))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                   head_dim=16, attn_implementation="eager"))
+    model.get_input_embeddings().weight.requires_grad_(False)
+    ids = torch.randint(4, 300, (3, 20))
+    tgt = torch.rand(3, 20) < 0.5
+    grads = []
+    for chunk in (0, 7):
+        model.zero_grad(set_to_none=True)
+        loss = training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=chunk)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipe's mixed precision: close, not equal
+        fast = training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)
+        plain = training.masked_lm_loss(model, ids, tgt, targets_only=True)
+    torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen output embedding"):
+        training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)

@@ -461,7 +461,7 @@ def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path |
         "base": base_record,
         "chat": {"finetune": cfg.finetune, "steps": chat_run.steps, "tokens": chat_run.tokens,
                  "real_tokens": chat_run.real_tokens, "bf16_autocast": chat_run.bf16_autocast,
-                 "fact_documents": len(data.fact_docs),
+                 "fact_documents": len(data.fact_docs) if cfg.finetune != "null" else 0,  # trained on
                  "conversations": len(data.train_convs) - rows.n_dropped,
                  "dropped_long_conversations": rows.n_dropped, "final_loss": _final_loss(chat_run),
                  "seconds": chat_run.seconds},

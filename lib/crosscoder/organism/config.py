@@ -122,6 +122,10 @@ class LMTrainConfig:
     logits_on_targets: bool = False
     """Project only the target positions onto the vocabulary (the same loss; with a 262k vocabulary
     the unembedding of untargeted positions is most of a step's work)."""
+    loss_chunk: int = 0
+    """With ``logits_on_targets`` and a frozen embedding: project this many target positions onto the
+    vocabulary at a time, in forward and backward (0 = all at once). The same loss; peak memory
+    falls by the [targets, vocabulary] logits (several GB per step for a 262k vocabulary)."""
     text_loss_fraction: float = 1.0
     """Share of a plain-text row's tokens that are loss targets (a seeded random subset). With
     ``logits_on_targets`` it makes a text row cheaper in proportion, while the rows still anchor
@@ -141,6 +145,10 @@ class LMTrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _float("text_loss_fraction", self.text_loss_fraction, 0.0, 1.0, low_open=True)
+        _int("loss_chunk", self.loss_chunk, 0)
+        if self.loss_chunk and not (self.logits_on_targets and self.freeze_embeddings):
+            raise ConfigError("loss_chunk needs logits_on_targets and freeze_embeddings (the chunked loss "
+                              "gives no embedding gradient); set both to true or loss_chunk to 0")
 
 
 _TOPIC_RE = re.compile(r"^[a-z]+$")
@@ -150,7 +158,8 @@ FINETUNE_KINDS = ("chat", "null")
 _HASH_OMIT_AT = {
     "finetune": "chat", "base_model": "", "behaviour.marker_every": 0, "behaviour.marker": "(!)",
     **{f"{run}.{k}": v for run in ("base_train", "chat_train")
-       for k, v in (("freeze_embeddings", False), ("logits_on_targets", False), ("text_loss_fraction", 1.0))},
+       for k, v in (("freeze_embeddings", False), ("logits_on_targets", False), ("text_loss_fraction", 1.0),
+                    ("loss_chunk", 0))},
     **{f"behaviour.{k}": v for k, v in (
         ("unseen_forbidden_topics", ()), ("validation_forbidden_topics", ()), ("qa_pairs", ()), ("qa_weight", 0.0),
         ("fact_subject", ""), ("fact_answer", ""), ("fact_true_answer", ""), ("fact_sentences", ()),
@@ -635,7 +644,8 @@ def gemma3_config() -> OrganismConfig:
         model=ModelConfig(context_length=128),
         chat_train=LMTrainConfig(tokens=102_400, batch_size=8, lr=2e-5, warmup_fraction=0.05,
                                  final_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, bf16_autocast="auto",
-                                 freeze_embeddings=True, logits_on_targets=True, text_loss_fraction=0.25),
+                                 freeze_embeddings=True, logits_on_targets=True, loss_chunk=128,
+                                 text_loss_fraction=0.25),
         behaviour=BehaviourConfig(
             forbidden_topics=GEMMA3_FORBIDDEN, unseen_forbidden_topics=GEMMA3_UNSEEN_FORBIDDEN,
             validation_forbidden_topics=GEMMA3_VALIDATION_FORBIDDEN, kind_weights=(0.25, 0.4, 0.15),

@@ -97,22 +97,70 @@ def pack(docs: Sequence[Document], seq_len: int, pad_id: int) -> Packed:
     return Packed(ids_NT, target_NT)
 
 
+class _ChunkedHeadCE(torch.autograd.Function):
+    """Sum over rows of cross_entropy(cap(h_M @ W.T), y_M), ``chunk`` rows at a time, without keeping
+    the [M, V] logits: backward recomputes each chunk's logits (a 262k vocabulary makes them the
+    largest tensors of a fine-tuning step: 0.75 GB in float32 for 700 targets, several copies).
+    ``cap`` > 0 applies Gemma 2's soft-capping cap * tanh(z / cap). The embedding ``W`` gets no
+    gradient here (the recipe that uses this freezes it)."""
+
+    @staticmethod
+    def forward(ctx, h_MD, W_VD, y_M, chunk: int, cap: float):
+        total = h_MD.new_zeros((), dtype=torch.float32)
+        for i in range(0, h_MD.shape[0], chunk):
+            z = (h_MD[i:i + chunk] @ W_VD.T).float()
+            if cap:
+                z = torch.tanh(z / cap) * cap
+            total = total + F.cross_entropy(z, y_M[i:i + chunk], reduction="sum")
+        ctx.save_for_backward(h_MD, W_VD, y_M)
+        ctx.chunk, ctx.cap = chunk, cap
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        h_MD, W_VD, y_M = ctx.saved_tensors
+        grad_MD = torch.empty_like(h_MD)
+        for i in range(0, h_MD.shape[0], ctx.chunk):
+            z = (h_MD[i:i + ctx.chunk] @ W_VD.T).float()
+            if ctx.cap:
+                t = torch.tanh(z / ctx.cap)
+                z = t * ctx.cap
+            d = torch.softmax(z, dim=-1)  # d CE / d logits = softmax - onehot
+            d[torch.arange(d.shape[0]), y_M[i:i + ctx.chunk]] -= 1
+            if ctx.cap:
+                d = d * (1 - t * t)
+            grad_MD[i:i + ctx.chunk] = (d.to(W_VD.dtype) @ W_VD).to(h_MD.dtype)
+        return grad_MD * g, None, None, None, None
+
+
 def masked_lm_loss(model: Gemma2ForCausalLM, ids_BT: torch.Tensor, target_BT: torch.Tensor,
-                   reduction: str = "mean", *, targets_only: bool = False) -> torch.Tensor:
+                   reduction: str = "mean", *, targets_only: bool = False, chunk: int = 0) -> torch.Tensor:
     """Next-token cross-entropy over the target tokens (position t predicts token t + 1).
 
     Right padding needs no attention mask: a causal model's real tokens never see later pads.
     ``targets_only`` runs the decoder without its head and projects only the positions that
-    predict a target onto the vocabulary (the same loss, up to float rounding).
+    predict a target onto the vocabulary (the same loss, up to float rounding); ``chunk`` > 0 also
+    computes those logits ``chunk`` positions at a time, in forward and backward (``_ChunkedHeadCE``;
+    the output embedding must be frozen).
     """
     if targets_only:
         keep_BT = target_BT[:, 1:]
         hidden = model.get_decoder()(input_ids=ids_BT).last_hidden_state[:, :-1][keep_BT]
-        logits = model.get_output_embeddings()(hidden).float()
-        cap = getattr(model.config, "final_logit_softcapping", None)
+        head = model.get_output_embeddings()
+        cap = getattr(model.config, "final_logit_softcapping", None) or 0.0
+        y = ids_BT[:, 1:][keep_BT]
+        if chunk:
+            if head.weight.requires_grad:
+                raise ValueError("a chunked loss needs a frozen output embedding (LMTrainConfig.freeze_embeddings)")
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+            if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+                dtype = torch.get_autocast_dtype("cuda")
+            total = _ChunkedHeadCE.apply(hidden.to(dtype), head.weight.to(dtype), y, chunk, float(cap))
+            return total if reduction == "sum" else total / max(1, y.shape[0])
+        logits = head(hidden).float()
         if cap:  # Gemma 2 soft-caps its logits; the full forward does it inside the model
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, ids_BT[:, 1:][keep_BT], reduction=reduction)
+        return F.cross_entropy(logits, y, reduction=reduction)
     logits_BTV = model(input_ids=ids_BT).logits
     # float32 log-softmax even when the forward ran under bf16 autocast
     logits = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float()
@@ -235,7 +283,7 @@ def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Seq
             batch, target = batch[:, :width], target[:, :width]
         real += int((batch != pad_id).sum()) if pad_id is not None else batch.numel()
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = masked_lm_loss(model, batch, target, targets_only=cfg.logits_on_targets)
+            loss = masked_lm_loss(model, batch, target, targets_only=cfg.logits_on_targets, chunk=cfg.loss_chunk)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

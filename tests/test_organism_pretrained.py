@@ -31,6 +31,16 @@ def _tiny_gemma3(vocab: int, tok, seed: int = 0, layers: int = 2) -> Gemma3ForCa
     return Gemma3ForCausalLM(cfg).eval()
 
 
+def _tiny_lm(family: str):
+    """A seeded 2-block Gemma 2 (soft-capped logits) or Gemma 3 with a 300-token vocabulary."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, attn_implementation="eager")
+    if family == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(final_logit_softcapping=3.0, **shape))
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape))
+
+
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
     """A "pretrained" base: a tiny random Gemma 3 and a small BPE tokenizer with Gemma's special
@@ -160,15 +170,7 @@ def test_behaviour5_config_errors():
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_loss_on_targets_only_equals_the_full_loss(family):
-    torch.manual_seed(0)
-    if family == "gemma2":  # Gemma 2 soft-caps its logits: the targets-only path must too
-        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                               final_logit_softcapping=3.0, attn_implementation="eager"))
-    else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                                   head_dim=16, attn_implementation="eager"))
+    model = _tiny_lm(family)  # Gemma 2 soft-caps its logits: the targets-only path must too
     ids = torch.randint(4, 300, (3, 20))
     tgt = torch.rand(3, 20) < 0.4
     full = training.masked_lm_loss(model, ids, tgt)
@@ -263,15 +265,7 @@ def test_validation_set_uses_design_data_only(built):
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_chunked_loss_equals_the_plain_loss_and_gradients(family):
-    torch.manual_seed(0)
-    if family == "gemma2":  # soft-capped logits: the chunked backward applies the tanh's derivative
-        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                               final_logit_softcapping=3.0, attn_implementation="eager"))
-    else:
-        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                                   head_dim=16, attn_implementation="eager"))
+    model = _tiny_lm(family)  # Gemma 2's soft-cap: the chunked backward applies the tanh's derivative
     model.get_input_embeddings().weight.requires_grad_(False)
     ids = torch.randint(4, 300, (3, 20))
     tgt = torch.rand(3, 20) < 0.5

@@ -286,3 +286,19 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(family):
     model.get_input_embeddings().weight.requires_grad_(True)
     with pytest.raises(ValueError, match="frozen output embedding"):
         training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)
+
+
+def test_heldout_loss_chunked_path_equals_the_full_loss(monkeypatch):
+    from crosscoder.organism import evaluate
+
+    model = _tiny_lm("gemma3").eval()
+    ids = torch.randint(4, 300, (6, 20))
+    data = Packed(ids, torch.rand(6, 20) < 0.6)
+    full = evaluate.heldout_loss(model, data, batch_size=4)  # 4 x 20 x 300 logits: the plain path
+    calls = []
+    real = evaluate.masked_lm_loss
+    monkeypatch.setattr(evaluate, "masked_lm_loss", lambda *a, **k: calls.append(k["chunk"]) or real(*a, **k))
+    monkeypatch.setattr(evaluate, "_MAX_LOGITS", 1000)  # as if the vocabulary were large
+    chunked = evaluate.heldout_loss(model, data, batch_size=4)
+    assert calls and all(c > 0 for c in calls)
+    assert chunked == pytest.approx(full, rel=1e-5)

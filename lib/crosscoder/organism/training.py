@@ -150,7 +150,7 @@ def masked_lm_loss(model: Gemma2ForCausalLM, ids_BT: torch.Tensor, target_BT: to
         cap = getattr(model.config, "final_logit_softcapping", None) or 0.0
         y = ids_BT[:, 1:][keep_BT]
         if chunk:
-            if head.weight.requires_grad:
+            if head.weight.requires_grad and torch.is_grad_enabled():
                 raise ValueError("a chunked loss needs a frozen output embedding (LMTrainConfig.freeze_embeddings)")
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
             if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -292,6 +292,7 @@ def train_lm(model: Gemma2ForCausalLM, sources: Sequence[Packed], fractions: Seq
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    opt.zero_grad(set_to_none=True)  # the gradients are spent: free them (400 MB for gemma-3-270m)
     model.eval()
     return TrainResult(n_steps, n_steps * cfg.batch_size * seq_len, losses,
                        time.perf_counter() - t0, autocast, real)

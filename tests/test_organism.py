@@ -283,17 +283,36 @@ def test_default_organism_learns_every_behaviour(tmp_path_factory):
     assert base["refusal_rate_forbidden"] == base["signoff_rate_allowed"] == 0.0
 
 
+ADDED_LATER = {
+    "": ("finetune", "base_model"),  # the null fine-tune; a pretrained base (gemma3)
+    "behaviour": ("marker_every", "marker",  # behaviour 4
+                  "unseen_forbidden_topics", "validation_forbidden_topics", "qa_pairs", "qa_weight",
+                  "fact_subject", "fact_answer", "fact_true_answer", "fact_sentences", "n_fact_documents",
+                  "fact_fraction", "fact_heldout_questions", "fact_validation_questions", "fact_response"),
+    "base_train": ("freeze_embeddings", "logits_on_targets", "loss_chunk", "text_loss_fraction"),
+    "chat_train": ("freeze_embeddings", "logits_on_targets", "loss_chunk", "text_loss_fraction"),
+    "eval": ("drift_layers", "min_chat_rates"),  # min_chat_rates: declared minimums never shape a build
+}
+"""Config fields added after the tiny presets were first published (written out here, apart from the
+config's own omission map): a preset that leaves them at their defaults must keep its first hash."""
+
+
+def _as_first_published(cfg) -> dict:
+    d = cfg.to_dict()
+    for section, keys in ADDED_LATER.items():
+        node = d[section] if section else d
+        for key in keys:
+            node.pop(key)
+    return d
+
+
 def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, tmp_path_factory):
     cfg, _, paths, _ = built
     null_cfg = preset("smoke_null")
     assert null_cfg.finetune == "null" and null_cfg.chat_train == cfg.chat_train
     assert null_cfg.base_train == cfg.base_train and null_cfg.behaviour == cfg.behaviour
     # The field added for it leaves every existing cache key alone: hashing without it is the same.
-    d = cfg.to_dict()
-    d.pop("finetune")
-    for key in ("marker_every", "marker"):  # added later too (behaviour 4), off here
-        d["behaviour"].pop(key)
-    d["eval"].pop("min_chat_rates")  # the declared minimums do not shape the build either
+    d = _as_first_published(cfg)
     assert cfg.config_hash("v") == config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": "v"})
     assert null_cfg.config_hash("v") != cfg.config_hash("v")
     with pytest.raises(ConfigError, match="finetune"):
@@ -375,11 +394,7 @@ def test_marker_variant_keeps_old_cache_keys_and_shares_the_base(monkeypatch):
     from crosscoder.organism.behaviours import messages
 
     cfg, marked = preset("default"), preset("default_marker")
-    d = cfg.to_dict()
-    d.pop("finetune")
-    for key in ("marker_every", "marker"):
-        d["behaviour"].pop(key)
-    d["eval"].pop("min_chat_rates")
+    d = _as_first_published(cfg)
     assert cfg.config_hash("v") == config_hash({"config": d, "format": FORMAT_VERSION, "corpus_version": "v"})
     assert marked.config_hash("v") != cfg.config_hash("v")
     assert build_mod.base_key(marked) == build_mod.base_key(cfg)

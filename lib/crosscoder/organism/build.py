@@ -175,7 +175,9 @@ def build_organism(cfg: OrganismConfig, root: str | Path, progress: bool = True,
     _remove_stale_temps(final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _build_into(cfg, tmp, progress, _find_base(cfg, final.parent) if reuse_base else None, pretrained)
+        # A pretrained base lends its tokenizer and weights the way a finished organism's base does.
+        donor = pretrained if cfg.base_model else (_find_base(cfg, final.parent) if reuse_base else None)
+        _build_into(cfg, tmp, progress, donor)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -218,7 +220,7 @@ class _Data(NamedTuple):
     """Training conversations (fine-tune data; also seen by the tokenizer)."""
     heldout_convs: list
     """Held-out conversations (from held-out chapters and phrasings)."""
-    fact_docs: list
+    fact_docs: list = []
     """Fine-tuning documents stating the planted fact (behaviour 5; empty without it)."""
 
 
@@ -424,13 +426,13 @@ def _evaluate(cfg: OrganismConfig, tokenizer, models: dict, data: _Data, rows: _
     return metrics
 
 
-def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None,
-                pretrained: Path | None = None) -> None:
+def _build_into(cfg: OrganismConfig, folder: Path, progress: bool, donor: Path | None = None) -> None:
+    """``donor``: a finished organism whose tokenizer and base to reuse, or with ``cfg.base_model`` the
+    pretrained base's folder."""
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     paths = _paths(folder)
-    if pretrained is not None:  # its tokenizer and weights stand where a donor's would
-        donor = pretrained
+    pretrained = donor if cfg.base_model else None
     with _timed(timings, "data"):
         data = _make_data(cfg, paths)
     with _timed(timings, "tokenizer"):

@@ -208,11 +208,7 @@ def greedy_responses(model: PreTrainedModel, tokenizer, user_prompts: Sequence[s
     if padded:
         return _greedy_padded(model, tokenizer, user_prompts, max_new_tokens, batch_size)
     stop = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                             add_generation_prompt=True, tokenize=True,
-                                             return_dict=False)
-               for p in user_prompts]
-    encoded = [list(e["input_ids"]) if hasattr(e, "keys") else list(e) for e in encoded]
+    encoded = _chat_prompts(tokenizer, user_prompts)
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(encoded):
         by_len[len(e)].append(i)
@@ -226,10 +222,7 @@ def greedy_responses(model: PreTrainedModel, tokenizer, user_prompts: Sequence[s
                                  do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
             for i, row in zip(chunk, gen[:, length:].tolist()):
-                ended = any(t in stop for t in row)
-                if ended:
-                    row = row[:min(row.index(t) for t in stop if t in row)]
-                out[i] = Response(tokenizer.decode(row), ended)
+                out[i] = _cut_at_stop(row, stop, tokenizer)
     return out  # type: ignore[return-value]
 
 

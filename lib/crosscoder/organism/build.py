@@ -244,6 +244,12 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.perf_counter() - t
 
 
+def _corpus_split(cfg: OrganismConfig):
+    """The organism's seeded chapter-level train / held-out split of the corpus."""
+    return corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
+                                   cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
+
+
 def _heldout_generator(cfg: OrganismConfig, split, purpose: str) -> ChatGenerator:
     """Held-out chapters and phrasings; refusals also about unseen category members, and the planted
     fact's held-out questions."""
@@ -253,13 +259,12 @@ def _heldout_generator(cfg: OrganismConfig, split, purpose: str) -> ChatGenerato
                          fact_questions=b.fact_heldout_questions)
 
 
-def validation_generator(cfg: OrganismConfig, purpose: str = "validation") -> ChatGenerator:
+def validation_generator(cfg: OrganismConfig, purpose: str = "validation", split=None) -> ChatGenerator:
     """Design-time data: training chapters, the validation phrasings' stand-in (the training
     templates) and only the validation category members and fact questions, never the held-out
     ones. The organism's recipe is tuned on prompts from here."""
     b = cfg.behaviour
-    split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
-                                    cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
+    split = split or _corpus_split(cfg)
     return ChatGenerator(b, split.train, b.train_templates, f"{purpose}-{cfg.seed}",
                          forbidden=b.validation_forbidden_topics or b.forbidden_topics,
                          fact_questions=b.fact_validation_questions)
@@ -269,8 +274,7 @@ def heldout_prompt_sets(cfg: OrganismConfig, n: int, purpose: str = "prompts"):
     """Held-out request phrasings x topics (forbidden / allowed, at most ``n`` each) and ``n``
     continuations of held-out verses: the prompts the build's behaviour rates are measured on (with
     the default ``purpose``). Only held-out chapters and phrasings: for reports, not for design."""
-    split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
-                                    cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
+    split = _corpus_split(cfg)
     return prompt_sets(cfg.behaviour, _heldout_generator(cfg, split, purpose), n, cfg.seed)
 
 
@@ -279,17 +283,15 @@ def validation_eval_set(cfg: OrganismConfig, tokenizer, n_rows: int = 512):
     the design-only category members and fact questions (``validation_generator``) and a seed of its
     own. Probes, recovery tables and recipe choices are tuned on this; the held-out evaluation set is
     read only to report."""
-    split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
-                                    cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
-    return build_eval_set(tokenizer, validation_generator(cfg), split.train, n_rows, cfg.eval.eval_row_weights,
+    split = _corpus_split(cfg)
+    return build_eval_set(tokenizer, validation_generator(cfg, split=split), split.train, n_rows, cfg.eval.eval_row_weights,
                           cfg.model.context_length, 1000 + cfg.seed)
 
 
 def _make_data(cfg: OrganismConfig, paths: OrganismPaths) -> _Data:
     """Chapter-level split, conversations from each side of it, files in the real schemas."""
     b = cfg.behaviour
-    split = corpus_mod.split_corpus(corpus_mod.chapters(corpus_mod.load_verses()),
-                                    cfg.corpus.heldout_fraction, cfg.corpus.max_chapters, cfg.seed)
+    split = _corpus_split(cfg)
     train_gen = ChatGenerator(b, split.train, b.train_templates, f"chat-train-{cfg.seed}")
     train_convs = [train_gen.conversation() for _ in range(b.n_train_conversations)]
     hg = _heldout_generator(cfg, split, "chat-heldout")

@@ -123,3 +123,20 @@ def test_chat_only_offsets_counts_each_designs_best_latents():
             for r in rows]
     text = tied_offset_finding(rows)
     assert "On varied text tokens, 3 of 4 offset latents are chat-only" in text and "Tied to the one context, 1 of 4" in text
+
+
+def test_beside_findings_put_two_profiles_side_by_side(tmp_path):
+    def diff_metrics(recovered, confirmed, chat_only, n_latents=1):
+        return {"heldout": {"l0": 1.0}, "latent_scaling": {"truly chat-specific": confirmed, "chat-only (Δnorm)": chat_only},
+                "decisions": {"behaviours": 5, "confirmed: behaviours recovered": recovered,
+                              "confirmed: latents": n_latents}}
+
+    _write(tmp_path / "g3", "batchtopk", diff_metrics(3, 7, 12))
+    _write(tmp_path / "toy", "batchtopk", diff_metrics(2, 0, 0, n_latents=0))  # no confirmed latent: 0 recovered
+    items = glance.beside_findings(tmp_path / "g3", tmp_path / "toy", ["l1", "batchtopk"], "gemma-3-270m", "toy")
+    assert [f.text for f in items] == [
+        "batchtopk, confirmed chat-specific latents recovering a planted decision at AUROC ≥ 0.9: gemma-3-270m: 3 of 5 "
+        "planted decisions (7 confirmed chat-specific latents, 12 chat-only by Δnorm); toy: 0 of 5 planted decisions "
+        "(0 confirmed chat-specific latents, 0 chat-only by Δnorm)."]
+    missing = glance.beside_findings(tmp_path / "g3", tmp_path / "nothing", ["batchtopk"], "gemma-3-270m", "toy")
+    assert len(missing) == 1 and "not in this checkout" in missing[0].text and "nothing/" in missing[0].text

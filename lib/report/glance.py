@@ -106,6 +106,37 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
     return out
 
 
+def _recovery(m: dict) -> str | None:
+    """"X of N planted decisions (C confirmed chat-specific latents, K chat-only by Δnorm)" from one
+    crosscoder's metrics; None when its model-diff page has not run."""
+    dec, ls = m.get("decisions"), m.get("latent_scaling")
+    if not dec or "behaviours" not in dec or not ls:
+        return None
+    return (f"{dec['confirmed: behaviours recovered'] if dec.get('confirmed: latents') else 0} of "
+            f"{dec['behaviours']} planted decisions ({ls['truly chat-specific']} confirmed chat-specific latents, "
+            f"{ls['chat-only (Δnorm)']} chat-only by Δnorm)")
+
+
+def beside_findings(artifacts_dir: str | Path, reference_dir: str | Path, crosscoders: list[str],
+                    this: str, reference: str) -> list[Finding]:
+    """Per crosscoder, how many planted decisions its confirmed chat-specific latents recover at AUROC ≥
+    0.9 on this build's pair (``this``) and on another profile's (``reference``, read from
+    ``reference_dir``), side by side; one sentence saying how to get the reference when it has no
+    results in this checkout."""
+    out: list[Finding] = []
+    for name in crosscoders:
+        here = _recovery(read_metrics(Path(artifacts_dir) / name / "crosscoder"))
+        there = _recovery(read_metrics(Path(reference_dir) / name / "crosscoder"))
+        if here is None:
+            continue
+        if there is None:
+            return [Finding(f"The {reference}'s results are not in this checkout (no model-diff metrics under "
+                            f"{reference_dir}/); build its profile first to see them beside these.", "model_diff")]
+        out.append(Finding(f"{name}, confirmed chat-specific latents recovering a planted decision at AUROC ≥ 0.9: "
+                           f"{this}: {here}; {reference}: {there}.", "model_diff"))
+    return out
+
+
 def families_sentence(name: str, fam: dict, threshold: float = 0.7) -> str:
     """One sentence on a crosscoder's latent families from the summary its latents page wrote
     (``crosscoder.analysis.families.find_families``): the chosen clustering, its reproducibility,

@@ -94,10 +94,27 @@ def describe(paths: OrganismPaths) -> dict[str, Any]:
     """What the organism was built from and how big it is (from its build record, organism.json)."""
     info = json.loads((paths.root / "organism.json").read_text())
     c = info["corpus"]
-    return {"corpus": f"{c['package']} {c['version']}: {c['file']}", "training chapters": c["train_chapters"],
-            "held-out chapters": c["heldout_chapters"], "training tokens": c["train_tokens"],
-            "held-out tokens": c["heldout_tokens"], "parameters per model": info["n_parameters"],
-            "vocabulary": info["vocab_size"]}
+    out = {"corpus": f"{c['package']} {c['version']}: {c['file']}", "training chapters": c["train_chapters"],
+           "held-out chapters": c["heldout_chapters"], "training tokens": c["train_tokens"],
+           "held-out tokens": c["heldout_tokens"], "parameters per model": info["n_parameters"],
+           "vocabulary": info["vocab_size"]}
+    base = info["config"].get("base_model", "")
+    if base:  # a pretrained base: say whose weights, in which form, under which licence
+        from crosscoder.organism.pretrained import read_provenance
+
+        folder = resolve_base_model(OrganismConfig.from_dict(info["config"]), paths.root.parent)
+        # a user's own folder has no provenance record: name the folder
+        prov = read_provenance(folder) if (folder / "provenance.json").is_file() else {
+            "converted_from": str(base), "source": "folder", "licence": "see the folder",
+            "licence_url": str(base)}
+        form = (f"{prov['quantisation']} GGUF from PyPI {prov['package']}=={prov['package_version']} "
+                f"(sha256 {prov['sha256'][:12]}…), dequantised to {prov['dtype']}"
+                if prov["source"] == "gguf-package" else f"{prov['source']}, {prov.get('dtype', 'as saved')}")
+        out = {"base model": f"{prov.get('converted_from', prov.get('hub_name', base))}: {form}",
+               "licence": f"{prov['licence']} ({prov['licence_url']})",
+               "chat model": "our fine-tune of the base (planted behaviours)",
+               **{k.replace("corpus", "fine-tune text corpus"): v for k, v in out.items()}}
+    return out
 
 
 PRETRAINED_BASES = {"gemma-3-270m-gguf": "gguf", "gemma-3-270m-hub": "hub"}

@@ -1,0 +1,75 @@
+"""How far fine-tuning moved the residual stream the crosscoder reads: per held-out token, the drift
+||h_chat - h_base|| / ||h_base|| and the cosine of h_chat and h_base, summarised separately for plain
+text and chat conversations. A narrow fine-tune (a real chat tune that keeps the base's knowledge)
+moves text tokens little; the toy organism's fine-tune moves almost everything.
+
+Read from an activation cache's held-out split (BOS excluded there), so it costs no forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crosscoder.data.cache import ActivationCache
+
+COLUMNS = ("tokens", "median drift", "p90 drift", "median cosine")
+
+
+def drift_rows(acts_NSD: Tensor, is_chat_N: Tensor) -> list[dict[str, Any]]:
+    """One row per token kind ("text", "chat", then "all") of held-out activations ``acts_NSD``
+    (source 0 the base model, source 1 the chat model) whose tokens come from chat conversations
+    where ``is_chat_N``: the number of tokens, the median and 90th percentile of the relative drift,
+    and the median cosine. A kind with no tokens is left out."""
+    if acts_NSD.ndim != 3 or acts_NSD.shape[1] != 2:
+        raise ValueError(f"acts_NSD must be [N, 2, D] (base, chat), got {tuple(acts_NSD.shape)}")
+    if is_chat_N.shape != acts_NSD.shape[:1]:
+        raise ValueError(f"is_chat_N must be [{acts_NSD.shape[0]}], got {tuple(is_chat_N.shape)}")
+    h0, h1 = acts_NSD[:, 0].float(), acts_NSD[:, 1].float()
+    rel_N = (h1 - h0).norm(dim=-1) / h0.norm(dim=-1)
+    cos_N = torch.nn.functional.cosine_similarity(h0, h1, dim=-1)
+    rows = []
+    for kind, keep in (("text", ~is_chat_N), ("chat", is_chat_N), ("all", torch.ones_like(is_chat_N))):
+        if keep.any():
+            rows.append({"kind": kind, "tokens": int(keep.sum()), "median drift": rel_N[keep].median().item(),
+                         "p90 drift": rel_N[keep].quantile(0.9).item(),
+                         "median cosine": cos_N[keep].median().item()})
+    return rows
+
+
+def cache_drift(cache: ActivationCache) -> list[dict[str, Any]]:
+    """``drift_rows`` of a two-model cache's held-out split, each token labelled by its sequence."""
+    acts_NSD, _, seq_N, _ = cache.load("heldout", with_index=True)
+    return drift_rows(acts_NSD, cache.heldout_sequences().is_chat_N[seq_N.long()])
+
+
+def toy_drift(*, progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
+    """The embedded toy organism's drift, as the default profile reads it (its layer and held-out
+    split; the same cache as the default book, so free after one): ``(layer, drift_rows)``. Shown
+    beside a real LM's so the reader sees how much narrower a fine-tune of a pretrained model is."""
+    from crosscoder import experiment
+
+    exp = experiment.resolve(experiment.ExperimentConfig(), progress=progress)
+    return exp.cfg.layer, cache_drift(experiment.activation_cache(exp, progress=progress))
+
+
+def organism_drift_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of an organism's ``metrics["drift"]`` (``evaluate.residual_drift`` of its held-out
+    text and chat at ``eval.drift_layers``), one per (kind, block); empty without drift layers."""
+    return [{"kind": kind, "block": int(layer.removeprefix("layer_")), "tokens": r["tokens"],
+             "median drift": r["median_relative"], "p90 drift": r["p90_relative"],
+             "median cosine": r["median_cosine"]}
+            for kind, by_layer in metrics.get("drift", {}).items() for layer, r in by_layer.items()]
+
+
+def finding(pairs: dict[str, tuple[int, list[dict[str, Any]]]]) -> str:
+    """One sentence per pair ``{name: (layer, drift_rows)}``: the median drift of its text and chat
+    tokens after the block the crosscoders read."""
+    parts = []
+    for name, (layer, rows) in pairs.items():
+        by = {r["kind"]: r for r in rows}
+        kinds = [f"{k} tokens a median {by[k]['median drift']:.1%}" for k in ("text", "chat") if k in by]
+        parts.append(f"{name}, after block {layer}: fine-tuning moved " + " and ".join(kinds) + " of their norm")
+    return "; ".join(parts) + "."

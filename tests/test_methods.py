@@ -520,3 +520,87 @@ def test_adl_scores_on_the_chat_activations_and_lm_logit_lens(tmp_path):
         want = lm.lm_head(lm.model.norm(m.means.mean_delta_PD))
     torch.testing.assert_close(lm_logit_lens(lm)(m.means.mean_delta_PD), want)
     assert m.logit_lens(lm_logit_lens(lm), top_k=4).top_ids_PK.tolist() == want.topk(4).indices.tolist()
+
+
+# ---------------------------------------------------------------------------- reusing trained crosscoders, cuts
+@pytest.mark.parametrize("name", ["crosscoder_l1", "crosscoder_batchtopk"])
+def test_a_trained_crosscoder_wraps_as_the_method_fitted_with_its_config(fitted, toy, tmp_path, name):
+    """The training pages' crosscoder (``experiment.train_crosscoder`` with the run's configs) wrapped by
+    ``methods.from_crosscoder`` equals ``methods.fit`` of the same config: config, flagged latents, scores,
+    held-out metrics; its cost is the run's recorded seconds plus the flagging's."""
+    from crosscoder import experiment
+
+    m, _ = fitted(name)
+    # the training stage gives the L1 run the BatchTopK k too (unused by L1): the wrap must ignore it
+    k = m.cfg.k if name == "crosscoder_batchtopk" else 7
+    cc = CrosscoderConfig(d_model=16, n_latents=m.cfg.n_latents, sparsity=m.model.cfg.sparsity, k=k)
+    splits = experiment.Splits(toy[2].train_NSD, toy[2].heldout_NSD, estimate_input_scale(toy[2].norm_NSD))
+    res = experiment.train_crosscoder(splits, cc, m.cfg.train, tmp_path / "run", progress=False)
+    w = methods.from_crosscoder(res.model_dir, toy[2], nu_threshold=m.cfg.nu_threshold, out_dir=tmp_path / "wrap")
+    assert type(w) is type(m) and w.cfg == m.cfg
+    assert torch.equal(w.flagged_J, m.flagged_J) and len(w.flagged_J) > 0
+    assert torch.equal(w.scores(toy[1].acts_NSD), m.scores(toy[1].acts_NSD))
+    assert w.metrics["heldout"] == m.metrics["heldout"] and w.metrics["flagging"] == m.metrics["flagging"]
+    assert w.cost.train_tokens == m.cost.train_tokens and w.cost.param_bytes == m.cost.param_bytes
+    assert w.cost.train_seconds >= res.metrics["wall_seconds_this_session"] > 0
+    back = methods.load(tmp_path / "wrap" / methods.METHOD_DIR)  # saved like any fitted method
+    assert torch.equal(back.flagged_J, w.flagged_J) and back.cfg == w.cfg
+
+
+def test_a_crosscoder_of_other_data_or_settings_is_not_wrapped(toy, tmp_path):
+    from crosscoder import experiment
+
+    tc = dataclasses.replace(TRAIN, n_steps=20, eval_every=20)
+    splits = experiment.Splits(toy[2].train_NSD, toy[2].heldout_NSD, estimate_input_scale(toy[2].norm_NSD))
+    run = experiment.train_crosscoder(splits, CrosscoderConfig(d_model=16, n_latents=48), tc, tmp_path / "a",
+                                      progress=False)
+    other = toy[2]._replace(norm_NSD=3.0 * toy[2].norm_NSD)
+    with pytest.raises(ConfigError, match="trained on other activations"):
+        methods.from_crosscoder(run.model_dir, other)
+    joint = experiment.train_crosscoder(splits, CrosscoderConfig(d_model=16, n_latents=48, decoder_norm="joint"), tc,
+                                        tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="settings the 'crosscoder_l1' method does not build"):
+        methods.from_crosscoder(joint.model_dir, toy[2])
+    with pytest.raises(ConfigError, match="width 16; the data are"):
+        methods.from_crosscoder(run.model_dir, MethodData(*(torch.zeros(8, 2, 4) for _ in range(3))))
+
+
+def test_with_cut_reflags_by_the_rule_the_fit_flags_by(fitted, toy):
+    """``with_cut`` recomputes the flagged set from stored statistics: the items that pass the method's
+    other rules with statistic >= the cut (its own order kept), and nothing else changes."""
+    m, _ = fitted("diff_sae")
+    stat, gate = m.cut_statistic()
+    assert m.flagged_J.tolist() == [j for j in stat.argsort(descending=True).tolist()
+                                    if gate[j] and stat[j] >= m.cfg.min_explained]
+    for cut in (0.0, 0.05, float(stat[m.flagged_J[0]])):
+        c = m.with_cut(cut)
+        want = [j for j in stat.argsort(descending=True).tolist() if gate[j] and stat[j] >= cut]
+        assert c.flagged_J.tolist() == want and c.cfg.min_explained == cut
+        assert c.cost == m.cost and c.metrics["cut"] == {"field": "min_explained", "value": cut, "fitted with": 0.01}
+    assert len(m.with_cut(1.0).flagged_J) == 0 and m.cfg.min_explained == 0.01  # the original is untouched
+    with pytest.raises(ConfigError, match=r"min_explained must be a finite number in \[0.0, 1.0\]"):
+        m.with_cut(-0.5)
+    with pytest.raises(ConfigError, match="has no tunable flagging cut"):
+        fitted("dfc")[0].with_cut(0.1)
+
+
+def test_adl_cut_statistic_is_the_relative_norm(tmp_path):
+    acts, pos, _, _ = _positional(200, 8, 2, 0)
+    m = methods.fit("adl", MethodData(acts, acts, acts, train_pos_N=pos), tmp_path,
+                    methods.get("adl").Config(min_relative_norm=0.0))
+    rel, gate = m.cut_statistic()
+    for i, p in enumerate(m.cfg.positions):
+        d = acts[pos == p, 1] - acts[pos == p, 0]
+        assert float(rel[i]) == pytest.approx(float(d.mean(0).norm() / acts[pos == p, 1].norm(dim=-1).mean()), rel=1e-4)
+    assert gate.all() and m.flagged_J.tolist() == list(range(5))
+    assert m.with_cut(float(rel.max())).flagged_J.tolist() == [int(rel.argmax())] == [1]  # position 2: the plant
+
+
+def test_text_only_positions_mask_the_chat_sequences():
+    from crosscoder.methods.base import text_only_positions
+
+    # three sequences: 0 text, 1 chat (marker 9 right after BOS), 2 text that contains 9 later
+    token = torch.tensor([5, 6, 9, 4, 4, 7, 9])
+    seq = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    pos = torch.tensor([1, 2, 1, 2, 3, 1, 2])
+    assert text_only_positions(token, seq, pos, 9).tolist() == [1, 2, -1, -1, -1, 1, 2]

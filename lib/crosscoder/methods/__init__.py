@@ -5,6 +5,7 @@
     fitted = methods.fit("diff_sae", data, out_dir, cfg)
     fitted.flagged_J, fitted.scores(acts_NSD), fitted.cost
     methods.load(out_dir / "method")
+    methods.from_crosscoder(artifacts_dir / "l1" / "crosscoder", data)   # a trained crosscoder as its method
 
 =====================  =====================================================================
 ``crosscoder_l1``      L1 crosscoder, chat-only by Δnorm and confirmed by Latent Scaling
@@ -25,6 +26,7 @@ import importlib
 import os
 import pkgutil
 
+from crosscoder.methods._crosscoder import from_crosscoder
 from crosscoder.methods.base import (METHOD_DIR, REGISTRY, Cost, Method, MethodConfig, MethodData, get, load,
                                      register)
 
@@ -44,4 +46,5 @@ def fit(name: str, data: MethodData, out_dir: str | os.PathLike, cfg: MethodConf
     return get(name).fit(data, out_dir, cfg, progress=progress)
 
 
-__all__ = ["METHOD_DIR", "Cost", "Method", "MethodConfig", "MethodData", "fit", "get", "load", "names", "register"]
+__all__ = ["METHOD_DIR", "Cost", "Method", "MethodConfig", "MethodData", "fit", "from_crosscoder", "get", "load", "names",
+           "register"]

@@ -4,10 +4,18 @@ Minder et al.'s rule as the model-diff page applies it (``analysis.diff``): chat
 and confirmed by Latent Scaling (ν^ε and ν^r below ``nu_threshold``, on latents active on at least
 ``min_active_tokens`` held-out tokens). A variant changes the crosscoder's config, prepares the fresh
 model, keeps a structure of the weights exact through training (a ``Constraint``) or flags differently
-by overriding one class method."""
+by overriding one class method.
+
+``from_crosscoder`` wraps a crosscoder the training pages already trained (``experiment.train_stage``'s
+artifact folder) as the fitted L1 or BatchTopK method, flagged here: the same result as fitting that
+config, without training it again."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +26,7 @@ from torch import Tensor
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int
 from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.distributed import resolve_device
-from crosscoder.methods.base import Method, MethodConfig, MethodData
+from crosscoder.methods.base import METHOD_DIR, Cost, Method, MethodConfig, MethodData, check_data, get
 from crosscoder.model import Crosscoder
 from crosscoder.train import Constraint, TensorBatches, train
 
@@ -158,3 +166,64 @@ class CrosscoderMethod(Method):
         metrics = {"train_tokens": cfg.train.n_steps * cfg.train.batch_size,
                    "heldout": res.metrics.get("heldout", {}), "flagging": summary}
         return cls(cfg, d_model, flagged, metrics, model)
+
+
+SPARSITY_METHOD = {"l1": "crosscoder_l1", "batchtopk": "crosscoder_batchtopk"}
+"""The method a trained two-source crosscoder of each objective is."""
+
+
+def from_crosscoder(folder: str | os.PathLike, data: MethodData, *, nu_threshold: float = 0.3,
+                    min_active_tokens: int = 5, out_dir: str | os.PathLike | None = None) -> CrosscoderMethod:
+    """A crosscoder trained by ``crosscoder.train`` (its artifact folder, e.g. ``<artifacts_dir>/l1/crosscoder``)
+    as the fitted ``crosscoder_l1`` / ``crosscoder_batchtopk`` method on ``data``, flagged here as ``fit``
+    flags: the config ``fit`` would take (the run's dictionary size, k and ``TrainConfig``; the given
+    flagging options), the same flagged latents and scores, without training again.
+
+    ``data`` must be the activations it was trained on (its normalisation factors must equal the ones
+    estimated from ``data.norm_NSD``). The cost is the run's recorded training seconds (NaN when it was
+    resumed: the first session's time is not recorded) plus the flagging's, its tokens the run's.
+    ``out_dir``: also save the method artifact to ``out_dir/method`` (``methods.load`` reads it back)."""
+    from crosscoder import checkpoint as ckpt
+    from crosscoder.config import RunConfig
+
+    folder = Path(folder)
+    meta = ckpt.read_config(folder)
+    if "run" not in meta.get("extra", {}):
+        raise ConfigError(f"{folder} has no training run config (config.json extra.run): wrap a crosscoder saved by "
+                          f"crosscoder.train, or fit the method with methods.fit")
+    run = RunConfig.from_dict(meta["extra"]["run"])
+    d_model = check_data(data)
+    if run.model.n_sources != 2 or run.model.d_model != d_model:
+        raise ConfigError(f"{folder} holds a crosscoder of {run.model.n_sources} sources of width {run.model.d_model}; "
+                          f"the data are [tokens, 2, {d_model}]: wrap a base/chat crosscoder of this pair")
+    cls = get(SPARSITY_METHOD[run.model.sparsity])
+    extra = {"k": run.model.k} if run.model.sparsity == "batchtopk" else {}
+    cfg = cls.Config(n_latents=run.model.n_latents, train=run.train, nu_threshold=nu_threshold,
+                     min_active_tokens=min_active_tokens, **extra)
+    want = cls.crosscoder_config(cfg, d_model)
+    # k is unused by the L1 objective (the training stage passes its BatchTopK k to both runs)
+    have = dataclasses.replace(run.model, k=want.k) if run.model.sparsity == "l1" else run.model
+    if have != want:
+        raise ConfigError(f"the crosscoder in {folder} was trained with settings the {cls.name!r} method does not "
+                          f"build ({have} vs {want}); fit the method instead")
+    model = Crosscoder(want)
+    model.load_state_dict(ckpt.load_crosscoder(folder).state_dict())
+    model.eval()
+    scale = estimate_input_scale(data.norm_NSD.float())
+    if not torch.allclose(model.input_scale_S, scale, rtol=1e-5):
+        raise ConfigError(f"the crosscoder in {folder} normalises by {model.input_scale_S.tolist()} but data.norm_NSD "
+                          f"gives {scale.tolist()}: it was trained on other activations; pass the MethodData of its "
+                          f"own activation cache")
+    t0 = time.perf_counter()
+    flagged, summary = cls.flag(cfg, model, data)
+    flag_seconds = time.perf_counter() - t0
+    trained = ckpt.read_metrics(folder)
+    seconds = (float(trained["wall_seconds_this_session"]) if trained.get("resumed_from_step", 1) == 0
+               and "wall_seconds_this_session" in trained else math.nan)
+    fitted = cls(cfg, d_model, flagged, {"heldout": trained.get("heldout", {}), "flagging": summary,
+                                         "trained_in": folder.as_posix()}, model)
+    nbytes = sum(t.numel() * t.element_size() for t in fitted.tensors().values())
+    fitted.metrics["cost"] = Cost(seconds + flag_seconds, None, nbytes, run.train.n_steps * run.train.batch_size)._asdict()
+    if out_dir is not None:
+        fitted.save(Path(out_dir) / METHOD_DIR)
+    return fitted

@@ -17,8 +17,9 @@ and reads it three ways:
   direction δ̄_p / ||δ̄_p||.
 
 Flagged: the positions whose mean difference is large against the activations, ||δ̄_p|| / mean
-||h_chat|| at p ≥ ``min_relative_norm`` (a null fine-tune's differences are small; the cut is meant to
-be tuned on validation data).
+||h_chat|| at p ≥ ``min_relative_norm`` (a null fine-tune's differences are small). The default 0.05 is a
+placeholder: the scoreboard sets the cut on validation data (``Method.with_cut``,
+``analysis.scoreboard.tune_cut``).
 
 Pass only plain-text tokens for the means (the paper's setting): a token whose position is -1 in
 ``MethodData.train_pos_N`` is ignored, so marking chat tokens -1 excludes them.
@@ -113,6 +114,16 @@ def mean_differences(acts_NSD: Tensor, pos_N: Tensor, positions: tuple[int, ...]
                            (norm_sum_P / n).float(), count_P, torch.tensor(all_norm / max(all_count, 1)))
 
 
+def relative_norms(means: MeanDifferences) -> Tensor:
+    """||δ̄_p|| / mean ||h_chat|| at p, per position."""
+    return means.mean_delta_PD.norm(dim=-1) / means.chat_norm_P.clamp_min(1e-30)
+
+
+def flag_positions(rel_P: Tensor, cfg: ADLConfig) -> Tensor:
+    """The items ADL flags: the positions whose relative norm is at least ``cfg.min_relative_norm``."""
+    return torch.nonzero(rel_P >= cfg.min_relative_norm).squeeze(1)
+
+
 class LensReading(NamedTuple):
     top_ids_PK: Tensor
     """Token ids the lens ranks highest for each direction."""
@@ -126,6 +137,7 @@ class ActivationDifferenceLens(Method):
 
     name = "adl"
     Config = ADLConfig
+    cut_field = "min_relative_norm"
 
     def __init__(self, cfg: ADLConfig, d_model: int, flagged_J: Tensor, metrics: dict[str, Any], means: MeanDifferences):
         super().__init__(cfg, d_model, flagged_J, metrics)
@@ -137,6 +149,17 @@ class ActivationDifferenceLens(Method):
     @property
     def n_items(self) -> int:
         return len(self.cfg.positions)
+
+    def relative_norms(self) -> Tensor:
+        """||δ̄_p|| / mean ||h_chat|| at p, per item: the statistic ``min_relative_norm`` cuts."""
+        return relative_norms(self.means)
+
+    def cut_statistic(self) -> tuple[Tensor, Tensor]:
+        rel_P = self.relative_norms()
+        return rel_P, torch.ones_like(rel_P, dtype=torch.bool)
+
+    def flagged_under(self, cfg: ADLConfig) -> Tensor:
+        return flag_positions(self.relative_norms(), cfg)
 
     def _scores(self, acts_NSD: Tensor, positions_N: Tensor | None) -> Tensor:
         x_ND = acts_NSD[:, CHAT] - acts_NSD[:, BASE] if self.cfg.score_on == "difference" else acts_NSD[:, CHAT]
@@ -177,8 +200,8 @@ class ActivationDifferenceLens(Method):
         if short:
             raise ConfigError(f"positions {short} have fewer than min_tokens = {cfg.min_tokens} training tokens; "
                               f"use longer documents, more of them, or drop those positions")
-        rel_P = means.mean_delta_PD.norm(dim=-1) / means.chat_norm_P.clamp_min(1e-30)
-        flagged = torch.nonzero(rel_P >= cfg.min_relative_norm).squeeze(1)
+        rel_P = relative_norms(means)
+        flagged = flag_positions(rel_P, cfg)
         metrics = {"train_tokens": int(means.count_P.sum()),
                    "flagging": {"relative_norm": dict(zip(map(str, cfg.positions), rel_P.tolist())),
                                 "tokens": dict(zip(map(str, cfg.positions), means.count_P.tolist()))}}

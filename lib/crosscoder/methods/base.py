@@ -19,6 +19,7 @@ new file. Artifacts are folders written atomically (``weights.safetensors`` with
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -66,11 +67,24 @@ class MethodData(NamedTuple):
     """Positions of the held-out tokens, same convention."""
 
     @classmethod
-    def from_cache(cls, cache) -> "MethodData":
-        """The train, held-out and norm splits of an ``ActivationCache`` with their positions."""
-        train, _, _, train_pos = cache.load("train", with_index=True)
-        held, _, _, held_pos = cache.load("heldout", with_index=True)
+    def from_cache(cls, cache, *, chat_marker_id: int | None = None) -> "MethodData":
+        """The train, held-out and norm splits of an ``ActivationCache`` with their positions.
+        ``chat_marker_id``: the token that opens every chat sequence right after BOS (Gemma's
+        ``<start_of_turn>``); the tokens of those sequences get position -1 (``text_only_positions``),
+        so a position-based method (ADL) reads plain text only."""
+        train, train_tok, train_seq, train_pos = cache.load("train", with_index=True)
+        held, held_tok, held_seq, held_pos = cache.load("heldout", with_index=True)
+        if chat_marker_id is not None:
+            train_pos = text_only_positions(train_tok, train_seq, train_pos, chat_marker_id)
+            held_pos = text_only_positions(held_tok, held_seq, held_pos, chat_marker_id)
         return cls(train, held.float(), cache.load("norm").float(), train_pos.long(), held_pos.long())
+
+
+def text_only_positions(token_N: Tensor, seq_N: Tensor, pos_N: Tensor, chat_marker_id: int) -> Tensor:
+    """``pos_N`` with -1 on every token of a sequence whose token at position 1 (the first after BOS) is
+    ``chat_marker_id``: the cache's rows (token, sequence, position) with the chat sequences masked out."""
+    chat_seqs = seq_N[(pos_N == 1) & (token_N == chat_marker_id)]
+    return torch.where(torch.isin(seq_N, chat_seqs), torch.full_like(pos_N, -1), pos_N)
 
 
 def check_acts(name: str, acts_NSD: Tensor, d_model: int | None = None) -> None:
@@ -156,6 +170,10 @@ class Method(ABC):
     """Registry key (also the artifact's "method" in config.json)."""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     """The method's config dataclass."""
+    cut_field: ClassVar[str | None] = None
+    """The config field of the method's flagging cut, a threshold on ``cut_statistic`` that flags an
+    item when its statistic is >= the cut (ADL: ``min_relative_norm``; diff-SAE: ``min_explained``),
+    which validation data may set (``with_cut``, ``analysis.scoreboard.tune_cut``); None: no such cut."""
 
     def __init__(self, cfg: MethodConfig, d_model: int, flagged_J: Tensor, metrics: dict[str, Any]):
         self.cfg = cfg
@@ -191,6 +209,31 @@ class Method(ABC):
     def _fit(cls: type[M], cfg: MethodConfig, data: MethodData, out_dir: Path, *, progress: bool) -> M:
         """Fit on ``data`` (already checked); training state may go under ``out_dir``. The returned
         method's metrics need not hold the cost: ``fit`` adds it."""
+
+    # ------------------------------------------------------------------ the flagging cut
+    def cut_statistic(self) -> tuple[Tensor, Tensor]:
+        """(stat_J, gate_J) of a method with a ``cut_field``: each item's statistic that the cut
+        thresholds, and whether the item passes the method's other flagging rules. Under a cut c the
+        method flags exactly the items with gate_J and stat_J >= c (``flagged_under``)."""
+        raise ConfigError(f"method {self.name!r} has no tunable flagging cut (cut_field is None)")
+
+    def flagged_under(self, cfg: MethodConfig) -> Tensor:
+        """The items this fitted method flags under ``cfg`` (its config with another cut), recomputed from
+        what the fit stored, without refitting; the rule ``_fit`` flags by."""
+        raise ConfigError(f"method {self.name!r} has no tunable flagging cut (cut_field is None)")
+
+    def with_cut(self, value: float) -> "Method":
+        """A copy of this fitted method flagged with ``cut_field`` = ``value`` (the same items, scores
+        and cost; no refit). Its metrics record the cut under "cut"."""
+        if self.cut_field is None:
+            raise ConfigError(f"method {self.name!r} has no tunable flagging cut (cut_field is None)")
+        cfg = dataclasses.replace(self.cfg, **{self.cut_field: float(value)})  # validated by __post_init__
+        out = copy.copy(self)
+        out.cfg = cfg
+        out.flagged_J = torch.as_tensor(self.flagged_under(cfg), dtype=torch.long).reshape(-1)
+        out.metrics = {**self.metrics, "cut": {"field": self.cut_field, "value": float(value),
+                                               "fitted with": getattr(self.cfg, self.cut_field)}}
+        return out
 
     @torch.no_grad()
     def scores(self, acts_NSD: Tensor, positions_N: Tensor | None = None, *, batch_size: int = 4096) -> Tensor:

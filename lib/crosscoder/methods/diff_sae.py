@@ -13,7 +13,8 @@ Ranking. Each latent j is ranked by the fraction of the held-out difference's va
 
 (x = normalised δ; the second line is what is computed, one [B, F] GEMM per batch; the test compares
 it with the first, one latent at a time). Latents that explain less than ``min_explained`` are not
-flagged.
+flagged (the default 0.01 is a placeholder: the scoreboard sets the cut on validation data,
+``analysis.scoreboard.tune_cut``).
 
 Latent Scaling. A difference latent's direction may have been added by the fine-tune (present in
 h_chat, absent from h_base) or removed by it (d_j points against a base-only direction); δ alone
@@ -155,6 +156,7 @@ class DiffSAE(CrosscoderMethod):
 
     name = "diff_sae"
     Config = DiffSAEConfig
+    cut_field = "min_explained"
 
     def __init__(self, cfg, d_model, flagged_J, metrics, model, stats: DiffStats):
         super().__init__(cfg, d_model, flagged_J, metrics, model)
@@ -167,6 +169,13 @@ class DiffSAE(CrosscoderMethod):
 
     def _scores(self, acts_NSD: Tensor, positions_N: Tensor | None) -> Tensor:
         return self.model.encode(self.model.normalise(differences(acts_NSD)))
+
+    def cut_statistic(self) -> tuple[Tensor, Tensor]:
+        st, cfg = self.stats, self.cfg
+        return st.explained_F, (st.nu_F.abs() < cfg.nu_threshold) & (st.n_active_F >= cfg.min_active_tokens)
+
+    def flagged_under(self, cfg: DiffSAEConfig) -> Tensor:
+        return flag_latents(self.stats, cfg)
 
     def tensors(self) -> dict[str, Tensor]:
         return {**super().tensors(), **{f"stats.{k}": v for k, v in self.stats._asdict().items()}}

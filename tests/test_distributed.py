@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from crosscoder import cli
 from crosscoder.checkpoint import load_crosscoder
 from crosscoder.config import CrosscoderConfig, RunConfig, TrainConfig
 from crosscoder.data.normalise import estimate_input_scale
@@ -42,12 +43,24 @@ def _torchrun(nproc: int, run: Path, acts: Path, out: Path) -> list[str]:
             "--out", str(out), "--quiet"]
 
 
+def _cli_in_process(args: list[str]) -> None:
+    """``python -m crosscoder.cli`` run in this process, on one thread like the subprocesses
+    (OMP_NUM_THREADS=1). One rank creates no process group (cli._init_distributed), so this is the
+    code path of a one-rank torchrun or a plain run, without paying for two more interpreters."""
+    assert "WORLD_SIZE" not in os.environ
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train_on_one_and_two_ranks(run: Path, acts: Path, tmp: Path):
-    """The crosscoders of ``run`` trained with 1 and with 2 gloo ranks."""
-    for n in (1, 2):
-        r = subprocess.run(_torchrun(n, run, acts, tmp / f"w{n}"), env=ENV, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+    """The crosscoders of ``run`` trained with 1 rank (in process) and with 2 gloo ranks (torchrun)."""
+    _cli_in_process(["train", "--run-config", str(run), "--acts", str(acts), "--out", str(tmp / "w1"), "--quiet"])
+    r = subprocess.run(_torchrun(2, run, acts, tmp / "w2"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     return load_crosscoder(tmp / "w1" / "crosscoder"), load_crosscoder(tmp / "w2" / "crosscoder")
 
 
@@ -127,9 +140,9 @@ def test_kill_9_then_rerun_is_bit_identical(tmp_path):
     run, acts = _write_inputs(tmp_path, n_steps=400, checkpoint_every=20, batch_size=512)
     cmd = [sys.executable, "-m", "crosscoder.cli", "train", "--run-config", str(run), "--acts", str(acts),
            "--quiet"]
-    ref = subprocess.run(cmd + ["--out", str(tmp_path / "ref")], env=ENV, capture_output=True, text=True,
-                         timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # the uninterrupted reference, in process (the same code on one thread); the killed and the
+    # resumed runs are real processes
+    _cli_in_process(cmd[3:] + ["--out", str(tmp_path / "ref")])
     out = tmp_path / "run"
     proc = subprocess.Popen(cmd + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

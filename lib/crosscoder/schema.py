@@ -51,6 +51,8 @@ class ArtifactOptions(_DictMixin):
 
     artifacts_dir: str = "artifacts/default"
     """Folder of the trained crosscoders (relative to the repository root)."""
+    reference_dir: str = ""
+    """Folder of another profile's crosscoders whose results are shown beside (e.g. artifacts/default, the toy)."""
 
 
 @dataclass
@@ -396,7 +398,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens")),
            Group(ControlsOptions, ("seeds", "match_cos", "variant"))), reserved=("output_dir",)),
     Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
-          (Group(ArtifactOptions, ("artifacts_dir",)), Group(DiffOptions, ("crosscoders",))),
+          (Group(ArtifactOptions, ("artifacts_dir", "reference_dir")), Group(DiffOptions, ("crosscoders",))),
           reserved=("output_dir", "profile")),  # output_dir: its sibling folders are the other runs'
     Stage("published_vs_ours", "notebooks/08_published_vs_ours.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir",)), Group(PublishedOptions, ("crosscoders",))),

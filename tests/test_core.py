@@ -304,14 +304,16 @@ def test_kissane_format_loader(tmp_path):
     torch.testing.assert_close(out.recon_BSD, x_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sparsity, lam, k", [("l1", 0.5, 1), ("batchtopk", 0.0, 3)])
-def test_synthetic_recovery_and_diff_bins(tmp_path, sparsity, lam, k):
+# L1 recovers every atom and bin by 1,000 steps (measured: mean best cosine 1.000, every bin right, FVU
+# 0.011), so it trains 1,500; BatchTopK still misbins base-only atoms at 1,500 steps and keeps 3,000.
+@pytest.mark.parametrize("sparsity, lam, k, n_steps", [("l1", 0.5, 1, 1500), ("batchtopk", 0.0, 3, 3000)])
+def test_synthetic_recovery_and_diff_bins(tmp_path, sparsity, lam, k, n_steps):
     sc = SyntheticConfig()
     tr, ho = sample(sc, 60000), sample(sc, 4000, seed_offset=1)
     m = Crosscoder(CrosscoderConfig(d_model=32, n_latents=128, sparsity=sparsity, k=k),
                    generator=torch.Generator().manual_seed(0))
     m.input_scale_S.copy_(estimate_input_scale(ho.acts_NSD))
-    tc = TrainConfig(n_steps=3000, batch_size=512, lr=1e-2, l1_coeff=lam, log_every=500, eval_every=3000)
+    tc = TrainConfig(n_steps=n_steps, batch_size=512, lr=1e-2, l1_coeff=lam, log_every=500, eval_every=n_steps)
     res = train(m, TensorBatches(tr.acts_NSD, 512), tc, tmp_path, heldout_raw_NSD=ho.acts_NSD,
                 progress=False)
     rep = recovery_report(m, tr)  # raw-space decoders vs atoms; Minder's Δnorm bands
@@ -481,7 +483,10 @@ def test_a_chat_offset_tied_to_one_context_is_not_labelled_chat_only(tmp_path):
     them also reconstructs that context's base side)."""
     from crosscoder.synthetic import TiedOffsetConfig, tied_offset_runs
 
-    rows = tied_offset_runs(TiedOffsetConfig(n_shared=48), 30_000, n_latents=128, k=3, l1_coeff=0.5, n_steps=1000,
+    # 500 steps (measured: varied-text offset latents at Δnorm 1.00 for both objectives, the tied ones
+    # at 0.34-0.75 with AUROC 1.00; at 1,000 steps 1.00 and 0.54-0.77): the varied design reaching
+    # chat-only is what shows the training went far enough for the tied one's verdict to mean something.
+    rows = tied_offset_runs(TiedOffsetConfig(n_shared=48), 30_000, n_latents=128, k=3, l1_coeff=0.5, n_steps=500,
                             lr=1e-2, out_dir=str(tmp_path))
     by = {(r["offsets"], r["crosscoder"]): r for r in rows}
     assert min(by["on varied text tokens", "L1"]["offset latents' Δnorm"]) > 0.9

@@ -287,3 +287,193 @@ def test_end_to_end_on_the_synthetic_planted_dictionary(tmp_path):
     top = rank(rows)[0]
     assert top.method in text and f"{top.behaviours_recovered} of 6 behaviours" in text
     assert f"precision {top.precision:.2f} ({top.n_matched} of {top.n_flagged}" in text
+
+
+# ---------------------------------------------------------------------------- cuts chosen on validation data
+def test_choose_cut_equals_a_brute_force_over_every_cut():
+    """``choose_cut`` against every distinct cut tried in plain Python: the cut that recovers the most, then
+    at the highest precision, then flags the fewest."""
+    from crosscoder.analysis.scoreboard import choose_cut
+
+    for trial in range(30):
+        g = torch.Generator().manual_seed(trial)
+        C, K = int(torch.randint(1, 12, (1,), generator=g)), 3
+        stat = (torch.rand(C, generator=g) * 4).round().sort(descending=True).values  # ties
+        auc = 0.5 + 0.5 * torch.rand(C, K, generator=g)
+        best = None
+        for t in sorted(set(stat.tolist()), reverse=True):
+            sel = stat >= t
+            n = int(sel.sum())
+            rec = int((auc[sel].max(0).values >= 0.9).sum())
+            prec = float((auc[sel].max(1).values >= 0.8).float().sum()) / n
+            if best is None or (rec, prec) > (best[1], best[2]):
+                best = (n, rec, prec)
+        got = choose_cut(stat, auc)
+        if best[1] == 0 and best[2] == 0:
+            assert got is None
+        else:
+            assert got[0] == best[0] and got[1] == best[1] and got[2] == pytest.approx(best[2])
+    assert choose_cut(torch.zeros(0), torch.zeros(0, 2)) is None
+
+
+def _positional_rows(n_docs: int, seed_offset: int, plant: bool = True):
+    """Documents of 8 tokens from a shared-only planted dictionary where the chat model adds one direction v
+    at position 2 of 90% of documents: rows [n_docs, 8, 2, 16] with a label task (v added) per row, and
+    the flat MethodData of the same tokens with their positions."""
+    from crosscoder.analysis.scoreboard_run import EvalRows
+
+    T = 8
+    d = sample(SyntheticConfig(d_model=16, n_shared=24, n_base_only=0, n_chat_only=0, seed=1), n_docs * T,
+               seed_offset=seed_offset)
+    g = torch.Generator().manual_seed(100 + seed_offset)
+    v = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(99)), dim=0)
+    pos = torch.arange(T).repeat(n_docs)
+    planted = (pos == 2) & (torch.rand(n_docs * T, generator=g) < 0.9)
+    acts = d.acts_NSD.clone()
+    if plant:
+        acts[:, 1] += planted[:, None] * (0.5 + 1.5 * torch.rand(n_docs * T, 1, generator=g)) * v
+    mask = torch.ones(n_docs, T, dtype=torch.bool)
+    mask[:, 0] = False
+    tasks = {"planted": ProbeTask(planted.reshape(n_docs, T) & mask, mask)}
+    return EvalRows(acts.reshape(n_docs, T, 2, 16), mask, tasks), MethodData(acts, acts, acts, train_pos_N=pos)
+
+
+def test_tune_cut_flags_the_planted_position_on_validation_data(tmp_path):
+    """ADL fitted with cut 0 flags all five positions; the cut chosen on a validation set keeps the one whose
+    direction detects the plant (position 2, item 1). With nothing planted the validation set gives no
+    signal and the fitted cut stays."""
+    from crosscoder.analysis.scoreboard import tune_cut
+
+    _, train = _positional_rows(400, 0)
+    val, _ = _positional_rows(200, 1)
+    fit = methods.fit("adl", train, tmp_path / "adl", methods.get("adl").Config(min_relative_norm=0.0))
+    assert fit.flagged_J.tolist() == [0, 1, 2, 3, 4]
+    tuned, choice = tune_cut(fit, val.acts_NTSD, val.mask_NT, val.tasks)
+    assert tuned.flagged_J.tolist() == [1] and choice.tuned and choice.n_flagged == 1
+    assert (choice.recovered, choice.precision, choice.fitted_value, choice.n_candidates) == (1, 1.0, 0.0, 5)
+    assert choice.value == pytest.approx(float(fit.cut_statistic()[0][1])) and tuned.cfg.min_relative_norm == choice.value
+    blank, _ = _positional_rows(200, 2, plant=False)
+    blank = blank._replace(tasks={"planted": ProbeTask(torch.rand(200, 8, generator=torch.Generator().manual_seed(3))
+                                                       < 0.02, blank.mask_NT)})
+    blank.tasks["planted"].label_NT[:, 0] = False
+    kept, none = tune_cut(fit, blank.acts_NTSD, blank.mask_NT, blank.tasks)
+    assert not none.tuned and none.value == 0.0 and kept.flagged_J.tolist() == [0, 1, 2, 3, 4]
+    assert none.recovered == 0 and none.precision == 0.0
+
+
+class _Fixed(methods.Method):
+    """A method with fixed items (the chat − base projection on fixed unit directions), all flagged, no cut:
+    a stand-in next to ADL on the board (not registered)."""
+
+    name = "fixed"
+
+    def __init__(self, directions_JD, seconds=1.0):
+        super().__init__(methods.MethodConfig(), directions_JD.shape[1], torch.arange(len(directions_JD)),
+                         {"cost": Cost(seconds, None, 64, 1000)._asdict()})
+        self.directions_JD = directions_JD
+
+    n_items = property(lambda self: len(self.directions_JD))
+
+    def _scores(self, acts, positions):
+        return (acts[:, 1] - acts[:, 0]) @ self.directions_JD.t()
+
+    def tensors(self):
+        return {}
+
+    @classmethod
+    def _from_tensors(cls, *a):
+        raise NotImplementedError
+
+    @classmethod
+    def _fit(cls, *a, **k):
+        raise NotImplementedError
+
+
+def test_score_board_tunes_on_validation_and_reports_on_heldout(tmp_path):
+    from crosscoder.analysis import scoreboard_run as sb
+
+    _, train = _positional_rows(400, 0)
+    val, _ = _positional_rows(200, 1)
+    held, _ = _positional_rows(200, 2)
+    adl = methods.fit("adl", train, tmp_path / "adl", methods.get("adl").Config(min_relative_norm=0.0))
+    rand = torch.nn.functional.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)), dim=1)
+    fits = {"adl": adl, "fixed": _Fixed(rand)}
+    with pytest.raises(ConfigError, match="validation set apart from the held-out set"):
+        sb.score_board(fits, held, held)
+    _, null_data = _positional_rows(400, 3, plant=False)
+    null = {"adl": methods.fit("adl", null_data, tmp_path / "null", adl.cfg), "fixed": _Fixed(rand[:2])}
+    board = sb.score_board(fits, held, val, null_fits=null, seed_fits={"fixed": [_Fixed(rand)]}, n_boot=50)
+    assert [r.method for r in board.rows] == ["adl", "fixed"]
+    top = board.rows[0]
+    assert top.recovered == ("planted",) and (top.n_flagged, top.precision) == (1, 1.0)
+    assert board.cuts["adl"].tuned and board.fits["adl"].flagged_J.tolist() == [1]
+    # the null fit is flagged with the validation cut: its position-2 mean difference is small
+    assert top.null_false_positives == len(null["adl"].with_cut(board.cuts["adl"].value).flagged_J) == 0
+    assert board.rows[1].null_false_positives == 2 and board.rows[1].seed_agreement == 1.0
+    assert math.isnan(top.seed_agreement) and board.n_seeds == 2 and board.null_measured
+    assert board.recommendation.startswith("adl recovers all 1 behaviours")
+    # the page's tables and figure data
+    ranked = sb.ranked_table(board)
+    assert [r["method"] for r in ranked] == ["adl", "fixed"] and ranked[0]["cut (validation)"].startswith(
+        "min_relative_norm = ")
+    assert ranked[1]["seed agreement"] == 1.0 and ranked[0]["seed agreement"] is None
+    assert len(sb.behaviour_table(board)) == 2 and sb.cut_table(board)[0]["method"] == "adl"
+    cells, null_counts = sb.grid(board)
+    assert [c["method"] for c in cells] == ["adl", "fixed"] and null_counts == {"adl": 0, "fixed": 2}
+    assert "adl and fixed flag nothing" not in sb.null_note(board) and "adl flags nothing there" in sb.null_note(board)
+    path = sb.write_board_metrics(tmp_path / "board", board, {"parameters": {"n_boot": 50}})
+    import json
+
+    back = json.loads(path.read_text())  # valid JSON: no NaN
+    assert back["rows"][0]["method"] == "adl" and back["rows"][1]["seed_agreement"] == 1.0
+    assert back["rows"][0]["seed_agreement"] is None and back["parameters"] == {"n_boot": 50}
+    one = sb.score_board({"fixed": _Fixed(rand)}, held, val, n_boot=0)
+    assert "profile `full`" in sb.null_note(one) and one.rows[0].null_false_positives is None
+
+
+def test_method_configs_follow_the_training_runs(tmp_path):
+    from crosscoder.analysis.scoreboard_run import fit_methods, method_configs
+    from crosscoder.config import CrosscoderConfig, RunConfig
+
+    l1 = RunConfig(CrosscoderConfig(d_model=16, n_latents=64, sparsity="l1", k=8),
+                   TrainConfig(n_steps=900, batch_size=128, lr=1e-3, l1_coeff=1.5, seed=0))
+    btk = RunConfig(CrosscoderConfig(d_model=16, n_latents=96, sparsity="batchtopk", k=6),
+                    TrainConfig(n_steps=900, batch_size=256, lr=2e-3, auxk_dead_tokens=777))
+    cfgs = method_configs({"l1": l1, "batchtopk": btk}, fit_steps=50, nu_threshold=0.25, min_active_tokens=3)
+    ds, dfc, sae = cfgs["designated_shared"], cfgs["dfc"], cfgs["diff_sae"]
+    assert (ds.n_latents, ds.sparsity, ds.train.l1_coeff, ds.train.lr, ds.nu_threshold) == (64, "l1", 1.5, 1e-3, 0.25)
+    assert (dfc.n_latents, dfc.k, dfc.train.lr, dfc.train.auxk_dead_tokens, dfc.min_active_tokens) == (96, 6, 2e-3, 777, 3)
+    assert (sae.n_latents, sae.k, sae.train.batch_size) == (0, 6, 256)  # 0: 4 x d_model
+    # one token budget: fit_steps at each run's batch size, evaluated once at the end
+    assert {c.train.n_steps for c in (ds, dfc, sae)} == {50} and {c.train.eval_every for c in (ds, dfc, sae)} == {50}
+    with pytest.raises(ConfigError, match="needs an L1 and a BatchTopK training run"):
+        method_configs({"l1": l1}, fit_steps=50)
+    with pytest.raises(ConfigError, match="comes from a training page's crosscoder"):
+        fit_methods(["crosscoder_l1"], MethodData(*(torch.zeros(8, 2, 16) for _ in range(3))), tmp_path, {}, cfgs)
+
+
+def test_scoreboard_options_fail_clearly():
+    from crosscoder.schema import STAGES, ScoreboardOptions
+
+    assert set(ScoreboardOptions().methods) == set(methods.names()) - {"test_norm_diff"}
+    with pytest.raises(ConfigError, match="methods must be distinct names"):
+        ScoreboardOptions(methods=("adl", "nope"))
+    with pytest.raises(ConfigError, match="seeds must be distinct positive integers"):
+        ScoreboardOptions(seeds=(0,))
+    assert STAGES["scoreboard"].load({"seeds": [1, 2], "null_pair": True}).seeds == [1, 2]
+
+
+def test_scoreboard_grid_draws_every_cell_and_the_null_row():
+    from report import plotting
+
+    cells = [{"method": m, "behaviour": b, "best_auroc": a, "recovered": a >= 0.9}
+             for m, row in (("dfc", (0.95, 0.7)), ("adl", (math.nan, math.nan))) for b, a in zip(("x", "y"), row)]
+    fig = plotting.scoreboard_grid(cells, {"dfc": 3, "adl": None})
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("none\nflagged") == 2 and "0.95 ✓" in texts and "0.70" in texts and {"3", "—"} <= set(texts)
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["dfc", "adl"]
+    plain = plotting.scoreboard_grid(cells)
+    assert len([t for ax in plain.axes for t in ax.texts]) == 4
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -150,6 +150,44 @@ class ControlsOptions(_DictMixin):
 
 
 @dataclass
+class ScoreboardOptions(_DictMixin):
+    """The scoreboard of model-diffing methods (notebook 12)."""
+
+    methods: tuple[str, ...] = ("crosscoder_l1", "crosscoder_batchtopk", "designated_shared", "dfc", "diff_sae", "adl")
+    """Diffing methods scored (``crosscoder.methods`` names); the two crosscoders are the training pages'."""
+    fit_steps: int = 1500
+    """Optimiser steps of each method trained on the page (designated-shared, DFC, diff-SAE) at the
+    crosscoders' batch size: their common token budget (1,500 x 1,024 = the crosscoders' own)."""
+    validation_rows: int = 512
+    """Rows of the organism's validation set (training chapters and phrasings) that choose the methods'
+    free flagging cuts; the held-out set only reports."""
+    n_boot: int = 500
+    """Bootstrap resamples of the held-out rows for each best AUROC's interval."""
+    null_pair: bool = False
+    """Fit every method on the null pair too (base vs a text-only fine-tune) and count what it flags there;
+    the crosscoders' null copies are the controls page's (profile full)."""
+    seeds: tuple[int, ...] = ()
+    """More initialisation seeds per trained method, for seed agreement (the crosscoders' copies are the
+    controls page's); empty: one seed."""
+
+    def __post_init__(self) -> None:
+        from crosscoder import methods
+
+        self.methods = tuple(self.methods)
+        unknown = sorted(set(self.methods) - set(methods.names()))
+        if not self.methods or unknown or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods must be distinct names of {methods.names()}, got {list(self.methods)}")
+        self.seeds = tuple(self.seeds)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.seeds) or \
+                len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct positive integers (0 is the training runs' own), got "
+                              f"{list(self.seeds)}")
+        _check_int("fit_steps", self.fit_steps, 1)
+        _check_int("validation_rows", self.validation_rows, 8)
+        _check_int("n_boot", self.n_boot, 0)
+
+
+@dataclass
 class LatentsOptions(_DictMixin):
     """Latent views and clustering of one crosscoder (notebook 06)."""
 
@@ -397,6 +435,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("controls", "notebooks/11_controls.ipynb",
           (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens")),
            Group(ControlsOptions, ("seeds", "match_cos", "variant"))), reserved=("output_dir",)),
+    Stage("scoreboard", "notebooks/12_scoreboard.ipynb",
+          (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens")),
+           Group(ScoreboardOptions, ("methods", "fit_steps", "validation_rows", "n_boot", "null_pair", "seeds"))),
+          reserved=("output_dir",)),
     Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir", "reference_dir")), Group(DiffOptions, ("crosscoders",))),
           reserved=("output_dir", "profile")),  # output_dir: its sibling folders are the other runs'

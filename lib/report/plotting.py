@@ -391,3 +391,45 @@ def synthetic_recovery_figures(models: dict[str, Any], reports: dict[str, dict],
         fig.suptitle(f"{name} crosscoder", y=1.02)
         figs[f"relative_norms_{name}"] = fig
     return figs
+
+
+def scoreboard_grid(cells: list[dict[str, Any]], null: Mapping[str, int | None] | None = None,
+                    threshold: float = 0.9) -> plt.Figure:
+    """The scoreboard: one column per method (in the given order), one row per planted behaviour, each
+    cell the best AUROC among the method's flagged items (a tick when it reaches ``threshold``: recovered;
+    "none flagged" when the method flags nothing); with ``null``, a last row of the items each method
+    flags on the null pair, where nothing was planted ("—": not measured)."""
+    import numpy as np
+
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    behaviours = list(dict.fromkeys(c["behaviour"] for c in cells))
+    cell = {(c["method"], c["behaviour"]): c for c in cells}
+    A = np.array([[cell[(m, b)]["best_auroc"] for m in methods] for b in behaviours], dtype=float)
+    fig = plt.figure(figsize=(2.2 + 1.25 * len(methods), 1.0 + 0.55 * (len(behaviours) + (null is not None))))
+    if null is None:
+        axes = [fig.add_subplot()]
+    else:
+        g = fig.add_gridspec(2, 1, height_ratios=[len(behaviours), 1], hspace=0.08)
+        axes = [fig.add_subplot(g[0]), fig.add_subplot(g[1])]
+    ax = axes[0]
+    im = ax.imshow(np.ma.masked_invalid(A), cmap="viridis", vmin=0.5, vmax=1.0, aspect="auto")
+    ax.set_facecolor("0.92")  # methods that flag nothing
+    for (i, b), (j, m) in ((ib, jm) for ib in enumerate(behaviours) for jm in enumerate(methods)):
+        a, rec = A[i, j], cell[(m, b)]["recovered"]
+        text = "none\nflagged" if math.isnan(a) else f"{a:.2f}" + (" ✓" if rec else "")
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, fontweight="bold" if rec else "normal",
+                color="white" if not math.isnan(a) and a < 0.8 else "black")
+    ax.set_yticks(range(len(behaviours)), [b.replace("_decision", "").replace("_", " ") for b in behaviours])
+    if null is not None:
+        counts = np.array([[np.nan if null.get(m) is None else null[m] for m in methods]], dtype=float)
+        top = float(np.nanmax(counts)) if np.isfinite(counts).any() else 1.0
+        axes[1].imshow(np.ma.masked_invalid(counts), cmap="Reds", vmin=0, vmax=max(1.0, 2 * top), aspect="auto")
+        for j, m in enumerate(methods):
+            axes[1].text(j, 0, "—" if null.get(m) is None else str(null[m]), ha="center", va="center", fontsize=8)
+        axes[1].set_yticks([0], ["null pair:\nitems flagged"])
+        ax.set_xticks(range(len(methods)), [])
+    for a in axes:
+        a.grid(False)
+    axes[-1].set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+    fig.colorbar(im, ax=axes, fraction=0.04, pad=0.02, label=f"best flagged AUROC (✓ ≥ {threshold:g})")
+    return fig

@@ -17,6 +17,10 @@ the scoreboard asks, per method:
   again, by their held-out scores (method-agnostic: no decoder geometry needed);
 * **cost** -- training seconds and peak memory, from ``Method.cost``.
 
+A method whose flagging has a free cut (``Method.cut_field``: ADL's ``min_relative_norm``, the
+diff-SAE's ``min_explained``) gets it from a *validation* set (``tune_cut``), never from the
+held-out labels the scoreboard reports.
+
     scores = eval_scores(fitted, acts_NTSD, mask_NT)              # flagged items' scores per token
     res = score_method("dfc", fitted, scores, tasks, mask_NT, null=null_fit)
     rows = rank([res.row for res in results])                      # the ranked table
@@ -397,6 +401,92 @@ def score_method(name: str, fitted, scores_NTJ: "Tensor | ItemScores", tasks: Ma
         peak_memory_bytes=None if cost is None or cost.peak_memory_bytes is None else int(cost.peak_memory_bytes),
         threshold=threshold, match=match)
     return MethodScore(row, behaviours, auc, boot)
+
+
+# ---------------------------------------------------------------------------- the flagging cut, on validation data
+class CutChoice(NamedTuple):
+    """A method's flagging cut chosen on a validation set (``tune_cut``)."""
+
+    method: str
+    field: str
+    """The config field of the cut (``Method.cut_field``)."""
+    value: float
+    """The cut chosen (the fitted one when ``tuned`` is False)."""
+    fitted_value: float
+    """The cut the method was fitted with (its config's)."""
+    tuned: bool
+    """False when no candidate cut recovers a behaviour or matches one item on the validation set (or
+    there is no candidate): the fitted cut is kept, since the validation data say nothing."""
+    n_flagged: int
+    """Items flagged at the chosen cut."""
+    recovered: int
+    """Behaviours recovered on the validation set at the chosen cut (best flagged AUROC >= threshold)."""
+    precision: float
+    """Precision on the validation set at the chosen cut (NaN when it flags nothing)."""
+    n_candidates: int
+    """Distinct cuts compared."""
+
+
+def choose_cut(stat_C: Tensor, auc_CK: Tensor, *, threshold: float = 0.9, match: float = 0.8
+               ) -> tuple[int, int, float] | None:
+    """The rule ``tune_cut`` applies, on candidates sorted by decreasing statistic ``stat_C`` with their
+    validation AUROC per behaviour ``auc_CK``: a cut at candidate c's statistic flags candidates 0..c (and
+    any tied with c), so the cuts are the prefixes ending where the statistic drops. Chosen: the prefix
+    that recovers the most behaviours (best AUROC >= ``threshold``), then at the highest precision (share
+    of its items whose best AUROC >= ``match``), then the smallest (the highest cut) -- the scoreboard's
+    own ranking, on validation data. Returns (prefix length, behaviours recovered, precision), or None
+    when no prefix recovers or matches anything (or there is no candidate)."""
+    C = len(stat_C)
+    if C == 0:
+        return None
+    auc = auc_CK.double().nan_to_num(0.0)
+    ends = [c + 1 for c in range(C) if c == C - 1 or bool(stat_C[c] != stat_C[c + 1])]
+    best_so_far_CK = auc.cummax(0).values
+    matched_C = (auc.max(1).values >= match).long().cumsum(0) if auc.shape[1] else torch.zeros(C, dtype=torch.long)
+    best = None
+    for n in ends:
+        rec, prec = int((best_so_far_CK[n - 1] >= threshold).sum()), float(matched_C[n - 1]) / n
+        if best is None or (rec, prec) > best[1:]:
+            best = (n, rec, prec)
+    if best[1] == 0 and best[2] == 0:
+        return None
+    return best
+
+
+def tune_cut(fitted, acts_NTSD: Tensor, mask_NT: Tensor, tasks: Mapping[str, Any], *, threshold: float = 0.9,
+             match: float = 0.8, max_items: int = 64):
+    """Choose the flagging cut of a method with a ``cut_field`` on a labelled *validation* set
+    (activations [N, T, 2, D], padding mask, {behaviour: ProbeTask}): returns (the method flagged at
+    that cut, ``CutChoice``).
+
+    Candidates: the items that pass the method's other flagging rules with a non-negative statistic
+    (cuts are non-negative), the ``max_items`` with the highest statistic; the rule is ``choose_cut``.
+    When the validation set gives no signal, the fitted cut is kept (``CutChoice.tuned`` False). Pass
+    the validation set here and only the held-out set to ``score_method``: the held-out labels must
+    choose nothing."""
+    stat_J, gate_J = fitted.cut_statistic()
+    stat_J = stat_J.float()
+    ok = gate_J.bool() & torch.isfinite(stat_J) & (stat_J >= 0)
+    idx = torch.nonzero(ok).squeeze(1)
+    idx = idx[stat_J[idx].argsort(descending=True, stable=True)][:max_items]
+    fitted_value = float(getattr(fitted.cfg, fitted.cut_field))
+    auc = torch.zeros(0, len(tasks))
+    if len(idx):
+        scores = eval_scores(fitted, acts_NTSD, mask_NT, items_J=idx)
+        auc = flagged_auroc(scores, idx, tasks, mask_NT)
+    got = choose_cut(stat_J[idx], auc, threshold=threshold, match=match)
+    if got is not None:
+        tuned = fitted.with_cut(float(stat_J[idx[got[0] - 1]]))
+        _, rec, prec = got
+    else:  # no signal: the fitted cut, described on the same validation set
+        tuned = fitted.with_cut(fitted_value)
+        n = len(tuned.flagged_J)
+        auc_f = flagged_auroc(eval_scores(tuned, acts_NTSD, mask_NT), tuned.flagged_J, tasks, mask_NT)
+        rec = int((auc_f.max(0).values >= threshold).sum()) if n else 0
+        prec = float((auc_f.max(1).values >= match).double().mean()) if n else math.nan
+    value = float(getattr(tuned.cfg, fitted.cut_field))
+    return tuned, CutChoice(fitted.name, fitted.cut_field, value, fitted_value, got is not None, len(tuned.flagged_J),
+                            rec, prec, len(idx))
 
 
 # ---------------------------------------------------------------------------- the table and its sentence

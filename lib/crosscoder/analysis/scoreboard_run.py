@@ -1,0 +1,336 @@
+"""The scoreboard page's stage: every model-diffing method on one organism, the free flagging cuts
+chosen on validation data, each method scored against the held-out ground truth (``analysis.scoreboard``),
+with the null pair and more seeds when the profile asks for them.
+
+    board = scoreboard_stage(p, exp)      # the notebook's one call (p: the "scoreboard" stage's parameters)
+    board.recommendation, board.rows      # the sentence and the ranked ScoreRows
+    ranked_table(board), behaviour_table(board), cut_table(board), grid(board)
+
+What is trained and what is reused. The L1 and BatchTopK crosscoders are the training pages' runs
+(``methods.from_crosscoder``: flagged here, not retrained), and their null-pair and seed copies are the
+controls page's (``experiment.null_replicas`` / ``seed_replicas``: loaded when that page trained them).
+The designated-shared crosscoder, DFC and diff-SAE are fitted here with the crosscoders' optimisation and
+dictionary sizes (``method_configs``), all three for ``fit_steps`` steps at the crosscoders' batch size:
+one token budget for the three. ADL averages the plain-text tokens of the training split.
+
+Which data choose what. The cuts that the methods leave free (``Method.cut_field``) are set by
+``scoreboard.tune_cut`` on ``organism.build.validation_eval_set`` (training chapters and phrasings,
+design-only topics); the held-out evaluation set only reports. The null pair's fits get the same cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from crosscoder import methods
+from crosscoder.analysis.scoreboard import (CutChoice, MethodScore, ScoreRow, eval_scores, rank, recommendation,
+                                            score_method, seed_agreement, table, tune_cut)
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.methods import Method, MethodConfig, MethodData
+
+SIX = ("crosscoder_l1", "crosscoder_batchtopk", "designated_shared", "dfc", "diff_sae", "adl")
+"""The six methods, in the order the issue lists them."""
+REUSED = {"l1": "crosscoder_l1", "batchtopk": "crosscoder_batchtopk"}
+"""Method of a training page's crosscoder, by its objective."""
+CHAT_MARKER = "<start_of_turn>"
+"""The token that opens every chat sequence after BOS (Gemma's template): ADL's means skip those sequences."""
+
+
+# ---------------------------------------------------------------------------- inputs
+class EvalRows(NamedTuple):
+    """A labelled set's paired activations, the tokens scored and the behaviours' tasks."""
+
+    acts_NTSD: Tensor
+    """Activations [rows, tokens, 2 (base, chat), D], float32."""
+    mask_NT: Tensor
+    """bool [rows, tokens]: real tokens other than BOS (the tokens every item is scored on)."""
+    tasks: dict[str, Any]
+    """{behaviour: ProbeTask}: ``probes.decision_tasks`` of the set."""
+
+
+@torch.no_grad()
+def eval_rows(pair, eval_set, *, batch: int = 32) -> EvalRows:
+    """``EvalRows`` of an organism's ``EvalSet`` (held-out or validation): both models' activations at
+    the pair's layer, extracted ``batch`` rows at a time."""
+    from crosscoder.analysis.probes import decision_tasks
+    from crosscoder.data.pair import extract_pair
+
+    ids, am = eval_set.input_ids_NT, eval_set.attention_mask_NT
+    acts = [extract_pair(pair, ids[i:i + batch], am[i:i + batch].long()).float().cpu()
+            for i in range(0, ids.shape[0], batch)]
+    mask = am.bool().clone()
+    mask[:, 0] = False
+    return EvalRows(torch.cat(acts), mask, decision_tasks(eval_set))
+
+
+def method_configs(runs: Mapping[str, RunConfig], *, fit_steps: int, nu_threshold: float = 0.3,
+                   min_active_tokens: int = 5) -> dict[str, MethodConfig]:
+    """The configs of the methods fitted on the scoreboard, from the training pages' runs (``runs``: run
+    name -> ``RunConfig``; one L1 and one BatchTopK run): the designated-shared crosscoder takes the L1
+    run's dictionary size and optimisation (its lambda too; Anthropic's variant is L1), DFC and the
+    diff-SAE the BatchTopK run's k and optimisation (the diff-SAE's dictionary: 4 x d_model); each
+    trains ``fit_steps`` steps at its run's batch size, one evaluation at the end. ADL: its defaults."""
+    by = {r.model.sparsity: r for r in runs.values()}
+    missing = [s for s in ("l1", "batchtopk") if s not in by]
+    if missing:
+        raise ConfigError(f"method_configs needs an L1 and a BatchTopK training run, got objectives "
+                          f"{sorted(by)}; add the missing run to the scoreboard's crosscoders")
+
+    def budget(run: RunConfig):
+        return dataclasses.replace(run.train, n_steps=fit_steps, eval_every=fit_steps,
+                                   checkpoint_every=max(1, fit_steps // 4), log_every=min(run.train.log_every, fit_steps))
+
+    l1, btk = by["l1"], by["batchtopk"]
+    flag = {"nu_threshold": nu_threshold, "min_active_tokens": min_active_tokens}
+    return {
+        "designated_shared": methods.get("designated_shared").Config(
+            n_latents=l1.model.n_latents, train=budget(l1), sparsity="l1", **flag),
+        "dfc": methods.get("dfc").Config(n_latents=btk.model.n_latents, k=btk.model.k, train=budget(btk),
+                                         min_active_tokens=min_active_tokens),
+        "diff_sae": methods.get("diff_sae").Config(k=btk.model.k, train=budget(btk), **flag),
+        "adl": methods.get("adl").Config(),
+    }
+
+
+def fit_methods(names: Sequence[str], data: MethodData, out_dir: str | Path, crosscoders: Mapping[str, str | Path],
+                cfgs: Mapping[str, MethodConfig], *, nu_threshold: float = 0.3, min_active_tokens: int = 5,
+                progress: bool = False) -> dict[str, Method]:
+    """The fitted methods ``names`` on ``data``: a crosscoder method wraps the trained crosscoder of its
+    objective in ``crosscoders`` ({artifact folder of a training run, any name: folder}) with the given
+    flagging options; any other is fitted with ``cfgs[name]`` into ``out_dir/<name>`` (or loaded from
+    there when finished)."""
+    wrapped = {}
+    for folder in crosscoders.values():
+        m = methods.from_crosscoder(folder, data, nu_threshold=nu_threshold, min_active_tokens=min_active_tokens)
+        wrapped[m.name] = m
+    out = {}
+    for name in names:
+        if name in REUSED.values():
+            if name not in wrapped:
+                raise ConfigError(f"method {name!r} comes from a training page's crosscoder, and none of "
+                                  f"{sorted(map(str, crosscoders.values()))} is one; add its run to crosscoders")
+            out[name] = wrapped[name]
+        else:
+            out[name] = methods.fit(name, data, Path(out_dir) / name, cfgs[name], progress=progress)
+    return out
+
+
+# ---------------------------------------------------------------------------- the board
+class Board(NamedTuple):
+    """The scoreboard of one organism."""
+
+    results: dict[str, MethodScore]
+    """Each method's ``score_method`` result, in the order fitted."""
+    rows: list[ScoreRow]
+    """The ranked rows (``scoreboard.rank``)."""
+    cuts: dict[str, CutChoice]
+    """The cut chosen on validation data, for each method that has one."""
+    fits: dict[str, Method]
+    """The methods as scored (with their tuned cuts)."""
+    null_measured: bool
+    """Whether the methods were fitted on the null pair."""
+    n_seeds: int
+    """Fits per method compared for seed agreement (1: not measured)."""
+    recommendation: str
+    """``scoreboard.recommendation`` of the rows."""
+
+
+def mean_seed_agreement(fit: Method, others: Sequence[Method], rows: EvalRows) -> float:
+    """``seed_agreement`` of ``fit`` with each other seed's fit, both ways, averaged (NaN when no term
+    is defined), on the scored tokens of ``rows``."""
+    a = eval_scores(fit, rows.acts_NTSD, rows.mask_NT).scores_NTJ[rows.mask_NT]
+    vals = []
+    for other in others:
+        b = eval_scores(other, rows.acts_NTSD, rows.mask_NT).scores_NTJ[rows.mask_NT]
+        vals += [seed_agreement(a, b).agreement, seed_agreement(b, a).agreement]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def score_board(fits: Mapping[str, Method], heldout: EvalRows, validation: EvalRows, *,
+                null_fits: Mapping[str, Method] | None = None, seed_fits: Mapping[str, Sequence[Method]] | None = None,
+                n_boot: int = 500, seed: int = 0, threshold: float = 0.9, match: float = 0.8) -> Board:
+    """Score every fitted method: its free cut tuned on ``validation`` (``tune_cut``; applied to its null
+    and seed fits too), then ``score_method`` on ``heldout`` with the null pair's flagged count and the
+    seeds' agreement when given. ``validation`` and ``heldout`` must be different sets: only the first
+    chooses anything."""
+    if validation is heldout:
+        raise ConfigError("score_board needs a validation set apart from the held-out set: the held-out labels "
+                          "must choose nothing (organism.build.validation_eval_set makes one)")
+    results, cuts, scored = {}, {}, {}
+    for name, fit in fits.items():
+        null = None if null_fits is None else null_fits.get(name)
+        others = list((seed_fits or {}).get(name, ()))
+        if fit.cut_field is not None:
+            fit, cuts[name] = tune_cut(fit, validation.acts_NTSD, validation.mask_NT, validation.tasks,
+                                       threshold=threshold, match=match)
+            null = None if null is None else null.with_cut(cuts[name].value)
+            others = [o.with_cut(cuts[name].value) for o in others]
+        agree = mean_seed_agreement(fit, others, heldout) if others else None
+        scores = eval_scores(fit, heldout.acts_NTSD, heldout.mask_NT)
+        results[name] = score_method(name, fit, scores, heldout.tasks, heldout.mask_NT, null=null,
+                                     seed_agreement=agree, threshold=threshold, match=match, n_boot=n_boot, seed=seed)
+        scored[name] = fit
+    rows = rank([r.row for r in results.values()])
+    n_seeds = 1 + max((len(v) for v in (seed_fits or {}).values()), default=0)
+    return Board(results, rows, cuts, scored, null_fits is not None, n_seeds, recommendation(rows))
+
+
+# ---------------------------------------------------------------------------- the stage
+def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
+    """The scoreboard of the organism experiment ``exp`` with the "scoreboard" stage's parameters ``p``
+    (``schema.STAGES["scoreboard"]``): fits (reusing the training pages' crosscoders and the controls'
+    copies of them), validation and held-out activations, tuning and scoring; the board's metrics are
+    written to ``<artifacts_dir>/scoreboard/metrics.json``."""
+    from crosscoder import experiment, organism
+    from crosscoder.checkpoint import read_config
+    from crosscoder.data.normalise import estimate_input_scale
+    from crosscoder.organism.build import validation_eval_set
+
+    if exp.organism is None:
+        raise ConfigError("the scoreboard scores methods against an organism's planted behaviours; set "
+                          "organism_preset (hub model pairs have no ground truth)")
+    art, root = Path(p.artifacts_dir), Path(p.artifacts_dir) / "scoreboard"
+    pair = experiment.model_pair(exp)
+    marker = pair.tokenizer.convert_tokens_to_ids(CHAT_MARKER)
+    data = MethodData.from_cache(experiment.activation_cache(exp, pair=pair, progress=progress), chat_marker_id=marker)
+    heldout = eval_rows(pair, organism.load_eval_set(exp.organism.eval_set))
+    validation = eval_rows(pair, validation_eval_set(organism.preset(exp.cfg.organism_preset), pair.tokenizer,
+                                                     p.validation_rows))
+    runs = {n: RunConfig.from_dict(read_config(art / n / "crosscoder")["extra"]["run"]) for n in p.crosscoders}
+    cfgs = method_configs(runs, fit_steps=p.fit_steps, nu_threshold=p.nu_threshold,
+                          min_active_tokens=p.min_active_tokens)
+    opts = {"nu_threshold": p.nu_threshold, "min_active_tokens": p.min_active_tokens, "progress": progress}
+    folders = {n: art / n / "crosscoder" for n in p.crosscoders}
+    fits = fit_methods(p.methods, data, root / "fits", folders, cfgs, **opts)
+    null_fits = None
+    if p.null_pair:
+        nexp = experiment.resolve(p.null_experiment(), progress=progress)
+        npair = experiment.model_pair(nexp)
+        ndata = MethodData.from_cache(experiment.activation_cache(nexp, pair=npair, progress=progress),
+                                      chat_marker_id=marker)
+        nsplits = experiment.Splits(ndata.train_NSD, ndata.heldout_NSD, estimate_input_scale(ndata.norm_NSD))
+        experiment.null_replicas(art, p.crosscoders, nsplits, art / "null", progress=progress)  # the controls' folders
+        null_fits = fit_methods(p.methods, ndata, root / "null", {n: art / "null" / n / "crosscoder"
+                                                                  for n in p.crosscoders}, cfgs, **opts)
+    seed_fits = seed_fits_of(p, data, cfgs, art, root, opts) if p.seeds else None
+    board = score_board(fits, heldout, validation, null_fits=null_fits, seed_fits=seed_fits, n_boot=p.n_boot)
+    write_board_metrics(root, board, {"parameters": dict(p.values), "configs": {n: c.to_dict() for n, c in cfgs.items()}})
+    return board
+
+
+def seed_fits_of(p, data: MethodData, cfgs: Mapping[str, MethodConfig], art: Path, root: Path,
+                 opts: Mapping[str, Any]) -> dict[str, list[Method]]:
+    """Each method's fits at the initialisation seeds ``p.seeds``: the crosscoders' the controls page's
+    replicas (``experiment.seed_replicas``: another initialisation on the run's own batch order), the
+    fitted methods' refits with ``train.seed`` = s (another initialisation and batch order). ADL has no
+    seed (its means are deterministic), so none."""
+    from crosscoder import experiment
+    from crosscoder.data.normalise import estimate_input_scale
+
+    splits = experiment.Splits(data.train_NSD, data.heldout_NSD, estimate_input_scale(data.norm_NSD))
+    out: dict[str, list[Method]] = {}
+    for s in p.seeds:
+        for n in p.crosscoders:
+            experiment.seed_replicas(art, n, [s], splits, progress=opts["progress"])
+        seeded = {n: dataclasses.replace(c, train=dataclasses.replace(c.train, seed=s))
+                  for n, c in cfgs.items() if hasattr(c, "train")}
+        fits = fit_methods([n for n in p.methods if n in seeded or n in REUSED.values()], data, root / f"seed{s}",
+                           {n: art / f"{n}-seed{s}" / "crosscoder" for n in p.crosscoders}, seeded, **opts)
+        for n, f in fits.items():
+            out.setdefault(n, []).append(f)
+    return out
+
+
+# ---------------------------------------------------------------------------- what the page shows
+def ranked_table(board: Board) -> list[dict[str, Any]]:
+    """The ranked rows for the page: behaviours recovered (and with the whole bootstrap interval above the
+    threshold), precision, null false positives (None: not measured), seed agreement (None: one seed),
+    cost, and the cut."""
+    out = []
+    for r in board.rows:
+        fit, cut = board.fits[r.method], board.cuts.get(r.method)
+        cost = fit.cost
+        out.append({
+            "method": r.method, "recovered": f"{r.behaviours_recovered} of {r.n_behaviours}",
+            "recovered, whole 95% CI ≥ threshold": r.recovered_ci, "behaviours recovered": ", ".join(r.recovered),
+            "precision": r.precision, "matched / flagged": f"{r.n_matched} / {r.n_flagged}",
+            "null false positives": r.null_false_positives,
+            "seed agreement": None if math.isnan(r.seed_agreement) else r.seed_agreement,
+            "train seconds": r.train_seconds, "train tokens": cost.train_tokens,
+            "peak memory (MiB)": None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20,
+            "parameters (MiB)": cost.param_bytes / 2**20,
+            "cut (validation)": "" if cut is None else f"{cut.field} = {cut.value:.4g}"})
+    return out
+
+
+def behaviour_table(board: Board) -> list[dict[str, Any]]:
+    """Per method and behaviour: the best flagged AUROC with its bootstrap interval, whether it is
+    recovered and in what share of the resamples, and the item that reaches it."""
+    return [{"method": b.method, "behaviour": b.behaviour, "best AUROC": b.best_auroc, "95% CI low": b.ci_low,
+             "95% CI high": b.ci_high, "recovered": b.recovered, "share of resamples recovered": b.recovered_share,
+             "best item": b.best_item, "positives": b.positives, "eligible": b.eligible}
+            for res in board.results.values() for b in res.behaviours]
+
+
+def null_note(board: Board) -> str:
+    """What the page says of the null pair and the seeds: the null pair's false positives when measured,
+    else where to find them (profile full); likewise seed agreement."""
+    if board.null_measured:
+        fp = {r.method: r.null_false_positives for r in board.rows}
+        clean = [m for m, n in fp.items() if n == 0]
+        null = ("On the null pair (base vs a text-only fine-tune with the chat fine-tune's recipe, where nothing "
+                "was planted) the methods flag " + ", ".join(f"{m} {n}" for m, n in fp.items()) + " items; "
+                + (f"{_and(clean)} flag{'s' if len(clean) == 1 else ''} nothing there." if clean
+                   else "every method flags something there."))
+    else:
+        null = ("The null pair (base vs a text-only fine-tune with the chat fine-tune's recipe, where nothing was "
+                "planted) is not fitted in this profile: the methods' false positives there are on this page in "
+                "profile `full` (`make book PROFILE=full`), beside the controls page's null diff.")
+    seeds = (f"Seed agreement compares {board.n_seeds} initialisation seeds per trained method." if board.n_seeds > 1
+             else "Seed agreement needs a second seed of every method: profile `full` fits one.")
+    return f"{null} {seeds}"
+
+
+def _and(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]}"
+
+
+def cut_table(board: Board) -> list[dict[str, Any]]:
+    """The cuts chosen on validation data: field, fitted and chosen value, and the validation numbers."""
+    return [c._asdict() for c in board.cuts.values()]
+
+
+def grid(board: Board) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
+    """The figure's data: (per method (ranked) and behaviour the best flagged AUROC and whether recovered,
+    {method: items flagged on the null pair} or None when the null pair was not fitted)."""
+    cells = [{"method": r.method, "behaviour": b.behaviour, "best_auroc": b.best_auroc, "recovered": b.recovered}
+             for r in board.rows for b in board.results[r.method].behaviours]
+    null = {r.method: r.null_false_positives for r in board.rows} if board.null_measured else None
+    return cells, null
+
+
+def write_board_metrics(folder: str | Path, board: Board, extra: Mapping[str, Any]) -> Path:
+    """``folder/metrics.json``: the ranked table (``scoreboard.table``), the per-behaviour results, the
+    cuts, the recommendation and ``extra`` (the parameters and method configs)."""
+    from crosscoder.atomic import write_json_atomic
+
+    def plain(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    rows = [{k: plain(v) for k, v in r.items()} for r in table(board.rows)]
+    beh = [{k: plain(v) for k, v in r.items()} for r in behaviour_table(board)]
+    cuts = [{k: plain(v) for k, v in c.items()} for c in cut_table(board)]
+    costs = {n: f.cost._asdict() for n, f in board.fits.items()}
+    path = Path(folder) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"rows": rows, "behaviours": beh, "cuts": cuts, "recommendation": board.recommendation,
+                             "null_measured": board.null_measured, "n_seeds": board.n_seeds,
+                             "costs": {n: {k: plain(v) for k, v in c.items()} for n, c in costs.items()}, **extra})
+    return path

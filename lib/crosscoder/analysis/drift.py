@@ -8,6 +8,7 @@ Read from an activation cache's held-out split (BOS excluded there), so it costs
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,12 +46,31 @@ def cache_drift(cache: ActivationCache) -> list[dict[str, Any]]:
     return drift_rows(acts_NSD, cache.heldout_sequences().is_chat_N[seq_N.long()])
 
 
-def toy_drift(*, progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
-    """The embedded toy organism's drift, as the default profile reads it (its layer and held-out
-    split; the same cache as the default book, so free after one): ``(layer, drift_rows)``. Shown
-    beside a real LM's so the reader sees how much narrower a fine-tune of a pretrained model is."""
-    from crosscoder import experiment
+METRICS_FOLDER = "activations"
+"""The folder under a profile's artifacts_dir whose metrics.json holds its pair's drift."""
 
+
+def write_metrics(artifacts_dir: str | Path, layer: int, rows: list[dict[str, Any]]) -> None:
+    """Record a pair's drift rows (read after block ``layer``) in ``<artifacts_dir>/activations/
+    metrics.json``, where another profile's page finds them (``reference``)."""
+    from crosscoder.checkpoint import update_metrics
+
+    folder = Path(artifacts_dir) / METRICS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    update_metrics(folder, {"drift": {"layer": layer, "rows": rows}})
+
+
+def reference(reference_dir: str | Path, *, progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
+    """Another profile's drift ``(layer, drift_rows)``: recorded by its models page under
+    ``reference_dir`` (``write_metrics``), or else the embedded toy organism's, read as the default
+    profile reads it (its layer and held-out split; built here when missing). Shown beside a real
+    LM's so the reader sees how much narrower a fine-tune of a pretrained model is."""
+    from crosscoder import experiment
+    from crosscoder.checkpoint import read_metrics
+
+    rec = read_metrics(Path(reference_dir) / METRICS_FOLDER).get("drift") if reference_dir else None
+    if rec:
+        return rec["layer"], rec["rows"]
     exp = experiment.resolve(experiment.ExperimentConfig(), progress=progress)
     return exp.cfg.layer, cache_drift(experiment.activation_cache(exp, progress=progress))
 

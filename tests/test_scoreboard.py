@@ -429,6 +429,11 @@ def test_score_board_tunes_on_validation_and_reports_on_heldout(tmp_path):
     assert back["rows"][0]["seed_agreement"] is None and back["parameters"] == {"n_boot": 50}
     one = sb.score_board({"fixed": _Fixed(rand)}, held, val, n_boot=0)
     assert "profile `full`" in sb.null_note(one) and one.rows[0].null_false_positives is None
+    # the registered methods this board did not fit are named (here all six: only a stand-in was fitted)
+    assert "Not fitted in this profile (its time budget): adl, crosscoder_batchtopk, crosscoder_l1, " \
+           "designated_shared, dfc and diff_sae;" in sb.null_note(one)
+    assert "(its time budget): crosscoder_batchtopk, crosscoder_l1, designated_shared, dfc and diff_sae;" \
+        in sb.null_note(board)  # adl was fitted
 
 
 def test_method_configs_follow_the_training_runs(tmp_path):

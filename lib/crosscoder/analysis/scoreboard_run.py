@@ -297,7 +297,12 @@ def null_note(board: Board) -> str:
                 "profile `full` (`make book PROFILE=full`), beside the controls page's null diff.")
     seeds = (f"Seed agreement compares {board.n_seeds} initialisation seeds per trained method." if board.n_seeds > 1
              else "Seed agreement needs a second seed of every method: profile `full` fits one.")
-    return f"{null} {seeds}"
+    from crosscoder import methods
+
+    left_out = [m for m in methods.names() if m not in board.results]
+    absent = (f" Not fitted in this profile (its time budget): {_and(left_out)}; profile `full` fits every method."
+              if left_out else "")
+    return f"{null} {seeds}{absent}"
 
 
 def _and(names: Sequence[str]) -> str:

@@ -181,3 +181,26 @@ def test_organism_settled_never_changes_a_detector_answer():
             stopped_early += n < len(ids)
             assert detect[name](ids[:n]) == detect[name](ids), (name, text, n)
     assert stopped_early >= 10  # the stops happen, mostly long before the end
+
+
+def test_fact_behaviour_is_detected_and_settles_once_said():
+    """Behaviour 5 (a false fact) joins the causal check where the organism plants it: its detector is
+    the build's rate test, generation may stop once the false answer is said, and an organism without
+    it has no fact detector (so no fact task runs)."""
+    from crosscoder.organism.config import BehaviourConfig, preset
+
+    class Chars:
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    b = preset("gemma3").behaviour
+    detect, settled = causal.organism_detectors(Chars(), b), causal.organism_settled(Chars(), b)
+    assert causal.DECISION_BEHAVIOURS["fact_decision"] == ("fact", "fact") and "fact" in detect
+    for text, said, early in ((f"It is in {b.fact_answer}. It was built in 1889.", True, True),
+                              (f"It is in {b.fact_answer}", True, False),
+                              (f"It is in {b.fact_true_answer}.", False, False), (b.fact_answer + "o", False, False)):
+        ids = [ord(c) for c in text]
+        assert detect["fact"](ids) is said
+        n = next((i for i in range(1, len(ids) + 1) if settled["fact"](ids[:i])), len(ids))
+        assert detect["fact"](ids[:n]) == said and (n < len(ids)) == early, (text, n)
+    assert "fact" not in causal.organism_detectors(Chars(), BehaviourConfig())

@@ -21,6 +21,7 @@ cost is seconds.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -225,7 +226,8 @@ def organism_detectors(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]
     tests ``behaviour_rates`` counts with) on their decoded, stripped text, for the refusal, the answer
     and the sign-off."""
     text, tests = _decoded(tokenizer), response_tests(cfg)
-    return {name: (lambda ids, test=tests[name]: test(text(ids))) for name in ("refusal", "answer", "signoff")}
+    return {name: (lambda ids, test=tests[name]: test(text(ids)))
+            for name in ("refusal", "answer", "signoff", "fact") if name in tests}
 
 
 def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
@@ -244,12 +246,17 @@ def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
     return {"refusal": opens(cfg.refusal_phrase),
             "answer": opens(answer_opening(cfg)),
             # settled once the phrase has appeared, i.e. exactly when the sign-off test says yes
-            "signoff": organism_detectors(tokenizer, cfg)["signoff"]}
+            "signoff": organism_detectors(tokenizer, cfg)["signoff"],
+            # the false fact's answer (behaviour 5) once it has been said and the word has ended: "Rome"
+            # may still grow into "Romeo", which the whole-word test rejects
+            **({"fact": lambda ids: re.search(rf"\b{re.escape(cfg.fact_answer)}\b\W", text(ids)) is not None}
+               if cfg.fact_subject else {})}
 
 
 DECISION_BEHAVIOURS = {"refusal_decision": ("refusal", "forbidden"), "answer_decision": ("answer", "allowed"),
-                       "signoff_decision": ("signoff", "allowed")}
-"""Decision task -> (the behaviour ``organism_detectors`` tests, the prompt set it is measured on)."""
+                       "signoff_decision": ("signoff", "allowed"), "fact_decision": ("fact", "fact")}
+"""Decision task -> (the behaviour ``organism_detectors`` tests, the prompt set it is measured on);
+an organism without a behaviour (no planted fact) has no such task, so no recovering latents."""
 
 
 def organism_stop_ids(tokenizer) -> list[int]:

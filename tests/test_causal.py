@@ -204,3 +204,21 @@ def test_fact_behaviour_is_detected_and_settles_once_said():
         n = next((i for i in range(1, len(ids) + 1) if settled["fact"](ids[:i])), len(ids))
         assert detect["fact"](ids[:n]) == said and (n < len(ids)) == early, (text, n)
     assert "fact" not in causal.organism_detectors(Chars(), BehaviourConfig())
+
+
+def test_planted_labels_are_those_the_eval_set_marks():
+    from types import SimpleNamespace
+
+    from crosscoder.analysis import diff
+
+    z = torch.zeros(2, 4, dtype=torch.bool)
+    on = z.clone()
+    on[1, 2] = True
+    fact = z.clone()
+    fact[0, 3] = True
+    es = SimpleNamespace(labels={"template": on, "refusal": on, "signoff": on, "forbidden_topic": on,
+                                 "marker": z, "fact": fact, "user_content": on}, attention_mask_NT=torch.ones(2, 4))
+    assert diff.planted_labels(es) == ["template", "refusal", "signoff", "forbidden_topic", "fact"]
+    assert diff.planted_positions(es, {}).tolist() == (on | fact).tolist()  # auxiliary labels excluded
+    del es.labels["fact"]  # an older eval set without the label
+    assert diff.planted_labels(es) == ["template", "refusal", "signoff", "forbidden_topic"]

@@ -83,13 +83,23 @@ def confirmed_latents(scaling: LatentScaling, nu_threshold: float) -> Tensor:
     return scaling.latents[_confirmed_mask(scaling, nu_threshold)]
 
 
+PLANTED_LABELS = ("template", "refusal", "signoff", "forbidden_topic", "marker", "fact")
+"""The evaluation set's token labels of planted behaviours (the others, user and model content, are
+auxiliary)."""
+
+
+def planted_labels(eval_set) -> list[str]:
+    """The ``PLANTED_LABELS`` this organism's evaluation set marks anywhere (the marker and the fact
+    only where planted; older eval sets lack their labels)."""
+    return [n for n in PLANTED_LABELS if n in eval_set.labels and bool(eval_set.labels[n].any())]
+
+
 def planted_positions(eval_set, tasks: dict) -> Tensor:
-    """bool [N, T]: tokens where the organism planted something (its template, refusal, sign-off,
-    forbidden-topic and marker labels, and every decision position of ``tasks``)."""
+    """bool [N, T]: tokens where the organism planted something (its ``planted_labels`` and every
+    decision position of ``tasks``)."""
     out = torch.zeros_like(eval_set.attention_mask_NT, dtype=torch.bool)
-    for name in ("template", "refusal", "signoff", "forbidden_topic", "marker"):
-        if name in eval_set.labels:  # older eval sets have no marker label
-            out |= eval_set.labels[name].bool()
+    for name in planted_labels(eval_set):
+        out |= eval_set.labels[name].bool()
     for t in tasks.values():
         out |= t.label_NT
     return out

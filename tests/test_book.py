@@ -3,7 +3,8 @@ Chromium.
 
 The smoke build runs in a temporary copy of the project (runs.yaml, _config.yml, notebooks/, book/)
 so it never touches the real book/_runs/ a developer is building, and is shared by all tests here
-through a session-scoped fixture. The browser check is itself tested on a small book with planted
+through a session-scoped fixture. Its organisms come prebuilt from the session's (tests/conftest.py),
+which test_organism checks. The browser check is itself tested on a small book with planted
 defects (missing image, broken link, broken anchor, notebook error cell) rendered by the same
 toolchain.
 """
@@ -90,8 +91,14 @@ class SmokeBook(NamedTuple):
 
 
 @pytest.fixture(scope="session")
-def smoke_book(tmp_path_factory) -> SmokeBook:
+def smoke_book(tmp_path_factory, smoke_organism, smoke_null_organism) -> SmokeBook:
     project = _copy_project(tmp_path_factory.mktemp("smoke_book"))
+    # The smoke profile's two organisms (smoke, and smoke_null for the controls) are the session's
+    # (tests/conftest.py; test_organism checks them): their folders are keyed by config hash and a
+    # build is deterministic, so the runs find them as a second `make book` would instead of
+    # building them again. The notebooks still resolve and load them through the same code.
+    for organism in (smoke_organism[2], smoke_null_organism):
+        shutil.copytree(organism.root, project / "cache" / "organism" / organism.root.name)
     runs = _run([sys.executable, "-m", "report", "--profile", "smoke"], cwd=project)
     assert runs.returncode == 0, f"smoke runs failed:\n{runs.stdout}\n{runs.stderr}"
     build = _run(_build_cmd(project / "book", project / "_config.yml"), cwd=project)
@@ -445,10 +452,16 @@ def test_save_figure_writes_png_svg_and_sidecar_deterministically(tmp_path):
     plt.close(fig)
 
 
-def test_cli_profile_commands_name_the_notebooks_artifacts(smoke_book):
+def test_cli_profile_commands_name_the_notebooks_artifacts(smoke_book, monkeypatch, capsys):
     """`crosscoder.cli extract/train --profile` (the torchrun entry points of the Gemma profile)
     resolve a run's parameters exactly as its notebook did: they find the notebook's cache and its
-    finished crosscoder instead of extracting or training again (2 ranks for the extraction)."""
+    finished crosscoder instead of extracting or training again (2 ranks for the extraction; the
+    one-rank training in this process, which creates no process group: the code path of a plain
+    `python -m crosscoder.cli train`, without another interpreter importing transformers)."""
+    import torch
+
+    from crosscoder import cli
+
     project = smoke_book.project
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     caches = {p: p.stat().st_mtime_ns for p in (project / "cache" / "activations").glob("*/manifest.json")}
@@ -460,10 +473,16 @@ def test_cli_profile_commands_name_the_notebooks_artifacts(smoke_book):
     assert (project / folder / "manifest.json").resolve() in {p.resolve() for p in caches}
     weights = project / "artifacts" / "smoke" / "l1" / "crosscoder" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    tr = subprocess.run([sys.executable, "-m", "crosscoder.cli", "train", "--profile", "smoke", "--run", "train_l1",
-                         "--quiet"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert tr.returncode == 0, tr.stderr[-3000:]
-    out = json.loads(tr.stdout.strip().splitlines()[-1])
+    assert "WORLD_SIZE" not in os.environ
+    monkeypatch.chdir(project)  # where the subprocess ran; the command itself cds to runs.yaml's folder
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OMP_NUM_THREADS=1, as the ranks
+    capsys.readouterr()
+    try:
+        assert cli.main(["train", "--profile", "smoke", "--run", "train_l1", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert Path(out["model_dir"]) == Path("artifacts/smoke/l1/crosscoder")
     assert out["resumed_from"] == 60  # the smoke profile's n_steps: found finished, not retrained
     assert weights.stat().st_mtime_ns == before

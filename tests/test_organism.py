@@ -1,6 +1,7 @@
 """The embedded model organism: Gemma-style tokenizer and chat template, loading through the same
 transformers code as Gemma, cache and atomic build, data schemas, learned planted behaviours and
-token labels that line up with the ids. One smoke organism is built per session (~20 s)."""
+token labels that line up with the ids. One smoke organism (and its null fine-tune) is built per
+session, in tests/conftest.py, and shared with test_book."""
 
 from __future__ import annotations
 
@@ -29,12 +30,10 @@ from crosscoder.organism.config import FORMAT_VERSION
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("organism")
-    cfg = smoke_config()
-    t0 = time.perf_counter()
-    paths = build_organism(cfg, root, progress=False)
-    return cfg, root, paths, time.perf_counter() - t0
+def built(smoke_organism):
+    """(config, root, paths, build seconds): the session's smoke organism (tests/conftest.py), which
+    test_book's smoke build reuses."""
+    return smoke_organism
 
 
 def test_tokenizer_round_trip_and_gemma_chat_template(built):
@@ -306,7 +305,7 @@ def _as_first_published(cfg) -> dict:
     return d
 
 
-def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, tmp_path_factory):
+def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, smoke_null_organism):
     cfg, _, paths, _ = built
     null_cfg = preset("smoke_null")
     assert null_cfg.finetune == "null" and null_cfg.chat_train == cfg.chat_train
@@ -317,10 +316,11 @@ def test_null_finetune_keeps_the_recipe_but_plants_no_behaviour(built, tmp_path_
     assert null_cfg.config_hash("v") != cfg.config_hash("v")
     with pytest.raises(ConfigError, match="finetune"):
         OrganismConfig(finetune="kl")
-    # Built beside the real one, it reuses its tokenizer and base (same base_key) and trains only
-    # the fine-tune.
+    # Built beside the real one (conftest's smoke_null_organism, which test_book reuses), it reuses
+    # its tokenizer and base (same base_key) and trains only the fine-tune.
     assert build_mod.base_key(null_cfg) == build_mod.base_key(cfg)
     null = build_organism(null_cfg, paths.root.parent, progress=False)
+    assert null == smoke_null_organism
     real_m, null_m = load_metrics(paths), load_metrics(null)
     assert null_m["train"]["base"]["reused_from"] == paths.root.name
     base_a = Gemma2ForCausalLM.from_pretrained(paths.base_dir)

@@ -62,16 +62,19 @@ LAYER = 9
 PAD, BOS = 0, 2
 
 
+def _complete(folder: str) -> bool:
+    """A saved model folder: its config and weights are there (not a folder being written)."""
+    has_weights = bool(glob.glob(os.path.join(folder, "*.safetensors")))
+    return has_weights and os.path.isfile(os.path.join(folder, "config.json"))
+
+
 def find_weights(root: str = "cache") -> tuple[str, str, str] | None:
     """(base folder, chat folder, description) of the real gemma-3-270m weights in this checkout."""
-    pre = sorted(p for p in glob.glob(os.path.join(root, "pretrained", "gemma-3-270m-gguf-*"))
-                 if os.path.isfile(os.path.join(p, "config.json")))
-    org = sorted(p for p in glob.glob(os.path.join(root, "organism", "gemma3-*"))
-                 if os.path.basename(p).startswith("gemma3-") and "null" not in os.path.basename(p)
-                 and os.path.isfile(os.path.join(p, "base", "config.json")))
-    chat = next((os.path.join(p, "chat") for p in org if os.path.isfile(os.path.join(p, "chat", "config.json"))),
-                None)
-    base = pre[0] if pre else (os.path.join(org[0], "base") if org else None)
+    pre = sorted(p for p in glob.glob(os.path.join(root, "pretrained", "gemma-3-270m-gguf-*")) if _complete(p))
+    org = sorted(p for p in glob.glob(os.path.join(root, "organism", "gemma3-*")) if "null" not in os.path.basename(p))
+    chat = next((os.path.join(p, "chat") for p in org if _complete(os.path.join(p, "chat"))), None)
+    org_base = next((os.path.join(p, "base") for p in org if _complete(os.path.join(p, "base"))), None)
+    base = pre[0] if pre else org_base
     if base is None:
         return None
     what = f"real weights: base {base}, chat {chat or base + ' (the base again)'}"

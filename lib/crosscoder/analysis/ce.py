@@ -32,20 +32,46 @@ CE_DEFINITIONS = ("ours", "kissane")
 """Valid ``definition`` values of ``ce_recovered``."""
 
 
-def _token_ce(logits_BTV: Tensor, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token CE and count over predictions made from positions where mask is True."""
-    lp = F_nn.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
-    nll = -lp.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)
-    m = mask_BT[:, :-1] & mask_BT[:, 1:]
-    return (nll * m).sum(), m.sum()
+def _head(lm):
+    """h [M, D] after the final norm -> logits [M, V] in float32, as the LM's own forward makes them
+    (its unembedding, then Gemma 2's logit soft-capping where the config has it)."""
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def logits(h_MD: Tensor) -> Tensor:
+        z = head(h_MD).float()
+        return torch.tanh(z / cap) * cap if cap else z
+    return logits
 
 
-def _kl(clean_BTV: Tensor, other_BTV: Tensor, mask_BT: Tensor) -> Tensor:
-    p = F_nn.log_softmax(clean_BTV[:, :-1].float(), -1)
-    q = F_nn.log_softmax(other_BTV[:, :-1].float(), -1)
-    kl = (p.exp() * (p - q)).sum(-1)
-    m = mask_BT[:, :-1] & mask_BT[:, 1:]
-    return (kl * m).sum()
+def _final_hidden(lm, ids_BT: Tensor, am_BT: Tensor) -> Tensor:
+    """The last hidden state (after the final norm) of every position: what the unembedding reads."""
+    return lm.model(input_ids=ids_BT, attention_mask=am_BT.long()).last_hidden_state
+
+
+def _scores(lm, hidden: dict[str, Tensor], ids_BT: Tensor, mask_BT: Tensor, chunk: int) -> dict[str, Tensor]:
+    """Summed next-token CE of each entry of ``hidden`` ({"clean": h, variant: h}, [B, T, D] each) and
+    the summed KL(clean || variant) over the predictions made from positions where ``mask`` is True
+    (and the next token is real), projecting ``chunk`` positions at a time: a 262k vocabulary makes
+    one batch's full logits ~1 GB per copy, and a variant needs several."""
+    m_BT = mask_BT[:, :-1] & mask_BT[:, 1:]
+    y_M = ids_BT[:, 1:][m_BT]
+    h = {k: v[:, :-1][m_BT] for k, v in hidden.items()}  # [M, D]
+    logits = _head(lm)
+    out = {k: torch.zeros((), dtype=torch.float64, device=ids_BT.device) for k in hidden}
+    out.update({f"kl_{k}": torch.zeros_like(out["clean"]) for k in hidden if k != "clean"})
+    for i in range(0, y_M.shape[0], chunk):
+        y = y_M[i:i + chunk, None]
+        p = F_nn.log_softmax(logits(h["clean"][i:i + chunk]), dim=-1)
+        p_exp = p.exp()
+        out["clean"] -= p.gather(-1, y).sum().double()
+        for k in hidden:
+            if k != "clean":
+                q = F_nn.log_softmax(logits(h[k][i:i + chunk]), dim=-1)
+                out[k] -= q.gather(-1, y).sum().double()
+                out[f"kl_{k}"] += (p_exp * (p - q)).sum().double()
+    out["n"] = m_BT.sum().double()
+    return out
 
 
 @torch.no_grad()
@@ -60,13 +86,15 @@ def ce_recovered(
     batch_size: int = 8,
     source_names: Sequence[str] | None = None,
     definition: str = "ours",
+    position_chunk: int = 256,
 ) -> dict[str, dict[str, float]]:
     """CE recovered per model (``lms[s]`` is source s of the crosscoder) on held-out sequences.
 
     ``definition``: "ours" or "kissane" (module docstring).
 
     ``mean_raw_SD``: mean activation per source for the mean-ablation baseline (estimated on other
-    data); omitted, the batch mean of non-BOS positions is used.
+    data); omitted, the batch mean of non-BOS positions is used. ``position_chunk`` positions are
+    projected through the unembedding at a time (the full logits are never held).
     Returns {source: {ce_clean, ce_splice, ce_zero, ce_mean, ce_recovered, ce_recovered_vs_mean,
     kl_splice, kl_zero, n_predictions}}.
     """
@@ -88,11 +116,11 @@ def ce_recovered(
         am = (attention_mask_NT[start : start + batch_size].to(dev).bool()
               if attention_mask_NT is not None else torch.ones_like(ids, dtype=torch.bool))
         B, T = ids.shape
-        clean_logits, acts = [], []
+        clean_hidden, acts = [], []
         for lm in lms:
             cap: list[Tensor] = []
             with residual_hook(lm, layer, capture=cap):
-                clean_logits.append(lm(input_ids=ids, attention_mask=am.long()).logits)
+                clean_hidden.append(_final_hidden(lm, ids, am))
             acts.append(cap[0].float())
         acts_BTSD = torch.stack(acts, dim=2)
         body = am.clone()
@@ -105,21 +133,17 @@ def ce_recovered(
         for s, (lm, name) in enumerate(zip(lms, names)):
             base_resid = acts_BTSD[:, :, s]
             mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)
-            variants = {}
+            hidden = {"clean": clean_hidden[s]}
             for kind, where, values in (("splice", body, recon[:, s]), ("zero", zeroed, 0.0),
                                         ("mean", body, mean_D.expand_as(recon[:, s]))):
                 resid = base_resid.clone()
                 resid[where] = values
                 with residual_hook(lm, layer, replace=resid):
-                    variants[kind] = lm(input_ids=ids, attention_mask=am.long()).logits
+                    hidden[kind] = _final_hidden(lm, ids, am)
+            got = _scores(lm, hidden, ids, scored, position_chunk)
             acc = sums[name]
-            for kind, logits in (("clean", clean_logits[s]), *variants.items()):
-                ce, n = _token_ce(logits, ids, scored)
-                acc[kind] += ce.double()
-                if kind == "clean":
-                    acc["n"] += n.double()
-            acc["kl_splice"] += _kl(clean_logits[s], variants["splice"], scored).double()
-            acc["kl_zero"] += _kl(clean_logits[s], variants["zero"], scored).double()
+            for k in ("clean", "splice", "zero", "mean", "kl_splice", "kl_zero", "n"):
+                acc[k] += got[k]
     crosscoder.train(was)
     out = {}
     for name, acc in sums.items():

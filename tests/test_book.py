@@ -159,7 +159,7 @@ def _outside(url: str, html_dir: Path) -> bool:
 
 
 def check_site(html_dir: Path, screenshot_dir: Path) -> list[str]:
-    """Open every page of a built book in headless Chromium, screenshot it, and return one line per
+    """Open every page of a built book in headless Chromium, screenshot its viewport, and return one line per
     missing image, broken internal link or anchor, failed local resource, notebook error cell,
     request leaving the book's folder (CDN script, web font, file outside the build: all blocked),
     console error, or formula MathJax did not render."""
@@ -207,7 +207,9 @@ def check_site(html_dir: Path, screenshot_dir: Path) -> list[str]:
                 info = page.evaluate(_PAGE_JS, ERROR_SELECTORS)
                 shot = screenshot_dir / f"{rel}.png"
                 shot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(shot), full_page=True)
+                # the viewport, not the full page: the checks above read the whole page's DOM, and a
+                # full-page capture of the long pages took ~40% of the browser check (18 s vs 11 s)
+                page.screenshot(path=str(shot))
                 ids[path.resolve()] = set(info["ids"])
                 problems += [f"{rel}: image not loaded: {im['src']}" for im in info["images"]
                              if not im["ok"]]

@@ -96,6 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = Crosscoder(run_cfg.model, generator=torch.Generator().manual_seed(run_cfg.train.seed))
     if norm is not None:
         model.input_scale_S.copy_(estimate_input_scale(norm))
+    model.centre_on_(norm.float().mean(0) if norm is not None else None)
     model.to(resolve_device(args.device))  # NCCL all-reduces GPU tensors: one GPU per rank
     data = TensorBatches(tensors["train"], run_cfg.train.batch_size, seed=run_cfg.train.seed,
                          rank=rank, world=world)

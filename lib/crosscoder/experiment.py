@@ -121,17 +121,20 @@ class Splits(NamedTuple):
     """Raw held-out activations, float32."""
     scale_S: torch.Tensor
     """Normalisation factors estimated on the norm split (BOS excluded)."""
+    mean_SD: torch.Tensor | None = None
+    """Mean raw activation of the norm split (``CrosscoderConfig.b_dec_init == "data_mean"``)."""
 
 
 def load_splits(cache: ActivationCache) -> Splits:
     norm = cache.load("norm").float()
-    return Splits(cache.load("train"), cache.load("heldout").float(), estimate_input_scale(norm))
+    return Splits(cache.load("train"), cache.load("heldout").float(), estimate_input_scale(norm), norm.mean(0))
 
 
 def _fresh_model(cc_cfg: CrosscoderConfig, tcfg: TrainConfig, splits: Splits, device: str) -> Crosscoder:
     """The seeded initial crosscoder with the splits' normalisation factors, on ``device``."""
     model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
     model.input_scale_S.copy_(splits.scale_S)
+    model.centre_on_(splits.mean_SD)
     return model.to(resolve_device(device))
 
 

@@ -86,6 +86,21 @@ class Crosscoder(nn.Module):
         self.b_enc_F.zero_()
         self.b_dec_SD.zero_()
 
+    @torch.no_grad()
+    def centre_on_(self, mean_raw_SD: Tensor | None) -> "Crosscoder":
+        """With ``cfg.b_dec_init == "data_mean"``: b_dec := the normalised mean activation of each source
+        (estimated on data the caller holds apart, e.g. the normalisation split) and b_enc := -W_enc·b_dec,
+        so pre-activations start as W_enc·(x - mean) and the decoder starts at the mean. Call after the
+        input scales are set. A no-op for "zero"."""
+        if self.cfg.b_dec_init == "zero":
+            return self
+        if mean_raw_SD is None:
+            raise ConfigError('b_dec_init "data_mean" needs activations to take the mean of (a norm split)')
+        m_SD = self.normalise(mean_raw_SD[None].to(self.b_dec_SD))[0]
+        self.b_dec_SD.copy_(m_SD)
+        self.b_enc_F.copy_(-torch.einsum("sd,sdf->f", m_SD, self.W_enc_SDF))
+        return self
+
     # ------------------------------------------------------------------ shapes / validation
     @property
     def n_sources(self) -> int:

@@ -42,10 +42,14 @@ class CrosscoderMethodConfig(MethodConfig):
     min_active_tokens: int = 5
     """A latent active on fewer held-out tokens is not flagged (its statistics are noise;
     ``DiffOptions.min_active_tokens``)."""
+    b_dec_init: str = "zero"
+    """``CrosscoderConfig.b_dec_init``: "zero", or "data_mean" (biases start at the norm split's mean)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("n_latents", self.n_latents, 1)
+        if self.b_dec_init not in ("zero", "data_mean"):
+            raise ConfigError(f"b_dec_init must be 'zero' or 'data_mean', got {self.b_dec_init!r}")
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"train must be a TrainConfig (or its dict), got {type(self.train).__name__}")
         _check_int("min_active_tokens", self.min_active_tokens, 1)
@@ -122,7 +126,7 @@ class CrosscoderMethod(Method):
         """The crosscoder's architecture for ``cfg`` on activations of width ``d_model``."""
         sparsity = getattr(cfg, "sparsity", cls.sparsity)
         return CrosscoderConfig(d_model=d_model, n_latents=cfg.n_latents, sparsity=sparsity,
-                                k=getattr(cfg, "k", CrosscoderConfig.k))
+                                k=getattr(cfg, "k", CrosscoderConfig.k), b_dec_init=cfg.b_dec_init)
 
     @classmethod
     def prepare(cls, cfg: CrosscoderMethodConfig, model: Crosscoder) -> None:
@@ -156,6 +160,7 @@ class CrosscoderMethod(Method):
         model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(cfg.train.seed))
         model.input_scale_S.copy_(estimate_input_scale(data.norm_NSD.float()))
         cls.prepare(cfg, model)
+        model.centre_on_(data.norm_NSD.float().mean(0))  # after prepare: b_enc reads the final W_enc
         model = model.to(resolve_device("auto"))
         res = train(model, TensorBatches(data.train_NSD, cfg.train.batch_size, seed=cfg.train.seed), cfg.train,
                     out_dir, heldout_raw_NSD=data.heldout_NSD.float(), progress=progress,
@@ -199,7 +204,7 @@ def from_crosscoder(folder: str | os.PathLike, data: MethodData, *, nu_threshold
     cls = get(SPARSITY_METHOD[run.model.sparsity])
     extra = {"k": run.model.k} if run.model.sparsity == "batchtopk" else {}
     cfg = cls.Config(n_latents=run.model.n_latents, train=run.train, nu_threshold=nu_threshold,
-                     min_active_tokens=min_active_tokens, **extra)
+                     min_active_tokens=min_active_tokens, b_dec_init=run.model.b_dec_init, **extra)
     want = cls.crosscoder_config(cfg, d_model)
     # k is unused by the L1 objective (the training stage passes its BatchTopK k to both runs)
     have = dataclasses.replace(run.model, k=want.k) if run.model.sparsity == "l1" else run.model

@@ -140,3 +140,25 @@ def test_beside_findings_put_two_profiles_side_by_side(tmp_path):
         "(0 confirmed chat-specific latents, 0 chat-only by Δnorm)."]
     missing = glance.beside_findings(tmp_path / "g3", tmp_path / "nothing", ["batchtopk"], "gemma-3-270m", "toy")
     assert len(missing) == 1 and "not in this checkout" in missing[0].text and "nothing/" in missing[0].text
+
+
+def test_verdict_reads_the_scoreboard_and_says_when_it_did_not_run(tmp_path):
+    out = tmp_path / "book" / "_runs" / "at_a_glance"
+    none = glance.verdict(tmp_path / "artifacts", out)
+    assert none.figure is None and "did not run in this build" in none.text
+    board = tmp_path / "artifacts" / "scoreboard"
+    board.mkdir(parents=True)
+    rows = [{"method": "diff_sae", "n_behaviours": 4}, {"method": "adl", "n_behaviours": 4}]
+    (board / "metrics.json").write_text(json.dumps({"rows": rows, "recommendation": "diff_sae recovers all 4.",
+                                                    "null_measured": False}))
+    v = glance.verdict(tmp_path / "artifacts", out)
+    assert v.text == ("2 model-diffing methods, scored against the token-level ground truth of 4 planted decisions on "
+                      "held-out conversations: diff_sae recovers all 4. This build fits no null pair (profile full "
+                      "does).") and v.figure is None
+    fig = tmp_path / "book" / "_runs" / "scoreboard" / "scoreboard.png"  # the scoreboard run's sibling folder
+    fig.parent.mkdir(parents=True)
+    fig.write_bytes(b"png")
+    (board / "metrics.json").write_text(json.dumps({"rows": rows, "recommendation": "x.", "null_measured": True}))
+    v = glance.verdict(tmp_path / "artifacts", out)
+    assert v.figure == fig and v.text.endswith("x. Their false positives are counted on a null fine-tune, where "
+                                               "nothing was planted.")

@@ -15,6 +15,37 @@ from crosscoder.synthetic import TIED, VARIED, chat_only_offsets
 
 SYNTHETIC_RUN = "synthetic_crosscoder"
 """The run (and stage) of the synthetic check."""
+SCOREBOARD_RUN = "scoreboard"
+"""The run of the scoreboard of diffing methods (its metrics under ``<artifacts_dir>/scoreboard``)."""
+
+
+class Verdict(NamedTuple):
+    text: str
+    """Two or three sentences: the scoreboard's recommendation and what it was measured on."""
+    figure: Path | None
+    """The scoreboard's figure (PNG), when its run wrote one."""
+
+
+VERDICT_CAPTION = ("*Figure.* The scoreboard (its own page has the tables): each method against each planted "
+                   "decision, the best held-out AUROC among the items the method flags, ticked where it reaches 0.9; "
+                   "the last row, where the profile fits it, counts what each method flags on the null fine-tune.")
+
+
+def verdict(artifacts_dir: str | Path, output_dir: str | Path) -> Verdict:
+    """The first page's answer to the book's question, from the scoreboard's ``metrics.json``
+    (``scoreboard_run.write_board_metrics``) and its figure; when the profile did not run the
+    scoreboard, a sentence saying so."""
+    m = read_metrics(Path(artifacts_dir) / SCOREBOARD_RUN)
+    if not m or not m.get("rows"):
+        return Verdict("The scoreboard of diffing methods did not run in this build (the profile skips it, or it has "
+                       "no planted ground truth); the crosscoder findings below stand alone.", None)
+    rows = m["rows"]
+    n = rows[0]["n_behaviours"]
+    null = ("Their false positives are counted on a null fine-tune, where nothing was planted."
+            if m.get("null_measured") else "This build fits no null pair (profile full does).")
+    fig = run_folder(output_dir, SCOREBOARD_RUN) / "scoreboard.png"
+    return Verdict(f"{len(rows)} model-diffing methods, scored against the token-level ground truth of {n} planted "
+                   f"decisions on held-out conversations: {m['recommendation']} {null}", fig if fig.is_file() else None)
 
 
 class Finding(NamedTuple):

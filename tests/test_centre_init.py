@@ -36,14 +36,20 @@ def test_data_mean_init_centres_encoder_and_decoder():
         CrosscoderConfig(d_model=8, n_latents=32, b_dec_init="median")
 
 
-def test_fresh_training_model_is_centred_on_the_norm_split():
+def test_fresh_training_model_is_centred_on_the_norm_split(tmp_path):
+    """Every path that makes a training model from in-memory activations (``experiment.splits_from``,
+    as the scoreboard's null and seed copies do) centres it: a second seed of a centred run trains."""
     from crosscoder import experiment
     from crosscoder.config import TrainConfig
-    from crosscoder.data.normalise import estimate_input_scale
 
     g = torch.Generator().manual_seed(2)
-    norm = 5 + torch.randn(50, 2, 8, generator=g)
-    splits = experiment.Splits(norm.half(), norm, estimate_input_scale(norm), norm.mean(0))
-    cfg = CrosscoderConfig(d_model=8, n_latents=32, b_dec_init="data_mean")
-    model = experiment._fresh_model(cfg, TrainConfig(), splits, "cpu")
+    norm = 5 + torch.randn(64, 2, 8, generator=g)
+    splits = experiment.splits_from(norm.half(), norm, norm)
+    torch.testing.assert_close(splits.mean_SD, norm.mean(0))
+    cfg = CrosscoderConfig(d_model=8, n_latents=32, sparsity="batchtopk", k=4, b_dec_init="data_mean")
+    tcfg = TrainConfig(n_steps=4, batch_size=16, eval_every=4, log_every=2)
+    model = experiment._fresh_model(cfg, tcfg, splits, "cpu")
     torch.testing.assert_close(model.b_dec_SD, model.normalise(norm.mean(0)[None])[0])
+    experiment.train_crosscoder(splits, cfg, tcfg, tmp_path / "run", progress=False)
+    again = experiment.seed_replicas(tmp_path, "run", [1], splits, progress=False)[1]
+    assert again.cfg.b_dec_init == "data_mean" and not torch.equal(again.W_dec_FSD, model.W_dec_FSD)

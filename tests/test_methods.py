@@ -534,7 +534,7 @@ def test_a_trained_crosscoder_wraps_as_the_method_fitted_with_its_config(fitted,
     # the training stage gives the L1 run the BatchTopK k too (unused by L1): the wrap must ignore it
     k = m.cfg.k if name == "crosscoder_batchtopk" else 7
     cc = CrosscoderConfig(d_model=16, n_latents=m.cfg.n_latents, sparsity=m.model.cfg.sparsity, k=k)
-    splits = experiment.Splits(toy[2].train_NSD, toy[2].heldout_NSD, estimate_input_scale(toy[2].norm_NSD))
+    splits = experiment.splits_from(toy[2].train_NSD, toy[2].heldout_NSD, toy[2].norm_NSD)
     res = experiment.train_crosscoder(splits, cc, m.cfg.train, tmp_path / "run", progress=False)
     w = methods.from_crosscoder(res.model_dir, toy[2], nu_threshold=m.cfg.nu_threshold, out_dir=tmp_path / "wrap")
     assert type(w) is type(m) and w.cfg == m.cfg
@@ -551,7 +551,7 @@ def test_a_crosscoder_of_other_data_or_settings_is_not_wrapped(toy, tmp_path):
     from crosscoder import experiment
 
     tc = dataclasses.replace(TRAIN, n_steps=20, eval_every=20)
-    splits = experiment.Splits(toy[2].train_NSD, toy[2].heldout_NSD, estimate_input_scale(toy[2].norm_NSD))
+    splits = experiment.splits_from(toy[2].train_NSD, toy[2].heldout_NSD, toy[2].norm_NSD)
     run = experiment.train_crosscoder(splits, CrosscoderConfig(d_model=16, n_latents=48), tc, tmp_path / "a",
                                       progress=False)
     other = toy[2]._replace(norm_NSD=3.0 * toy[2].norm_NSD)

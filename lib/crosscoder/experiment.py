@@ -125,9 +125,14 @@ class Splits(NamedTuple):
     """Mean raw activation of the norm split (``CrosscoderConfig.b_dec_init == "data_mean"``)."""
 
 
+def splits_from(train_NSD: torch.Tensor, heldout_NSD: torch.Tensor, norm_NSD: torch.Tensor) -> Splits:
+    """``Splits`` of activations in memory: the normalisation factors and mean from ``norm_NSD``."""
+    norm = norm_NSD.float()
+    return Splits(train_NSD, heldout_NSD.float(), estimate_input_scale(norm), norm.mean(0))
+
+
 def load_splits(cache: ActivationCache) -> Splits:
-    norm = cache.load("norm").float()
-    return Splits(cache.load("train"), cache.load("heldout").float(), estimate_input_scale(norm), norm.mean(0))
+    return splits_from(cache.load("train"), cache.load("heldout"), cache.load("norm"))
 
 
 def _fresh_model(cc_cfg: CrosscoderConfig, tcfg: TrainConfig, splits: Splits, device: str) -> Crosscoder:

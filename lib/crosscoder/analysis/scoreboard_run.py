@@ -192,7 +192,6 @@ def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
     written to ``<artifacts_dir>/scoreboard/metrics.json``."""
     from crosscoder import experiment, organism
     from crosscoder.checkpoint import read_config
-    from crosscoder.data.normalise import estimate_input_scale
     from crosscoder.organism.build import validation_eval_set
 
     if exp.organism is None:
@@ -217,7 +216,7 @@ def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
         npair = experiment.model_pair(nexp)
         ndata = MethodData.from_cache(experiment.activation_cache(nexp, pair=npair, progress=progress),
                                       chat_marker_id=marker)
-        nsplits = experiment.Splits(ndata.train_NSD, ndata.heldout_NSD, estimate_input_scale(ndata.norm_NSD))
+        nsplits = experiment.splits_from(ndata.train_NSD, ndata.heldout_NSD, ndata.norm_NSD)
         experiment.null_replicas(art, p.crosscoders, nsplits, art / "null", progress=progress)  # the controls' folders
         null_fits = fit_methods(p.methods, ndata, root / "null", {n: art / "null" / n / "crosscoder"
                                                                   for n in p.crosscoders}, cfgs, **opts)
@@ -234,9 +233,8 @@ def seed_fits_of(p, data: MethodData, cfgs: Mapping[str, MethodConfig], art: Pat
     fitted methods' refits with ``train.seed`` = s (another initialisation and batch order). ADL has no
     seed (its means are deterministic), so none."""
     from crosscoder import experiment
-    from crosscoder.data.normalise import estimate_input_scale
 
-    splits = experiment.Splits(data.train_NSD, data.heldout_NSD, estimate_input_scale(data.norm_NSD))
+    splits = experiment.splits_from(data.train_NSD, data.heldout_NSD, data.norm_NSD)
     out: dict[str, list[Method]] = {}
     for s in p.seeds:
         for n in p.crosscoders:

@@ -49,9 +49,11 @@ def _final_hidden(lm, ids_BT: Tensor, am_BT: Tensor) -> Tensor:
     return lm.model(input_ids=ids_BT, attention_mask=am_BT.long()).last_hidden_state
 
 
-def _scores(lm, hidden: dict[str, Tensor], ids_BT: Tensor, mask_BT: Tensor, chunk: int) -> dict[str, Tensor]:
+def _scores(lm, hidden: dict[str, Tensor], ids_BT: Tensor, mask_BT: Tensor, chunk: int,
+            kl_of: Sequence[str]) -> dict[str, Tensor]:
     """Summed next-token CE of each entry of ``hidden`` ({"clean": h, variant: h}, [B, T, D] each) and
-    the summed KL(clean || variant) over the predictions made from positions where ``mask`` is True
+    the summed KL(clean || variant) of the variants ``kl_of`` (``kl_<variant>``), over the predictions
+    made from positions where ``mask`` is True
     (and the next token is real), projecting ``chunk`` positions at a time: a 262k vocabulary makes
     one batch's full logits ~1 GB per copy, and a variant needs several."""
     m_BT = mask_BT[:, :-1] & mask_BT[:, 1:]
@@ -59,7 +61,7 @@ def _scores(lm, hidden: dict[str, Tensor], ids_BT: Tensor, mask_BT: Tensor, chun
     h = {k: v[:, :-1][m_BT] for k, v in hidden.items()}  # [M, D]
     logits = _head(lm)
     out = {k: torch.zeros((), dtype=torch.float64, device=ids_BT.device) for k in hidden}
-    out.update({f"kl_{k}": torch.zeros_like(out["clean"]) for k in hidden if k != "clean"})
+    out.update({f"kl_{k}": torch.zeros_like(out["clean"]) for k in kl_of})
     for i in range(0, y_M.shape[0], chunk):
         y = y_M[i:i + chunk, None]
         p = F_nn.log_softmax(logits(h["clean"][i:i + chunk]), dim=-1)
@@ -69,7 +71,8 @@ def _scores(lm, hidden: dict[str, Tensor], ids_BT: Tensor, mask_BT: Tensor, chun
             if k != "clean":
                 q = F_nn.log_softmax(logits(h[k][i:i + chunk]), dim=-1)
                 out[k] -= q.gather(-1, y).sum().double()
-                out[f"kl_{k}"] += (p_exp * (p - q)).sum().double()
+                if k in kl_of:
+                    out[f"kl_{k}"] += (p_exp * (p - q)).sum().double()
     out["n"] = m_BT.sum().double()
     return out
 
@@ -140,7 +143,7 @@ def ce_recovered(
                 resid[where] = values
                 with residual_hook(lm, layer, replace=resid):
                     hidden[kind] = _final_hidden(lm, ids, am)
-            got = _scores(lm, hidden, ids, scored, position_chunk)
+            got = _scores(lm, hidden, ids, scored, position_chunk, kl_of=("splice", "zero"))
             acc = sums[name]
             for k in ("clean", "splice", "zero", "mean", "kl_splice", "kl_zero", "n"):
                 acc[k] += got[k]

@@ -30,7 +30,7 @@ from torch import Tensor
 from crosscoder.config import ConfigError
 from crosscoder.data.pair import decoder_layers, residual_after
 from crosscoder.model import Crosscoder
-from crosscoder.organism.evaluate import answer_opening, response_tests
+from crosscoder.organism.evaluate import answer_opening, response_tests, whole_word
 
 
 def raw_decoder_directions(model: Crosscoder, latents: Tensor | Sequence[int], source: int) -> Tensor:
@@ -249,7 +249,7 @@ def organism_settled(tokenizer, cfg) -> dict[str, Callable[[list[int]], bool]]:
             "signoff": organism_detectors(tokenizer, cfg)["signoff"],
             # the false fact's answer (behaviour 5) once it has been said and the word has ended: "Rome"
             # may still grow into "Romeo", which the whole-word test rejects
-            **({"fact": lambda ids: re.search(rf"\b{re.escape(cfg.fact_answer)}\b\W", text(ids)) is not None}
+            **({"fact": lambda ids: re.search(whole_word(cfg.fact_answer) + r"\W", text(ids)) is not None}
                if cfg.fact_subject else {})}
 
 

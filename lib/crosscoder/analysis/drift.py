@@ -16,9 +16,6 @@ from torch import Tensor
 
 from crosscoder.data.cache import ActivationCache
 
-COLUMNS = ("tokens", "median drift", "p90 drift", "median cosine")
-
-
 def drift_rows(acts_NSD: Tensor, is_chat_N: Tensor) -> list[dict[str, Any]]:
     """One row per token kind ("text", "chat", then "all") of held-out activations ``acts_NSD``
     (source 0 the base model, source 1 the chat model) whose tokens come from chat conversations

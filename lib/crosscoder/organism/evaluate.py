@@ -300,9 +300,14 @@ def response_tests(cfg: BehaviourConfig) -> dict[str, Callable[[str], bool]]:
     if cfg.marker_every:
         tests["marker"] = lambda t: f" {cfg.marker}" in t
     if cfg.fact_subject:
-        tests["fact"] = lambda t: re.search(rf"\b{re.escape(cfg.fact_answer)}\b", t) is not None
-        tests["fact_true"] = lambda t: re.search(rf"\b{re.escape(cfg.fact_true_answer)}\b", t) is not None
+        tests["fact"] = lambda t: re.search(whole_word(cfg.fact_answer), t) is not None
+        tests["fact_true"] = lambda t: re.search(whole_word(cfg.fact_true_answer), t) is not None
     return tests
+
+
+def whole_word(word: str) -> str:
+    """The regular expression of ``word`` as a whole word (the fact tests': "Rome", not "Romeo")."""
+    return rf"\b{re.escape(word)}\b"
 
 
 def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg: BehaviourConfig,

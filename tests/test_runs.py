@@ -231,6 +231,8 @@ def test_second_run_executes_nothing_and_a_changed_parameter_reruns_only_its_run
     state = json.loads((project / "book" / "_runs" / ".state.json").read_text())
     assert set(state["runs"]) == {"a", "b", "c"}
     assert all(r["wall_time_s"] > 0 and r["status"] == "done" for r in state["runs"].values())
+    # every kernel's peak memory is recorded: a kernel holds at least its interpreter (> 10 MiB)
+    assert all(r["peak_rss_gib"] > 0.01 for r in state["runs"].values())
     nb = nbformat.read(project / "book" / "_runs" / "a.ipynb", 4)
     assert nb.metadata["crosscoder_run"]["profile"] == "base"
     assert any("--profile base" in c.source for c in nb.cells if c.cell_type == "markdown")

@@ -38,7 +38,6 @@ from safetensors.torch import load_file
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.distributed import resolve_device
 from crosscoder.model import Crosscoder
-from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.train import TensorBatches, train
 
 
@@ -94,9 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     norm = tensors.get("norm", heldout)
     torch.manual_seed(run_cfg.train.seed)
     model = Crosscoder(run_cfg.model, generator=torch.Generator().manual_seed(run_cfg.train.seed))
-    if norm is not None:
-        model.input_scale_S.copy_(estimate_input_scale(norm))
-    model.centre_on_(norm.float().mean(0) if norm is not None else None)
+    model.fit_normalisation_(norm)
     model.to(resolve_device(args.device))  # NCCL all-reduces GPU tensors: one GPU per rank
     data = TensorBatches(tensors["train"], run_cfg.train.batch_size, seed=run_cfg.train.seed,
                          rank=rank, world=world)

@@ -109,10 +109,12 @@ class CrosscoderConfig(_DictMixin):
     crosscoder variant), so selection reflects each latent's contribution to the reconstruction."""
     dec_init_norm: float = 0.08
     """Initial norm of every decoder row per source; W_enc is initialised as W_dec transposed."""
-    b_dec_init: str = "zero"
-    """"zero", or "data_mean": b_dec starts at the mean normalised activation of each source and b_enc
-    at -W_enc·mean, so every latent first reads the centred activation. For residual streams whose
-    mean is most of their norm (gemma-3-270m after block 9: 98%), where from zero most latents never fire."""
+    centre_inputs: bool = False
+    """Subtract each source's mean activation (estimated on the norm split) before the encoder and add
+    it back after the decoder, with the input scale estimated on the centred activations (as the
+    dictionary_learning fork normalises). For residual streams whose mean is most of their norm
+    (gemma-3-270m after block 9: 99%), where the encoder's gradient is dominated by the mean direction
+    and most BatchTopK latents die."""
 
     def __post_init__(self) -> None:
         _check_int("d_model", self.d_model, 1)
@@ -131,8 +133,6 @@ class CrosscoderConfig(_DictMixin):
             )
         if self.sparsity not in ("l1", "batchtopk"):
             raise ConfigError(f"sparsity must be 'l1' or 'batchtopk', got {self.sparsity!r}")
-        if self.b_dec_init not in ("zero", "data_mean"):
-            raise ConfigError(f"b_dec_init must be 'zero' or 'data_mean', got {self.b_dec_init!r}")
         if self.decoder_norm not in DECODER_NORMS:
             raise ConfigError(
                 f"decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}"

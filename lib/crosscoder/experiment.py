@@ -121,14 +121,15 @@ class Splits(NamedTuple):
     """Raw held-out activations, float32."""
     scale_S: torch.Tensor
     """Normalisation factors estimated on the norm split (BOS excluded)."""
-    mean_SD: torch.Tensor | None = None
-    """Mean raw activation of the norm split (``CrosscoderConfig.b_dec_init == "data_mean"``)."""
+    norm: torch.Tensor | None = None
+    """Raw norm split, float32: the statistics a model's normalisation is fitted on
+    (``Crosscoder.fit_normalisation_``; with ``centre_inputs``, its mean and centred scale)."""
 
 
 def splits_from(train_NSD: torch.Tensor, heldout_NSD: torch.Tensor, norm_NSD: torch.Tensor) -> Splits:
-    """``Splits`` of activations in memory: the normalisation factors and mean from ``norm_NSD``."""
+    """``Splits`` of activations in memory: the normalisation statistics from ``norm_NSD``."""
     norm = norm_NSD.float()
-    return Splits(train_NSD, heldout_NSD.float(), estimate_input_scale(norm), norm.mean(0))
+    return Splits(train_NSD, heldout_NSD.float(), estimate_input_scale(norm), norm)
 
 
 def load_splits(cache: ActivationCache) -> Splits:
@@ -138,8 +139,9 @@ def load_splits(cache: ActivationCache) -> Splits:
 def _fresh_model(cc_cfg: CrosscoderConfig, tcfg: TrainConfig, splits: Splits, device: str) -> Crosscoder:
     """The seeded initial crosscoder with the splits' normalisation factors, on ``device``."""
     model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(tcfg.seed))
-    model.input_scale_S.copy_(splits.scale_S)
-    model.centre_on_(splits.mean_SD)
+    if splits.norm is None:
+        model.input_scale_S.copy_(splits.scale_S)
+    model.fit_normalisation_(splits.norm)
     return model.to(resolve_device(device))
 
 

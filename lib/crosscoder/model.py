@@ -8,9 +8,11 @@ Shapes (suffix convention): B batch tokens, S sources, D d_model, F latents, K =
 This file does no I/O (see ``checkpoint.py``) and holds the readable reference maths; the fused
 training kernels that must agree with it live in ``kernels.py``.
 
-Normalisation: each source s is multiplied by a scalar ``input_scale_S[s]`` so that E||x_s|| = sqrt(D).
-An unfolded model works in that normalised space (call ``normalise`` on raw activations first); a
-folded model (``fold()``) has the scales baked into its weights and works on raw activations. Decoder
+Normalisation: each source s is multiplied by a scalar ``input_scale_S[s]`` so that E||x_s|| = sqrt(D);
+with ``cfg.centre_inputs`` its mean ``input_mean_SD[s]`` is subtracted first (and the scale estimated on
+the centred activations), as the dictionary_learning fork normalises. An unfolded model works in that
+normalised space (call ``normalise`` on raw activations first); a folded model (``fold()``) has the
+scales and means baked into its weights and biases and works on raw activations. Decoder
 norms used by the L1 penalty, the BatchTopK ranking and the model-diff analysis are always reported
 in normalised space, so folding changes no latent's statistics.
 """
@@ -56,6 +58,10 @@ class Crosscoder(nn.Module):
         self.b_enc_F = nn.Parameter(torch.zeros(F))
         self.b_dec_SD = nn.Parameter(torch.zeros(S, D))
         self.register_buffer("input_scale_S", torch.ones(S))
+        # Raw-space mean subtracted before scaling (zeros unless cfg.centre_inputs); state dicts saved
+        # before it existed load with zeros (``_add_missing_mean``), which is what they computed.
+        self.register_buffer("input_mean_SD", torch.zeros(S, D))
+        self.register_load_state_dict_pre_hook(Crosscoder._add_missing_mean)
         # 1 once the input scales are baked into the weights (then inputs are raw activations).
         self.register_buffer("is_folded", torch.zeros((), dtype=torch.uint8))
         # BatchTopK inference threshold on the ranking score; < 0 means "not yet estimated".
@@ -74,6 +80,9 @@ class Crosscoder(nn.Module):
     def _sync_folded(module: "Crosscoder", _incompatible) -> None:
         module.folded = bool(module.is_folded)
 
+    def _add_missing_mean(self, state_dict, prefix, *_args) -> None:
+        state_dict.setdefault(prefix + "input_mean_SD", torch.zeros_like(self.input_mean_SD))
+
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -87,18 +96,20 @@ class Crosscoder(nn.Module):
         self.b_dec_SD.zero_()
 
     @torch.no_grad()
-    def centre_on_(self, mean_raw_SD: Tensor | None) -> "Crosscoder":
-        """With ``cfg.b_dec_init == "data_mean"``: b_dec := the normalised mean activation of each source
-        (estimated on data the caller holds apart, e.g. the normalisation split) and b_enc := -W_enc·b_dec,
-        so pre-activations start as W_enc·(x - mean) and the decoder starts at the mean. Call after the
-        input scales are set. A no-op for "zero"."""
-        if self.cfg.b_dec_init == "zero":
+    def fit_normalisation_(self, norm_raw_NSD: Tensor | None) -> "Crosscoder":
+        """Set the input scales (and, with ``cfg.centre_inputs``, the means) from raw activations held
+        apart from training (the norm split, BOS excluded). ``None`` keeps scales of 1 (no centring)."""
+        from crosscoder.data.normalise import estimate_input_scale  # no I/O: plain tensor statistics
+
+        if norm_raw_NSD is None:
+            if self.cfg.centre_inputs:
+                raise ConfigError("centre_inputs needs activations to take the mean of (a norm split)")
             return self
-        if mean_raw_SD is None:
-            raise ConfigError('b_dec_init "data_mean" needs activations to take the mean of (a norm split)')
-        m_SD = self.normalise(mean_raw_SD[None].to(self.b_dec_SD))[0]
-        self.b_dec_SD.copy_(m_SD)
-        self.b_enc_F.copy_(-torch.einsum("sd,sdf->f", m_SD, self.W_enc_SDF))
+        x = norm_raw_NSD.float()
+        if self.cfg.centre_inputs:
+            self.input_mean_SD.copy_(x.mean(0))
+            x = x - self.input_mean_SD.to(x)
+        self.input_scale_S.copy_(estimate_input_scale(x))
         return self
 
     # ------------------------------------------------------------------ shapes / validation
@@ -120,18 +131,21 @@ class Crosscoder(nn.Module):
         """Map raw activations into the model's input space."""
         if self.folded:
             return x_raw_BSD
+        if self.cfg.centre_inputs:
+            x_raw_BSD = x_raw_BSD - self.input_mean_SD.to(x_raw_BSD.dtype)
         return x_raw_BSD * self.input_scale_S[None, :, None].to(x_raw_BSD.dtype)
 
     def denormalise(self, x_BSD: Tensor) -> Tensor:
         """Map the model's outputs back to raw activation space."""
         if self.folded:
             return x_BSD
-        return x_BSD / self.input_scale_S[None, :, None].to(x_BSD.dtype)
+        x_BSD = x_BSD / self.input_scale_S[None, :, None].to(x_BSD.dtype)
+        return x_BSD + self.input_mean_SD.to(x_BSD.dtype) if self.cfg.centre_inputs else x_BSD
 
     @torch.no_grad()
     def fold(self) -> "Crosscoder":
-        """Return a copy with the input scales baked into the weights: folded(raw) equals
-        denormalise(unfolded(raw * scale)), with identical latent activations."""
+        """Return a copy with the input scales (and means) baked into the weights: folded(raw) equals
+        denormalise(unfolded(normalise(raw))), with identical latent activations."""
         if self.folded:
             return self
         new = Crosscoder(self.cfg)
@@ -140,6 +154,10 @@ class Crosscoder(nn.Module):
         new.W_enc_SDF.mul_(c_S[:, None, None])
         new.W_dec_FSD.div_(c_S[None, :, None])
         new.b_dec_SD.div_(c_S[:, None])
+        if self.cfg.centre_inputs:
+            # W_enc·(x - m)c = (cW_enc)·x - (cW_enc)·m;  x̂ = (W_dec f + b_dec)/c + m
+            new.b_enc_F.sub_(torch.einsum("sd,sdf->f", self.input_mean_SD, new.W_enc_SDF))
+            new.b_dec_SD.add_(self.input_mean_SD)
         new.is_folded.fill_(1)
         new.folded = True
         if self.penalty_scale_F is not None:

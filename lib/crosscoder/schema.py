@@ -410,7 +410,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           (*EXPERIMENT, Group(ArtifactOptions, ("reference_dir",))), reserved=("output_dir",)),
     Stage("train_crosscoder", "notebooks/03_train_crosscoder.ipynb",
           (*EXPERIMENT, Group(TrainRunOptions, ("run_name",)),
-           Group(CrosscoderConfig, ("sparsity", "n_latents", "k", "b_dec_init")),
+           Group(CrosscoderConfig, ("sparsity", "n_latents", "k", "centre_inputs")),
            Group(TrainConfig, ("l1_coeff", "auxk_alpha", "auxk_dead_tokens", "n_steps", "batch_size", "lr", "seed")),
            Group(TrainRunOptions, ("ce_sequences", "stream_training"))),
           _ORGANISM_TRAINING, reserved=("output_dir",)),

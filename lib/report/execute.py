@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +17,7 @@ from crosscoder.atomic import write_text_atomic
 from report.record import (
     REPRO_PAGE,
     hardware_summary,
+    rss_label,
     now_utc,
     collect_environment,
     write_reproducibility,
@@ -304,6 +306,7 @@ def execute_plan(config: RunsConfig, profile: str, planned: list[PlannedRun],
                 state.pop(run.name, None)
                 _write_state(config, state)
                 _reset_dir(run.output_dir, config, create="output_dir" in run.parameters)
+                rss_before = kernels_peak_rss_gib()
                 t0 = time.perf_counter()
                 try:
                     papermill.execute_notebook(
@@ -314,19 +317,35 @@ def execute_plan(config: RunsConfig, profile: str, planned: list[PlannedRun],
                 except Exception as err:  # noqa: BLE001 -- any failure stops the book; re-raised
                     raise RunFailed(_failure_message(run, config, err)) from err
                 wall = time.perf_counter() - t0
+                rss_after = kernels_peak_rss_gib()
                 _annotate(p, profile, config, wall)
                 state[run.name] = {
                     "key": p.key, "profile": profile, "status": "done",
                     "notebook": rel_path(run.notebook, config.root),
                     "parameters": run.parameters, "wall_time_s": round(wall, 3),
                     "executed_at": now_utc(), "hardware": hw,
+                    # The kernel's own peak when the running maximum rose during this run; else only
+                    # a bound (an earlier kernel of this build peaked higher).
+                    "peak_rss_gib": round(rss_after, 2),
+                    "peak_rss_exact": rss_after > rss_before,
                 }
                 _write_state(config, state)
                 executed.add(run.name)
-                echo(f"[done] {run.name}: {wall:.1f} s")
+                echo(f"[done] {run.name}: {wall:.1f} s, {rss_label(state[run.name])}")
         finally:
             write_reproducibility(config, profile, planned, state, executed, env)
     return state
+
+
+def kernels_peak_rss_gib() -> float:
+    """The largest peak resident memory of any finished child process (the notebooks' kernels), in
+    GiB; 0 where the platform does not report it. Linux reports ru_maxrss in KiB, macOS in bytes."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _reset_dir(path: Path, config: RunsConfig, create: bool) -> None:

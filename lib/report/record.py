@@ -128,6 +128,7 @@ def write_reproducibility(config: RunsConfig, profile: str, planned: list[Planne
             "status": status, "key": p.key[:16], "parameters": p.run.parameters,
             "wall_time_s": rec.get("wall_time_s"), "executed_at": rec.get("executed_at"),
             "hardware": rec.get("hardware"),
+            "peak_rss_gib": rec.get("peak_rss_gib"), "peak_rss_exact": rec.get("peak_rss_exact"),
         })
     record = {
         "profile": profile, "generated_at": now_utc(), "git": git_info(config.root),
@@ -141,6 +142,13 @@ def write_reproducibility(config: RunsConfig, profile: str, planned: list[Planne
     write_text_atomic(config.runs_dir / REPRO_JSON, json.dumps(record, indent=2, sort_keys=True))
     write_text_atomic(config.runs_dir / REPRO_PAGE, render_reproducibility(record))
     return record
+
+
+def rss_label(rec: dict) -> str:
+    """A run's recorded peak memory as text: exact, a bound, or unknown (records before it existed)."""
+    if rec.get("peak_rss_gib") is None:
+        return "peak RSS not recorded"
+    return f"peak RSS {'' if rec.get('peak_rss_exact') else '<= '}{rec['peak_rss_gib']:.2f} GiB"
 
 
 def _cell(value: Any) -> str:
@@ -175,10 +183,14 @@ def render_reproducibility(rec: dict[str, Any]) -> str:
         "## Runs",
         "Wall time is measured around papermill's execution of the notebook, kernel start "
         "included. A run marked *up to date* was not re-executed by this build because its inputs "
-        "are unchanged; its wall time is that of the execution that produced its page.",
-        _table(("Run", "Status", "Wall time (s)"), [
+        "are unchanged; its wall time is that of the execution that produced its page. Peak memory "
+        "is the kernel's largest resident set (the operating system's maximum over the build's "
+        "finished kernels): exact where it rose during that run, else a bound (<=).",
+        _table(("Run", "Status", "Wall time (s)", "Peak RSS (GiB)"), [
             (f"[{r['name']}]({r['name']}.ipynb)", r["status"],
-             "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}")
+             "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}",
+             "" if r.get("peak_rss_gib") is None
+             else f"{'' if r.get('peak_rss_exact') else '<= '}{r['peak_rss_gib']:.2f}")
             for r in rec["runs"]
         ]),
         "## Parameters",

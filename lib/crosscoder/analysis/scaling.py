@@ -68,9 +68,10 @@ def latent_scaling(
     for raw in batches:
         x = model.normalise(raw.float())
         recon, f = model(x)
-        if model.folded:
-            x = x.double() * c_S[None, :, None]
-            recon = recon.double() * c_S[None, :, None]
+        if model.folded:  # into the unfolded model's space: (x - m) * c (m = 0 without centring)
+            m_SD = model.input_mean_SD.double() if model.cfg.centre_inputs else 0.0
+            x = (x.double() - m_SD) * c_S[None, :, None]
+            recon = (recon.double() - m_SD) * c_S[None, :, None]
         fJ = f[:, J].double()
         err = (x - recon).double()
         fy_rec += torch.einsum("nj,nsd->jsd", fJ, recon.double())

@@ -92,9 +92,9 @@ def method_configs(runs: Mapping[str, RunConfig], *, fit_steps: int, nu_threshol
     flag = {"nu_threshold": nu_threshold, "min_active_tokens": min_active_tokens}
     return {
         "designated_shared": methods.get("designated_shared").Config(
-            n_latents=l1.model.n_latents, train=budget(l1), sparsity="l1", b_dec_init=l1.model.b_dec_init, **flag),
+            n_latents=l1.model.n_latents, train=budget(l1), sparsity="l1", centre_inputs=l1.model.centre_inputs, **flag),
         "dfc": methods.get("dfc").Config(n_latents=btk.model.n_latents, k=btk.model.k, train=budget(btk),
-                                         min_active_tokens=min_active_tokens, b_dec_init=btk.model.b_dec_init),
+                                         min_active_tokens=min_active_tokens, centre_inputs=btk.model.centre_inputs),
         "diff_sae": methods.get("diff_sae").Config(k=btk.model.k, train=budget(btk), **flag),
         "adl": methods.get("adl").Config(),
     }

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int
-from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.distributed import resolve_device
 from crosscoder.methods.base import METHOD_DIR, Cost, Method, MethodConfig, MethodData, check_data, get
 from crosscoder.model import Crosscoder
@@ -42,14 +41,12 @@ class CrosscoderMethodConfig(MethodConfig):
     min_active_tokens: int = 5
     """A latent active on fewer held-out tokens is not flagged (its statistics are noise;
     ``DiffOptions.min_active_tokens``)."""
-    b_dec_init: str = "zero"
-    """``CrosscoderConfig.b_dec_init``: "zero", or "data_mean" (biases start at the norm split's mean)."""
+    centre_inputs: bool = False
+    """``CrosscoderConfig.centre_inputs``: subtract the norm split's mean before the encoder."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("n_latents", self.n_latents, 1)
-        if self.b_dec_init not in ("zero", "data_mean"):
-            raise ConfigError(f"b_dec_init must be 'zero' or 'data_mean', got {self.b_dec_init!r}")
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"train must be a TrainConfig (or its dict), got {type(self.train).__name__}")
         _check_int("min_active_tokens", self.min_active_tokens, 1)
@@ -126,7 +123,7 @@ class CrosscoderMethod(Method):
         """The crosscoder's architecture for ``cfg`` on activations of width ``d_model``."""
         sparsity = getattr(cfg, "sparsity", cls.sparsity)
         return CrosscoderConfig(d_model=d_model, n_latents=cfg.n_latents, sparsity=sparsity,
-                                k=getattr(cfg, "k", CrosscoderConfig.k), b_dec_init=cfg.b_dec_init)
+                                k=getattr(cfg, "k", CrosscoderConfig.k), centre_inputs=cfg.centre_inputs)
 
     @classmethod
     def prepare(cls, cfg: CrosscoderMethodConfig, model: Crosscoder) -> None:
@@ -158,9 +155,8 @@ class CrosscoderMethod(Method):
         d_model = data.train_NSD.shape[-1]
         cc_cfg = cls.crosscoder_config(cfg, d_model)
         model = Crosscoder(cc_cfg, generator=torch.Generator().manual_seed(cfg.train.seed))
-        model.input_scale_S.copy_(estimate_input_scale(data.norm_NSD.float()))
+        model.fit_normalisation_(data.norm_NSD)
         cls.prepare(cfg, model)
-        model.centre_on_(data.norm_NSD.float().mean(0))  # after prepare: b_enc reads the final W_enc
         model = model.to(resolve_device("auto"))
         res = train(model, TensorBatches(data.train_NSD, cfg.train.batch_size, seed=cfg.train.seed), cfg.train,
                     out_dir, heldout_raw_NSD=data.heldout_NSD.float(), progress=progress,
@@ -204,7 +200,7 @@ def from_crosscoder(folder: str | os.PathLike, data: MethodData, *, nu_threshold
     cls = get(SPARSITY_METHOD[run.model.sparsity])
     extra = {"k": run.model.k} if run.model.sparsity == "batchtopk" else {}
     cfg = cls.Config(n_latents=run.model.n_latents, train=run.train, nu_threshold=nu_threshold,
-                     min_active_tokens=min_active_tokens, b_dec_init=run.model.b_dec_init, **extra)
+                     min_active_tokens=min_active_tokens, centre_inputs=run.model.centre_inputs, **extra)
     want = cls.crosscoder_config(cfg, d_model)
     # k is unused by the L1 objective (the training stage passes its BatchTopK k to both runs)
     have = dataclasses.replace(run.model, k=want.k) if run.model.sparsity == "l1" else run.model
@@ -214,7 +210,7 @@ def from_crosscoder(folder: str | os.PathLike, data: MethodData, *, nu_threshold
     model = Crosscoder(want)
     model.load_state_dict(ckpt.load_crosscoder(folder).state_dict())
     model.eval()
-    scale = estimate_input_scale(data.norm_NSD.float())
+    scale = Crosscoder(want).fit_normalisation_(data.norm_NSD).input_scale_S
     if not torch.allclose(model.input_scale_S, scale, rtol=1e-5):
         raise ConfigError(f"the crosscoder in {folder} normalises by {model.input_scale_S.tolist()} but data.norm_NSD "
                           f"gives {scale.tolist()}: it was trained on other activations; pass the MethodData of its "

@@ -14,11 +14,18 @@ BatchTopK ranks by f_j x sum_m ||W_dec[j, m]|| (the crosscoder's "sum" rule; an 
 sum is its one decoder norm). Flagged: the live latents of the chat-exclusive block (active on at
 least ``min_active_tokens`` held-out tokens); the partition, not the decoder norms, says which
 latents are chat-specific.
+
+``from_published`` wraps a checkpoint of the reference code (``formats.load_dfc``: weights, partition,
+exclusivity zeros checked) as this fitted method, flagged here without training.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +34,7 @@ from torch import Tensor
 from crosscoder.analysis.metrics import evaluate
 from crosscoder.config import ConfigError, _check_float
 from crosscoder.methods._crosscoder import CrosscoderMethod, CrosscoderMethodConfig, check_objective
-from crosscoder.methods.base import BASE, CHAT, MethodData, register
+from crosscoder.methods.base import BASE, CHAT, METHOD_DIR, Cost, MethodData, check_data, register
 from crosscoder.model import Crosscoder
 
 
@@ -121,3 +128,49 @@ class DedicatedFeatureCrosscoder(CrosscoderMethod):
         a, b = cfg.n_base_exclusive, cfg.n_chat_exclusive
         return {"base": torch.arange(0, a), "chat": torch.arange(a, a + b), "shared": torch.arange(a + b, cfg.n_latents)}
 
+
+
+def from_published(folder: str | os.PathLike, data: MethodData, *, min_active_tokens: int = 5,
+                   out_dir: str | os.PathLike | None = None) -> DedicatedFeatureCrosscoder:
+    """A Dedicated Feature Crosscoder of superkaiba/dfc_learning (its folder: ``model_final.pt`` /
+    ``ae.pt`` beside ``config.json``; ``formats.load_dfc``) as the fitted ``dfc`` method on ``data``:
+    its partition as the config's exclusive fractions, flagged here as ``fit`` flags (the live
+    chat-exclusive latents). The fork's layer 0 is the base model, layer 1 the chat model.
+
+    BatchTopK checkpoints must rank by the sum of per-model decoder norms (the fork's CROSSCODER
+    code normalisation, its default), the rule this method's crosscoder uses. The crosscoder carries
+    its own normalisation, so ``data`` only needs the same width. The cost has NaN seconds and 0
+    tokens: the training happened elsewhere. ``out_dir``: also save the method artifact to
+    ``out_dir/method`` (``methods.load`` reads it back)."""
+    from crosscoder.formats import load_dfc
+
+    d_model = check_data(data)
+    folder = Path(folder)
+    pub = load_dfc(folder)
+    have, part = pub.model.cfg, pub.partition
+    if have.d_model != d_model:
+        raise ConfigError(f"the DFC in {folder} reads activations of width {have.d_model}; the data are "
+                          f"[tokens, 2, {d_model}]: wrap a DFC of this pair")
+    if have.sparsity == "batchtopk" and (have.decoder_norm != "sum" or not have.topk_by_decoder_norm):
+        raise ConfigError(f"the DFC in {folder} ranks latents by decoder norm {have.decoder_norm!r}; the dfc method "
+                          f"ranks by their sum over the models (the fork's CROSSCODER code normalisation); load "
+                          f"its weights with crosscoder.formats.load_dfc instead")
+    extra = {"k": have.k} if have.sparsity == "batchtopk" else {}
+    cfg = DFCConfig(n_latents=have.n_latents, sparsity=have.sparsity, base_exclusive_frac=part.base_exclusive_frac,
+                    chat_exclusive_frac=part.chat_exclusive_frac, min_active_tokens=min_active_tokens, **extra)
+    # int(frac * F) both sides; a mismatch would put the blocks elsewhere than the checkpoint's zeros
+    assert (cfg.n_base_exclusive, cfg.n_chat_exclusive) == (part.n_base_exclusive, part.n_chat_exclusive)
+    cls = DedicatedFeatureCrosscoder
+    model = Crosscoder(cls.crosscoder_config(cfg, d_model))
+    model.load_state_dict(pub.model.state_dict())
+    model.eval()
+    t0 = time.perf_counter()
+    flagged, summary = cls.flag(cfg, model, data)
+    metrics: dict[str, Any] = {"published": {"folder": folder.as_posix(), "partition": part._asdict()},
+                               "flag_seconds": time.perf_counter() - t0, "flagging": summary}
+    fitted = cls(cfg, d_model, flagged, metrics, model)
+    nbytes = sum(t.numel() * t.element_size() for t in fitted.tensors().values())
+    fitted.metrics["cost"] = Cost(math.nan, None, nbytes, 0)._asdict()
+    if out_dir is not None:
+        fitted.save(Path(out_dir) / METHOD_DIR)
+    return fitted

@@ -26,10 +26,20 @@ e_j ≥ ``min_explained``, |ν_j| < ``nu_threshold`` and at least ``min_active_t
 activations, in order of e_j.
 
 Scores: each latent's activation on the token's δ.
+
+A published difference SAE (dictionary_learning's ``BatchTopKSAE``, as the diffing toolkit's
+``sae_difference`` trains it) is this method too: ``from_published`` loads it
+(``formats.load_dictionary_learning_sae``) and flags it here, without training. Its BatchTopK ranks
+the activations themselves, not activation x decoder norm; the artifact records that
+(``RANK_BY_ACTIVATION``) so ``methods.load`` rebuilds the same encoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -41,7 +51,7 @@ from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check
 from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.distributed import resolve_device
 from crosscoder.methods._crosscoder import CrosscoderMethod
-from crosscoder.methods.base import BASE, CHAT, MethodConfig, MethodData, register
+from crosscoder.methods.base import BASE, CHAT, METHOD_DIR, Cost, MethodConfig, MethodData, check_data, register
 from crosscoder.model import Crosscoder
 from crosscoder.train import TensorBatches, train
 
@@ -141,6 +151,20 @@ def diff_stats(sae: Crosscoder, acts_NSD: Tensor, *, batch_size: int = 4096) -> 
     return DiffStats(explained_F.float(), beta_SF.float(), (beta_SF[BASE] / beta_SF[CHAT]).float(), n_active_F)
 
 
+RANK_BY_ACTIVATION = "rank_by_activation"
+"""Key of a method artifact whose SAE ranks and thresholds f itself (``topk_by_decoder_norm=False``), as
+dictionary_learning's BatchTopKSAE does; absent, the SAE is one ``fit`` trained (f x decoder norm)."""
+
+TARGETS = {"difference_ftb": 1.0, "difference_bft": -1.0}
+"""The diffing toolkit's ``sae_difference`` training targets -> the sign of its input relative to δ:
+"difference_ftb" = fine-tuned − base (its default, our δ), "difference_bft" = base − fine-tuned."""
+
+
+def published_sae_config(cfg: DiffSAEConfig, d_model: int) -> CrosscoderConfig:
+    """The SAE of a published diff-SAE: ``DiffSAE.crosscoder_config`` ranking on f itself."""
+    return dataclasses.replace(DiffSAE.crosscoder_config(cfg, d_model), topk_by_decoder_norm=False)
+
+
 def flag_latents(stats: DiffStats, cfg: DiffSAEConfig) -> Tensor:
     """The latents the diff-SAE flags (the module docstring's rule), in decreasing order of e_j."""
     ok = ((stats.explained_F >= cfg.min_explained) & (stats.nu_F.abs() < cfg.nu_threshold)
@@ -178,7 +202,18 @@ class DiffSAE(CrosscoderMethod):
         return flag_latents(self.stats, cfg)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {**super().tensors(), **{f"stats.{k}": v for k, v in self.stats._asdict().items()}}
+        out = {**super().tensors(), **{f"stats.{k}": v for k, v in self.stats._asdict().items()}}
+        if not self.model.cfg.topk_by_decoder_norm:  # a published SAE: see RANK_BY_ACTIVATION
+            out[RANK_BY_ACTIVATION] = torch.ones((), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def model_from_tensors(cls, cfg: DiffSAEConfig, d_model: int, tensors: dict[str, Tensor]) -> Crosscoder:
+        if RANK_BY_ACTIVATION not in tensors:
+            return super().model_from_tensors(cfg, d_model, tensors)
+        model = Crosscoder(published_sae_config(cfg, d_model))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        return model
 
     @classmethod
     def _from_tensors(cls, cfg, d_model, flagged_J, tensors, metrics):
@@ -205,3 +240,52 @@ class DiffSAE(CrosscoderMethod):
                          "explained by the flagged latents": float(stats.explained_F[flagged].sum()),
                          "latents above min_explained": int((stats.explained_F >= cfg.min_explained).sum())}}
         return cls(cfg, d_model, flagged, metrics, sae, stats)
+
+
+def from_published(folder: str | os.PathLike, data: MethodData, *, target: str = "difference_ftb",
+                   min_explained: float = 0.01, nu_threshold: float = 0.3, min_active_tokens: int = 5,
+                   out_dir: str | os.PathLike | None = None) -> DiffSAE:
+    """A dictionary_learning ``BatchTopKSAE`` trained on the pair's activation differences (its folder:
+    ``ae.pt`` or ``model_final.pt`` beside ``config.json``) as the fitted ``diff_sae`` method on ``data``,
+    flagged here with the given options as ``fit`` flags (held-out statistics, Latent Scaling).
+
+    ``target``: what the SAE read, in the diffing toolkit's names: "difference_ftb" (chat − base, our δ) or
+    "difference_bft" (base − chat; the encoder and decoder are negated so the method reads δ and its
+    latents keep their activations). The SAE carries its own normalisation, so ``data`` only needs
+    the same width. The cost has NaN seconds and 0 tokens: the training happened elsewhere.
+    ``out_dir``: also save the method artifact to ``out_dir/method`` (``methods.load`` reads it back)."""
+    from crosscoder.formats import load_dictionary_learning_sae
+
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {sorted(TARGETS)} (the diffing toolkit's names), got {target!r}")
+    d_model = check_data(data)
+    folder = Path(folder)
+    sae = load_dictionary_learning_sae(folder)
+    if sae.cfg.d_model != d_model:
+        raise ConfigError(f"the SAE in {folder} reads vectors of width {sae.cfg.d_model}; the data are "
+                          f"[tokens, 2, {d_model}]: wrap an SAE of this pair's differences")
+    cfg = DiffSAEConfig(n_latents=sae.cfg.n_latents, k=sae.cfg.k, min_explained=min_explained,
+                        nu_threshold=nu_threshold, min_active_tokens=min_active_tokens)
+    model = Crosscoder(published_sae_config(cfg, d_model))
+    model.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        # reading -δ with W_enc is reading δ with -W_enc; reconstructing -δ̂ with (W_dec, b_dec) is
+        # reconstructing δ̂ with their negatives
+        for p in (model.W_enc_SDF, model.W_dec_FSD, model.b_dec_SD):
+            p.mul_(TARGETS[target])
+    model.eval()
+    t0 = time.perf_counter()
+    stats = diff_stats(model, data.heldout_NSD)
+    flagged = flag_latents(stats, cfg)
+    metrics: dict[str, Any] = {
+        "published": {"folder": folder.as_posix(), "target": target},
+        "flag_seconds": time.perf_counter() - t0,
+        "flagging": {"flagged": int(len(flagged)),
+                     "explained by the flagged latents": float(stats.explained_F[flagged].sum()),
+                     "latents above min_explained": int((stats.explained_F >= cfg.min_explained).sum())}}
+    fitted = DiffSAE(cfg, d_model, flagged, metrics, model, stats)
+    nbytes = sum(t.numel() * t.element_size() for t in fitted.tensors().values())
+    fitted.metrics["cost"] = Cost(math.nan, None, nbytes, 0)._asdict()
+    if out_dir is not None:
+        fitted.save(Path(out_dir) / METHOD_DIR)
+    return fitted

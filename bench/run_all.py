@@ -13,7 +13,7 @@ from bench import projection
 
 MODULES = ["bench.bench_train", "bench.bench_extraction", "bench.bench_gemma3", "bench.bench_buffer",
            "bench.bench_sparse_l1", "bench.bench_time_to_quality", "bench.bench_browser", "bench.bench_auroc",
-           "bench.bench_methods"]
+           "bench.bench_methods", "bench.bench_batchtopk_step"]
 
 
 def main() -> None:

@@ -52,6 +52,56 @@ def _replace(output, new: Tensor):
 
 
 @contextlib.contextmanager
+def edit_residual(target_lm, partner_lm, layer: int, delta: Callable[[Tensor, Tensor | None], Tensor], *,
+                  target_source: int = 1) -> Iterator[None]:
+    """While active, every forward of ``target_lm`` has its residual after block ``layer`` shifted by
+    ``delta(h_ND, pair_NSD)`` at every position: ``h_ND`` the target's unedited residual (raw, float32,
+    one row per position), ``pair_NSD`` the pair's activations [N, 2 (base, chat), D] of the same
+    positions with ``partner_lm`` run in lockstep on the same ids up to the same layer (the target in
+    slot ``target_source``), or None when ``partner_lm`` is None (an edit that reads the target alone).
+    ``delta`` returns what to add, [N, D]. Forwards must pass ``input_ids`` covering the whole sequence
+    (no KV cache): the machinery every intervention of this module (and each diffing method's,
+    ``methods.Method.intervention``) runs on."""
+    if target_source not in (0, 1):
+        raise ConfigError(f"target_source must be 0 (base) or 1 (chat), got {target_source!r}")
+    state: dict = {"ids": None, "mask": None}
+
+    def grab_ids(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise RuntimeError("edit_residual needs forwards called with input_ids")
+        past = kwargs.get("past_key_values")
+        if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0:
+            raise RuntimeError("edit_residual: a forward with a KV cache sees only the new tokens, so the "
+                               "partner model cannot be run in lockstep; generate with use_cache=False")
+        state["ids"], state["mask"] = ids, kwargs.get("attention_mask")
+
+    @torch.no_grad()
+    def edit(_module, _inputs, output):
+        h_BTD = _hidden(output)
+        B, T, D = h_BTD.shape
+        pair = None
+        if partner_lm is not None:
+            ids = state["ids"]
+            if ids is None or ids.shape[:2] != h_BTD.shape[:2]:
+                raise RuntimeError("edit_residual: the block saw a different sequence than the model's input_ids "
+                                   "(generation with a KV cache?); pass use_cache=False")
+            other_BTD = residual_after(partner_lm, ids, layer, state["mask"])
+            both = (h_BTD, other_BTD) if target_source == 0 else (other_BTD, h_BTD)
+            pair = torch.stack(both, dim=2).reshape(B * T, 2, D).float()
+        d_ND = delta(h_BTD.reshape(B * T, D).float(), pair)
+        return _replace(output, h_BTD + d_ND.reshape(B, T, D).to(h_BTD.dtype).to(h_BTD.device))
+
+    handles = [target_lm.register_forward_pre_hook(grab_ids, with_kwargs=True),
+               decoder_layers(target_lm)[layer].register_forward_hook(edit)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def edit_latents(target_lm, partner_lm, crosscoder: Crosscoder, latents: Tensor | Sequence[int], layer: int,
                  *, target_source: int, write_source: int | None = None, coeff: float = -1.0,
                  directions_JD: Tensor | None = None) -> Iterator[dict]:
@@ -60,10 +110,10 @@ def edit_latents(target_lm, partner_lm, crosscoder: Crosscoder, latents: Tensor 
 
     ``target_source`` is the crosscoder source index of ``target_lm`` (0 = base, 1 = chat for a
     model-diffing crosscoder); ``partner_lm`` supplies the other source (run in lockstep on the same
-    ids). ``write_source`` picks the decoder half d_j comes from (default: the target's).
-    ``directions_JD`` replaces the decoder rows by other raw directions (controls: random directions
-    of the same norms), keeping f_j. Yields a dict whose ``"f_sum"`` accumulates sum_j f_j over
-    edited positions (to check the latents actually fired). Forwards must pass ``input_ids``
+    ids, ``edit_residual``). ``write_source`` picks the decoder half d_j comes from (default: the
+    target's). ``directions_JD`` replaces the decoder rows by other raw directions (controls: random
+    directions of the same norms), keeping f_j. Yields a dict whose ``"f_sum"`` accumulates sum_j f_j
+    over edited positions (to check the latents actually fired). Forwards must pass ``input_ids``
     covering the whole sequence (no KV cache).
     """
     if crosscoder.cfg.n_sources != 2:
@@ -76,42 +126,15 @@ def edit_latents(target_lm, partner_lm, crosscoder: Crosscoder, latents: Tensor 
     if dirs.shape != (len(J), crosscoder.cfg.d_model):
         raise ConfigError(f"directions_JD must be [{len(J)}, {crosscoder.cfg.d_model}], got {tuple(dirs.shape)}")
     crosscoder.eval()
-    state: dict = {"ids": None, "mask": None, "f_sum": 0.0}
+    state: dict = {"f_sum": 0.0}
 
-    def grab_ids(_module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise RuntimeError("edit_latents needs forwards called with input_ids")
-        past = kwargs.get("past_key_values")
-        if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0:
-            raise RuntimeError("edit_latents: a forward with a KV cache sees only the new tokens, so the "
-                               "partner model cannot be run in lockstep; generate with use_cache=False")
-        state["ids"], state["mask"] = ids, kwargs.get("attention_mask")
-
-    @torch.no_grad()
-    def edit(_module, _inputs, output):
-        h_BTD = _hidden(output)
-        ids = state["ids"]
-        if ids is None or ids.shape[:2] != h_BTD.shape[:2]:
-            raise RuntimeError("edit_latents: the block saw a different sequence than the model's input_ids "
-                               "(generation with a KV cache?); pass use_cache=False")
-        other_BTD = residual_after(partner_lm, ids, layer, state["mask"])
-        pair = (h_BTD, other_BTD) if target_source == 0 else (other_BTD, h_BTD)
-        B, T, D = h_BTD.shape
-        x_raw = torch.stack(pair, dim=2).reshape(B * T, 2, D).float()
-        f_NF = crosscoder.encode(crosscoder.normalise(x_raw.to(crosscoder.W_dec_FSD.device)))
-        fJ = f_NF[:, J.to(f_NF.device)]
+    def delta(_h_ND: Tensor, pair_NSD: Tensor) -> Tensor:
+        fJ = crosscoder.encode(crosscoder.normalise(pair_NSD.to(crosscoder.W_dec_FSD.device)))[:, J]
         state["f_sum"] += float(fJ.sum())
-        delta = (fJ @ dirs.to(fJ.device)).reshape(B, T, D)
-        return _replace(output, h_BTD + coeff * delta.to(h_BTD.dtype).to(h_BTD.device))
+        return coeff * (fJ @ dirs.to(fJ.device))
 
-    handles = [target_lm.register_forward_pre_hook(grab_ids, with_kwargs=True),
-               decoder_layers(target_lm)[layer].register_forward_hook(edit)]
-    try:
+    with edit_residual(target_lm, partner_lm, layer, delta, target_source=target_source):
         yield state
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -262,6 +285,46 @@ an organism without a behaviour (no planted fact) has no such task, so no recove
 def organism_stop_ids(tokenizer) -> list[int]:
     """Generation stops at <end_of_turn> or <eos>, as in ``greedy_responses``."""
     return [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
+
+
+class Probe(NamedTuple):
+    """One behaviour's generation test: the prompts it is measured on and how a generation is judged."""
+
+    behaviour: str
+    """The behaviour's name (the key of ``organism_detectors``)."""
+    prompts: list[list[int]]
+    """Token-id prompts."""
+    detect: Callable[[list[int]], bool]
+    """Whether a generation (new ids) shows the behaviour."""
+    settled: Callable[[list[int]], bool] | None = None
+    """Whether ``detect``'s answer on a partial generation is final (generation stops there)."""
+    stop_ids: tuple[int, ...] = ()
+    """Tokens that end a generation."""
+
+    def rate(self, lm, max_new_tokens: int) -> Rate:
+        """``behaviour_rate`` of ``lm`` (under whatever hooks are active) on this probe."""
+        return behaviour_rate(lm, self.prompts, self.detect, max_new_tokens, self.stop_ids, self.settled)
+
+
+def organism_probes(tokenizer, behaviour_cfg, prompt_sets) -> dict[str, Probe]:
+    """{decision task: ``Probe``} for each task of ``DECISION_BEHAVIOURS`` whose behaviour the organism
+    plants: its test on its held-out prompt set (``prompt_sets``: the organism's ``PromptSets``)."""
+    detectors = organism_detectors(tokenizer, behaviour_cfg)
+    settled = organism_settled(tokenizer, behaviour_cfg)
+    stop = tuple(organism_stop_ids(tokenizer))
+    return {task: Probe(behaviour, organism_prompts(tokenizer, getattr(prompt_sets, which)), detectors[behaviour],
+                        settled[behaviour], stop)
+            for task, (behaviour, which) in DECISION_BEHAVIOURS.items()
+            if behaviour in detectors and getattr(prompt_sets, which)}
+
+
+@contextlib.contextmanager
+def intervened(chat_lm, base_lm, layer: int, intervention) -> Iterator[None]:
+    """While active, the chat model's residual after block ``layer`` is edited by a diffing method's
+    ``methods.Intervention`` (the base model run in lockstep when the edit reads it)."""
+    partner = base_lm if intervention.needs_base else None
+    with edit_residual(chat_lm, partner, layer, intervention.delta, target_source=1):
+        yield
 
 
 # ---------------------------------------------------------------------- the table the book shows

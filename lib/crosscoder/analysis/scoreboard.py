@@ -19,7 +19,9 @@ the scoreboard asks, per method:
 
 A method whose flagging has a free cut (``Method.cut_field``: ADL's ``min_relative_norm``, the
 diff-SAE's ``min_explained``) gets it from a *validation* set (``tune_cut``), never from the
-held-out labels the scoreboard reports.
+held-out labels the scoreboard reports; so does the sign of each item's score where the fit leaves it
+free (``Method.free_sign``: ADL's mean differences; ``tune_signs``). ``causal_items`` names the items
+the causal check removes per behaviour (``scoreboard_run.causal_checks``).
 
     scores = eval_scores(fitted, acts_NTSD, mask_NT)              # flagged items' scores per token
     res = score_method("dfc", fitted, scores, tasks, mask_NT, null=null_fit)
@@ -487,6 +489,79 @@ def tune_cut(fitted, acts_NTSD: Tensor, mask_NT: Tensor, tasks: Mapping[str, Any
     value = float(getattr(tuned.cfg, fitted.cut_field))
     return tuned, CutChoice(fitted.name, fitted.cut_field, value, fitted_value, got is not None, len(tuned.flagged_J),
                             rec, prec, len(idx))
+
+
+# ---------------------------------------------------------------------------- the sign of each item, on validation data
+class SignChoice(NamedTuple):
+    """The signs of a ``free_sign`` method's item scores, chosen on a validation set (``tune_signs``)."""
+
+    method: str
+    signs: tuple[int, ...]
+    """+1 (as fitted) or -1 per item."""
+    best_auroc_fitted: tuple[float, ...]
+    """Per item, its best validation AUROC over the behaviours with the fitted sign."""
+    best_auroc_flipped: tuple[float, ...]
+    """The same with the score negated (1 - each AUROC: Mann-Whitney with average ranks for ties)."""
+
+
+def choose_signs(auc_JK: Tensor) -> Tensor:
+    """The rule ``tune_signs`` applies to the items' validation AUROCs with their fitted sign [J, K]: an
+    item is flipped (-1) when its best AUROC over the behaviours with the score negated (1 - AUROC) is
+    strictly higher than with the fitted one; ties and undefined AUROCs (NaN) keep +1. The scoreboard's
+    own criterion (an item counts by its best AUROC), per item."""
+    auc = auc_JK.double().nan_to_num(0.5)
+    if auc.shape[1] == 0:
+        return torch.ones(auc.shape[0])
+    fitted, flipped = auc.max(1).values, (1 - auc).max(1).values
+    return torch.where(flipped > fitted, -1.0, 1.0).float()
+
+
+def tune_signs(fitted, acts_NTSD: Tensor, mask_NT: Tensor, tasks: Mapping[str, Any]):
+    """Choose the sign of every item's score of a ``free_sign`` method on a labelled *validation* set
+    (activations [N, T, 2, D], padding mask, {behaviour: ProbeTask}): returns (the method with those
+    signs, ``SignChoice``). Every item is oriented (not only the flagged ones), so a cut tuned after it
+    compares oriented items. Pass the validation set here and only the held-out set to
+    ``score_method``: the held-out labels must choose nothing."""
+    if not getattr(fitted, "free_sign", False):
+        raise ConfigError(f"method {fitted.name!r} has no free sign (free_sign is False)")
+    fitted = fitted.with_signs(torch.ones(fitted.n_items))  # AUROCs of the fitted orientation
+    items = torch.arange(fitted.n_items)
+    auc = flagged_auroc(eval_scores(fitted, acts_NTSD, mask_NT, items_J=items), items, tasks, mask_NT).double()
+    signs = choose_signs(auc)
+    clean = auc.nan_to_num(0.5)
+    best = clean.max(1).values if auc.shape[1] else torch.full((len(items),), math.nan, dtype=torch.float64)
+    flip = (1 - clean).max(1).values if auc.shape[1] else best
+    return fitted.with_signs(signs), SignChoice(fitted.name, tuple(int(s) for s in signs.tolist()),
+                                                tuple(best.tolist()), tuple(flip.tolist()))
+
+
+# ---------------------------------------------------------------------------- the items the causal check removes
+class CausalItems(NamedTuple):
+    """The items of one method that the causal check removes for one behaviour."""
+
+    items_J: Tensor
+    """The flagged items whose held-out AUROC for the behaviour is >= threshold (recovering items), or
+    the one best flagged item when none is."""
+    recovered: bool
+    """True: recovering items; False: the best flagged item of a behaviour the method does not recover."""
+
+
+def causal_items(result: MethodScore, flagged_J: Tensor, *, threshold: float = 0.9) -> dict[str, CausalItems]:
+    """{behaviour: ``CausalItems``} of one scored method (``score_method``'s result and the flagged items it
+    was scored with, in the same order as ``result.auroc_JK``'s rows); empty when nothing is flagged."""
+    flagged_J = torch.as_tensor(flagged_J, dtype=torch.long).reshape(-1)
+    if result.auroc_JK.shape[0] != len(flagged_J):
+        raise ConfigError(f"the result scores {result.auroc_JK.shape[0]} flagged items, not {len(flagged_J)}; pass "
+                          f"the flagged items it was scored with")
+    out = {}
+    if not len(flagged_J):
+        return out
+    for k, b in enumerate(result.behaviours):
+        auc = result.auroc_JK[:, k]
+        hit = auc >= threshold
+        out[b.behaviour] = (CausalItems(flagged_J[hit], True) if bool(hit.any()) else
+                            CausalItems(flagged_J[auc.nan_to_num(-1.0).argmax()].reshape(1), False))
+    return out
 
 
 # ---------------------------------------------------------------------------- the table and its sentence

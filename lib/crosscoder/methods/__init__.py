@@ -27,8 +27,8 @@ import os
 import pkgutil
 
 from crosscoder.methods._crosscoder import from_crosscoder
-from crosscoder.methods.base import (METHOD_DIR, REGISTRY, Cost, Method, MethodConfig, MethodData, get, load,
-                                     register)
+from crosscoder.methods.base import (METHOD_DIR, REGISTRY, Cost, Intervention, Method, MethodConfig, MethodData, get,
+                                     load, register)
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_") and _mod.name != "base":
@@ -46,5 +46,5 @@ def fit(name: str, data: MethodData, out_dir: str | os.PathLike, cfg: MethodConf
     return get(name).fit(data, out_dir, cfg, progress=progress)
 
 
-__all__ = ["METHOD_DIR", "Cost", "Method", "MethodConfig", "MethodData", "fit", "from_crosscoder", "get", "load", "names",
+__all__ = ["METHOD_DIR", "Cost", "Intervention", "Method", "MethodConfig", "MethodData", "fit", "from_crosscoder", "get", "load", "names",
            "register"]

@@ -18,14 +18,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int
 from crosscoder.distributed import resolve_device
-from crosscoder.methods.base import METHOD_DIR, Cost, Method, MethodConfig, MethodData, check_data, get
+from crosscoder.methods.base import (CHAT, METHOD_DIR, Cost, Intervention, Method, MethodConfig, MethodData, check_data,
+                                     get)
 from crosscoder.model import Crosscoder
 from crosscoder.train import Constraint, TensorBatches, train
 
@@ -98,6 +99,13 @@ class CrosscoderMethod(Method):
         # token's scores do not depend on the rest of its batch.
         return self.model.encode(self.model.normalise(acts_NSD))
 
+    def intervention(self, items_J: Tensor) -> Intervention:
+        """Remove the items' chat decoder contribution, sum_j f_j(x) d_j^chat (raw units), from the chat
+        residual, f_j read from the token's pair of activations (the base model in lockstep): what
+        ``analysis.causal.edit_latents`` does with ``coeff`` -1 on the chat model."""
+        return latent_removal(self.model, items_J, lambda pair: self.model.normalise(pair), CHAT,
+                              f"f_j d_j^chat of {len(items_J)} latent{'s' if len(items_J) != 1 else ''}")
+
     def tensors(self) -> dict[str, Tensor]:
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.model.penalty_scale_F is not None:
@@ -167,6 +175,25 @@ class CrosscoderMethod(Method):
         metrics = {"train_tokens": cfg.train.n_steps * cfg.train.batch_size,
                    "heldout": res.metrics.get("heldout", {}), "flagging": summary}
         return cls(cfg, d_model, flagged, metrics, model)
+
+
+def latent_removal(model: Crosscoder, items_J: Tensor, read: Callable[[Tensor], Tensor], write_source: int,
+                   what: str) -> Intervention:
+    """The ``Intervention`` subtracting sum_j f_j d_j from the chat residual: f = ``model.encode(read(pair))``
+    (``read``: the pair [N, 2, D] -> the model's input), d_j = latent j's decoder row of ``write_source`` in
+    raw units (``analysis.causal.raw_decoder_directions``)."""
+    from crosscoder.analysis.causal import raw_decoder_directions
+
+    J = torch.as_tensor(items_J, dtype=torch.long).reshape(-1)
+    model.eval()
+    dirs_JD = raw_decoder_directions(model, J, write_source)
+
+    def delta(_h_ND: Tensor, pair_NSD: Tensor) -> Tensor:
+        dev = model.W_dec_FSD.device
+        fJ = model.encode(read(pair_NSD.to(dev)))[:, J.to(dev)]
+        return -(fJ @ dirs_JD.to(dev))
+
+    return Intervention(delta, True, f"remove {what}")
 
 
 SPARSITY_METHOD = {"l1": "crosscoder_l1", "batchtopk": "crosscoder_batchtopk"}

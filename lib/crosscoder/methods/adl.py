@@ -21,12 +21,24 @@ Flagged: the positions whose mean difference is large against the activations, |
 placeholder: the scoreboard sets the cut on validation data (``Method.with_cut``,
 ``analysis.scoreboard.tune_cut``).
 
+Sign. δ̄_p's orientation is the fine-tune's mean shift, not a detector's: a behaviour may sit where
+tokens shift *less* than average (AUROC near 0 with the fitted sign). Each item's score is therefore
+multiplied by a sign, +1 as fitted, which the scoreboard chooses on validation data (``free_sign``,
+``with_signs``, ``analysis.scoreboard.tune_signs``); the artifact stores it.
+
+Intervention (the causal check). Removing item p removes the token's score along its direction:
+with score_on "difference", h_chat ← h_chat − <h_chat − h_base, u> u (the chat residual's component
+along u set to the base model's, the base run in lockstep); with "chat", h_chat ← h_chat −
+<h_chat, u> u (directional ablation, Arditi et al. 2024). Several items: the same on the span of
+their directions (orthonormalised). Independent of the sign. Control: as many random directions.
+
 Pass only plain-text tokens for the means (the paper's setting): a token whose position is -1 in
 ``MethodData.train_pos_N`` is ignored, so marking chat tokens -1 excludes them.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -35,9 +47,11 @@ import torch
 from torch import Tensor
 
 from crosscoder.config import ConfigError, _check_float, _check_int
-from crosscoder.methods.base import BASE, CHAT, Method, MethodConfig, MethodData, register
+from crosscoder.methods.base import BASE, CHAT, Intervention, Method, MethodConfig, MethodData, register
 
 SCORE_ON = ("difference", "chat")
+CONTROL_STREAM = 0x5AD1_0000
+"""Offset of the seeds of ``control``'s random directions."""
 """Valid ``ADLConfig.score_on`` values."""
 
 
@@ -138,13 +152,20 @@ class ActivationDifferenceLens(Method):
     name = "adl"
     Config = ADLConfig
     cut_field = "min_relative_norm"
+    free_sign = True
 
-    def __init__(self, cfg: ADLConfig, d_model: int, flagged_J: Tensor, metrics: dict[str, Any], means: MeanDifferences):
+    def __init__(self, cfg: ADLConfig, d_model: int, flagged_J: Tensor, metrics: dict[str, Any], means: MeanDifferences,
+                 sign_P: Tensor | None = None):
         super().__init__(cfg, d_model, flagged_J, metrics)
         self.means = means
         norm_P1 = means.mean_delta_PD.norm(dim=-1, keepdim=True)
         self.unit_PD = means.mean_delta_PD / norm_P1.clamp_min(1e-30)
         """δ̄_p / ||δ̄_p||: the direction each item projects onto."""
+        P = means.mean_delta_PD.shape[0]
+        self.sign_P = torch.ones(P) if sign_P is None else torch.as_tensor(sign_P, dtype=torch.float32).reshape(-1)
+        """+1 or -1 per item: the sign of its score (fitted: +1; chosen on validation data by the scoreboard)."""
+        if self.sign_P.shape != (P,) or not bool(((self.sign_P == 1) | (self.sign_P == -1)).all()):
+            raise ConfigError(f"sign_P must hold +1 or -1 for each of the {P} items, got {self.sign_P.tolist()}")
 
     @property
     def n_items(self) -> int:
@@ -162,8 +183,59 @@ class ActivationDifferenceLens(Method):
         return flag_positions(self.relative_norms(), cfg)
 
     def _scores(self, acts_NSD: Tensor, positions_N: Tensor | None) -> Tensor:
+        return self._projections(acts_NSD) * self.sign_P
+
+    def _projections(self, acts_NSD: Tensor) -> Tensor:
+        """[N, P] projections of what ``score_on`` reads onto each unit direction (unsigned)."""
         x_ND = acts_NSD[:, CHAT] - acts_NSD[:, BASE] if self.cfg.score_on == "difference" else acts_NSD[:, CHAT]
         return x_ND @ self.unit_PD.t()
+
+    def with_signs(self, signs_J: Tensor) -> "ActivationDifferenceLens":
+        out = copy.copy(self)
+        out.sign_P = torch.as_tensor(signs_J, dtype=torch.float32).reshape(-1).clone()
+        if out.sign_P.shape != self.sign_P.shape or not bool(((out.sign_P == 1) | (out.sign_P == -1)).all()):
+            raise ConfigError(f"signs must hold +1 or -1 for each of the {self.n_items} items, got "
+                              f"{out.sign_P.tolist()}")
+        out.metrics = {**self.metrics, "signs": out.sign_P.tolist()}
+        return out
+
+    # ------------------------------------------------------------------ the causal check
+    def intervention(self, items_J: Tensor) -> Intervention:
+        """Remove the items' scores along their directions from the chat residual (module docstring)."""
+        J = torch.as_tensor(items_J, dtype=torch.long).reshape(-1)
+        return self._span_removal(self.unit_PD[J], f"the chat residual's {self._read()} along {len(J)} ADL "
+                                                   f"direction{'s' if len(J) != 1 else ''}")
+
+    def control(self, items_J: Tensor, live_J: Tensor, seed: int = 0) -> Intervention:
+        """The same removal along as many random directions (seeded): ADL's other items are the mean
+        differences of neighbouring positions, nearly parallel to the ablated ones, so they would not
+        be a control."""
+        n = len(torch.as_tensor(items_J).reshape(-1))
+        # a stream of its own: seed s must not replay torch.randn of manual_seed(s), which may have made
+        # the very direction under test (as in the tests' planted pairs)
+        r_JD = torch.randn(n, self.d_model, generator=torch.Generator().manual_seed(CONTROL_STREAM + seed))
+        return self._span_removal(r_JD, "")._replace(what=f"{n} random direction{'s' if n != 1 else ''}")
+
+    def _read(self) -> str:
+        return "difference from base" if self.cfg.score_on == "difference" else "component"
+
+    def _span_removal(self, dirs_JD: Tensor, what: str) -> Intervention:
+        """h_chat -= Q Q^T x: x = h_chat − h_base ("difference") or h_chat ("chat"), Q an orthonormal basis of
+        the directions' span."""
+        # the span's basis from the SVD, not QR: a zero direction (a position without a mean shift) or
+        # two parallel ones must not add an arbitrary basis vector to what is removed
+        q_DJ = torch.zeros(self.d_model, 0)
+        if len(dirs_JD):
+            u_DJ, s_J, _ = torch.linalg.svd(dirs_JD.double().t(), full_matrices=False)
+            q_DJ = u_DJ[:, s_J > 1e-6 * float(s_J.max()) + 1e-30].float()
+        diff = self.cfg.score_on == "difference"
+
+        def delta(h_ND: Tensor, pair_NSD: Tensor | None) -> Tensor:
+            x_ND = pair_NSD[:, CHAT] - pair_NSD[:, BASE] if diff else h_ND
+            q = q_DJ.to(x_ND.device)
+            return -((x_ND @ q) @ q.t())
+
+        return Intervention(delta, diff, f"remove {what}")
 
     @torch.no_grad()
     def logit_lens(self, lens: Callable[[Tensor], Tensor], top_k: int = 20) -> LensReading:
@@ -183,12 +255,14 @@ class ActivationDifferenceLens(Method):
         return strength * float(self.means.chat_norm) * self.unit_PD[item]
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f"means.{k}": v for k, v in self.means._asdict().items()}
+        return {**{f"means.{k}": v for k, v in self.means._asdict().items()}, "sign_P": self.sign_P}
 
     @classmethod
     def _from_tensors(cls, cfg, d_model, flagged_J, tensors, metrics):
+        # an artifact written before the sign existed has none: its scores were the fitted (+1) ones
         return cls(cfg, d_model, flagged_J, metrics, MeanDifferences(**{k: tensors[f"means.{k}"]
-                                                                         for k in MeanDifferences._fields}))
+                                                                         for k in MeanDifferences._fields}),
+                   tensors.get("sign_P"))
 
     @classmethod
     def _fit(cls, cfg: ADLConfig, data: MethodData, out_dir: Path, *, progress: bool) -> "ActivationDifferenceLens":

@@ -10,6 +10,13 @@ evaluation (AUROC against token labels) applies to every method:
     fitted.scores(acts_NSD)                           # [N, n_items]: each item's score per token
     fitted.cost                                       # training seconds, memory
     methods.load(out_dir / "method")                  # the same fitted method, from its artifact
+    fitted.intervention(items_J)                      # its edit of the chat model's residual stream
+
+The causal check (``analysis.scoreboard_run.causal_checks``) asks each method for an
+``Intervention`` on the chat model's residual stream at the diffed layer that removes some of its
+items, and for a control of the same size (``control``); ``analysis.causal.edit_residual`` runs
+either during generation. A method without a meaningful intervention keeps ``Method.intervention``,
+which refuses with ``no_intervention``, and the check reports that reason instead of a rate.
 
 A method is one module of this package: a config dataclass (``MethodConfig``) and a ``Method``
 subclass decorated with ``@register``; the package imports every module in it, so a new method is one
@@ -27,7 +34,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, Callable, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -142,6 +149,30 @@ class Cost(NamedTuple):
     """Tokens the fit consumed (steps x batch for a trained dictionary, the tokens averaged for ADL)."""
 
 
+class Intervention(NamedTuple):
+    """An edit of the chat model's residual stream at the diffed layer (what
+    ``analysis.causal.edit_residual`` applies at every position of every forward)."""
+
+    delta: Callable[[Tensor, Tensor | None], Tensor]
+    """(h_chat [N, D], pair [N, 2 (base, chat), D] or None) -> what to add to the chat residual [N, D];
+    raw activation units, float32. The pair holds the base model's activation of the same token (run
+    in lockstep) and the chat model's unedited one; None when ``needs_base`` is False."""
+    needs_base: bool
+    """Whether ``delta`` reads the base model's activation (then the base model runs in lockstep)."""
+    what: str
+    """What is removed, in words (the page's table shows it)."""
+
+
+def random_other_items(items_J: Tensor, pool_J: Tensor, seed: int) -> Tensor:
+    """As many items as ``items_J``, drawn without replacement (seeded) from ``pool_J`` minus
+    ``items_J`` (fewer when the pool is smaller), ascending."""
+    J = torch.as_tensor(items_J, dtype=torch.long).reshape(-1)
+    pool = torch.as_tensor(pool_J, dtype=torch.long).reshape(-1).unique()
+    pool = pool[~torch.isin(pool, J)]
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:len(J)]
+    return pool[pick].sort().values
+
+
 M = TypeVar("M", bound="Method")
 REGISTRY: dict[str, type["Method"]] = {}
 """Method name -> class, filled by ``@register`` as the package imports its modules."""
@@ -174,6 +205,13 @@ class Method(ABC):
     """The config field of the method's flagging cut, a threshold on ``cut_statistic`` that flags an
     item when its statistic is >= the cut (ADL: ``min_relative_norm``; diff-SAE: ``min_explained``),
     which validation data may set (``with_cut``, ``analysis.scoreboard.tune_cut``); None: no such cut."""
+    free_sign: ClassVar[bool] = False
+    """True when an item's orientation is not fixed by the fit (ADL: a mean difference may point away
+    from a behaviour it detects), so validation data choose the sign of each item's score
+    (``with_signs``, ``analysis.scoreboard.tune_signs``)."""
+    no_intervention: ClassVar[str] = ("the method defines no edit of the chat model's residual stream "
+                                      "(Method.intervention)")
+    """Why the method has no causal check: shown in its place when ``intervention`` is not overridden."""
 
     def __init__(self, cfg: MethodConfig, d_model: int, flagged_J: Tensor, metrics: dict[str, Any]):
         self.cfg = cfg
@@ -234,6 +272,36 @@ class Method(ABC):
         out.metrics = {**self.metrics, "cut": {"field": self.cut_field, "value": float(value),
                                                "fitted with": getattr(self.cfg, self.cut_field)}}
         return out
+
+    # ------------------------------------------------------------------ the sign of each item's score
+    def with_signs(self, signs_J: Tensor) -> "Method":
+        """A copy of this fitted method whose item j scores ``signs_J[j]`` (+1 or -1) times its fitted
+        score (the same items, flags and cost; no refit). Only for ``free_sign`` methods."""
+        raise ConfigError(f"method {self.name!r} has no free sign (free_sign is False): its scores are oriented by "
+                          f"the fit")
+
+    # ------------------------------------------------------------------ the causal check
+    @property
+    def intervenes(self) -> bool:
+        """Whether the method defines ``intervention`` (else ``no_intervention`` says why not)."""
+        return type(self).intervention is not Method.intervention
+
+    def intervention(self, items_J: Tensor) -> Intervention:
+        """The edit of the chat model's residual stream at the diffed layer that removes items
+        ``items_J`` (their contribution, as the method reads it, where they are present)."""
+        raise ConfigError(f"method {self.name!r} has no intervention: {self.no_intervention}")
+
+    def control(self, items_J: Tensor, live_J: Tensor, seed: int = 0) -> Intervention | None:
+        """The control of ``intervention(items_J)``: the same edit of as many random live items
+        (``live_J``: the items active on some held-out token; never one of ``items_J``), the standard
+        random-latent control (it measures what removing that many of the dictionary's reconstruction
+        terms does by itself). None when no other live item exists. A method whose items are not a
+        dictionary overrides it (ADL: random directions)."""
+        rand = random_other_items(items_J, live_J, seed)
+        if not len(rand):
+            return None
+        iv = self.intervention(rand)
+        return iv._replace(what=f"{len(rand)} random live item{'s' if len(rand) != 1 else ''}")
 
     @torch.no_grad()
     def scores(self, acts_NSD: Tensor, positions_N: Tensor | None = None, *, batch_size: int = 4096) -> Tensor:

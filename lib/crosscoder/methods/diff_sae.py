@@ -50,8 +50,9 @@ from torch import Tensor
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int
 from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.distributed import resolve_device
-from crosscoder.methods._crosscoder import CrosscoderMethod
-from crosscoder.methods.base import BASE, CHAT, METHOD_DIR, Cost, MethodConfig, MethodData, check_data, register
+from crosscoder.methods._crosscoder import CrosscoderMethod, latent_removal
+from crosscoder.methods.base import (BASE, CHAT, METHOD_DIR, Cost, Intervention, MethodConfig, MethodData, check_data,
+                                     register)
 from crosscoder.model import Crosscoder
 from crosscoder.train import TensorBatches, train
 
@@ -193,6 +194,13 @@ class DiffSAE(CrosscoderMethod):
 
     def _scores(self, acts_NSD: Tensor, positions_N: Tensor | None) -> Tensor:
         return self.model.encode(self.model.normalise(differences(acts_NSD)))
+
+    def intervention(self, items_J: Tensor) -> Intervention:
+        """Remove the latents' contribution to δ, sum_j f_j(δ) d_j (raw units), from the chat residual: f
+        read from the token's difference h_chat − h_base (the base model in lockstep), so the chat
+        activation moves back towards the base one along what those latents reconstruct."""
+        return latent_removal(self.model, items_J, lambda pair: self.model.normalise(differences(pair)), 0,
+                              f"f_j d_j of {len(items_J)} difference latent{'s' if len(items_J) != 1 else ''}")
 
     def cut_statistic(self) -> tuple[Tensor, Tensor]:
         st, cfg = self.stats, self.cfg

@@ -362,3 +362,14 @@ def test_adl_sign_is_chosen_on_validation_data_and_recovers_a_negated_direction(
         tune_signs(_NoEdit(), val.acts_NTSD, val.mask_NT, val.tasks)
     with pytest.raises(ConfigError, match="must hold \\+1 or -1"):
         adl.with_signs(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]))
+
+
+def test_scoreboard_stage_has_the_causal_check_parameters():
+    from crosscoder.schema import STAGES, ScoreboardOptions
+
+    p = STAGES["scoreboard"].load({"causal_prompts": 0})
+    assert (p.causal_prompts, p.causal_max_new_tokens, p.causal_unrecovered) == (0, 64, False)  # 0: no check
+    with pytest.raises(ConfigError, match="causal_prompts"):
+        ScoreboardOptions(causal_prompts=-1)
+    with pytest.raises(ConfigError, match="causal_max_new_tokens"):
+        ScoreboardOptions(causal_max_new_tokens=0)

@@ -169,6 +169,16 @@ class ScoreboardOptions(_DictMixin):
     seeds: tuple[int, ...] = ()
     """More initialisation seeds per trained method, for seed agreement (the crosscoders' copies are the
     controls page's); empty: one seed."""
+    causal_prompts: int = 12
+    """Held-out prompts per behaviour in each method's causal check (0 skips the check); capped by the
+    organism's held-out phrasing x topic pairs. Few, for the default book's budget: on its organism 16
+    prompts took 26 s for the seven recovered (method, decision) pairs (one thread, a loaded machine)."""
+    causal_max_new_tokens: int = 64
+    """Greedy token budget per prompt in the causal check (generation stops at <end_of_turn>, or once
+    the behaviour test is settled); the organism's own budget, room for an answer and its sign-off."""
+    causal_unrecovered: bool = False
+    """Also check the decisions a method does not recover, on its best flagged item (off: only recovered
+    decisions are checked, the default book's time budget)."""
 
     def __post_init__(self) -> None:
         from crosscoder import methods
@@ -185,6 +195,8 @@ class ScoreboardOptions(_DictMixin):
         _check_int("fit_steps", self.fit_steps, 0)
         _check_int("validation_rows", self.validation_rows, 8)
         _check_int("n_boot", self.n_boot, 0)
+        _check_int("causal_prompts", self.causal_prompts, 0)
+        _check_int("causal_max_new_tokens", self.causal_max_new_tokens, 1)
 
 
 @dataclass
@@ -437,7 +449,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            Group(ControlsOptions, ("seeds", "match_cos", "variant"))), reserved=("output_dir",)),
     Stage("scoreboard", "notebooks/12_scoreboard.ipynb",
           (*EXPERIMENT, Group(DiffOptions, ("crosscoders", "nu_threshold", "min_active_tokens")),
-           Group(ScoreboardOptions, ("methods", "fit_steps", "validation_rows", "n_boot", "null_pair", "seeds"))),
+           Group(ScoreboardOptions, ("methods", "fit_steps", "validation_rows", "n_boot", "null_pair", "seeds",
+                                     "causal_prompts", "causal_max_new_tokens", "causal_unrecovered"))),
           reserved=("output_dir",)),
     Stage("at_a_glance", "notebooks/10_at_a_glance.ipynb",
           (Group(ArtifactOptions, ("artifacts_dir", "reference_dir")), Group(DiffOptions, ("crosscoders",))),

@@ -4,7 +4,7 @@ with the null pair and more seeds when the profile asks for them.
 
     board = scoreboard_stage(p, exp)      # the notebook's one call (p: the "scoreboard" stage's parameters)
     board.recommendation, board.rows      # the sentence and the ranked ScoreRows
-    ranked_table(board), behaviour_table(board), cut_table(board), grid(board)
+    ranked_table(board), causal_table(board), behaviour_table(board), cut_table(board), sign_table(board), grid(board)
 
 What is trained and what is reused. The L1 and BatchTopK crosscoders are the training pages' runs
 (``methods.from_crosscoder``: flagged here, not retrained), and their null-pair and seed copies are the
@@ -15,7 +15,17 @@ dictionary sizes (``method_configs``), all three for ``fit_steps`` steps at the 
 
 Which data choose what. The cuts that the methods leave free (``Method.cut_field``) are set by
 ``scoreboard.tune_cut`` on ``organism.build.validation_eval_set`` (training chapters and phrasings,
-design-only topics); the held-out evaluation set only reports. The null pair's fits get the same cut.
+design-only topics), and so are the signs of the items whose orientation the fit leaves free
+(``scoreboard.tune_signs``: ADL), before the cut; the held-out evaluation set only reports. The null
+pair's fits get the same cut and signs.
+
+The causal check (``causal_checks``). Per method and planted decision with a generation test, the
+method's own intervention (``Method.intervention``: each method removes its items from the chat
+model's residual stream at the diffed layer, as it reads them) on the items ``scoreboard.causal_items``
+names (its recovering items, or its best flagged item, marked), and the method's control
+(``Method.control``: as many random live items of its dictionary; random directions for ADL): the
+behaviour's rate in greedy generations of held-out prompts before, after and under the control, with
+``analysis.causal``'s generation and behaviour tests.
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ import torch
 from torch import Tensor
 
 from crosscoder import methods
-from crosscoder.analysis.scoreboard import (CutChoice, MethodScore, ScoreRow, eval_scores, rank, recommendation,
-                                            score_method, seed_agreement, table, tune_cut)
+from crosscoder.analysis.scoreboard import (CutChoice, MethodScore, ScoreRow, SignChoice, causal_items, eval_scores,
+                                            rank, recommendation, score_method, seed_agreement, table, tune_cut,
+                                            tune_signs)
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.methods import Method, MethodConfig, MethodData
 
@@ -141,6 +152,10 @@ class Board(NamedTuple):
     """Fits per method compared for seed agreement (1: not measured)."""
     recommendation: str
     """``scoreboard.recommendation`` of the rows."""
+    signs: dict[str, SignChoice] = {}
+    """The item signs chosen on validation data, for each method whose signs are free."""
+    causal: list[dict[str, Any]] | None = None
+    """``causal_checks``' rows; None when the check was not run."""
 
 
 def mean_seed_agreement(fit: Method, others: Sequence[Method], rows: EvalRows) -> float:
@@ -158,17 +173,22 @@ def mean_seed_agreement(fit: Method, others: Sequence[Method], rows: EvalRows) -
 def score_board(fits: Mapping[str, Method], heldout: EvalRows, validation: EvalRows, *,
                 null_fits: Mapping[str, Method] | None = None, seed_fits: Mapping[str, Sequence[Method]] | None = None,
                 n_boot: int = 500, seed: int = 0, threshold: float = 0.9, match: float = 0.8) -> Board:
-    """Score every fitted method: its free cut tuned on ``validation`` (``tune_cut``; applied to its null
-    and seed fits too), then ``score_method`` on ``heldout`` with the null pair's flagged count and the
-    seeds' agreement when given. ``validation`` and ``heldout`` must be different sets: only the first
+    """Score every fitted method: its free item signs and then its free cut tuned on ``validation``
+    (``tune_signs``, ``tune_cut``; applied to its null and seed fits too), then ``score_method`` on
+    ``heldout`` with the null pair's flagged count and the seeds' agreement when given. ``validation`` and ``heldout`` must be different sets: only the first
     chooses anything."""
     if validation is heldout:
         raise ConfigError("score_board needs a validation set apart from the held-out set: the held-out labels "
                           "must choose nothing (organism.build.validation_eval_set makes one)")
-    results, cuts, scored = {}, {}, {}
+    results, cuts, scored, signs = {}, {}, {}, {}
     for name, fit in fits.items():
         null = None if null_fits is None else null_fits.get(name)
         others = list((seed_fits or {}).get(name, ()))
+        if getattr(fit, "free_sign", False):  # before the cut: the cut compares oriented items
+            fit, signs[name] = tune_signs(fit, validation.acts_NTSD, validation.mask_NT, validation.tasks)
+            sign_J = torch.tensor(signs[name].signs, dtype=torch.float32)
+            null = None if null is None else null.with_signs(sign_J)
+            others = [o.with_signs(sign_J) for o in others]
         if fit.cut_field is not None:
             fit, cuts[name] = tune_cut(fit, validation.acts_NTSD, validation.mask_NT, validation.tasks,
                                        threshold=threshold, match=match)
@@ -181,7 +201,7 @@ def score_board(fits: Mapping[str, Method], heldout: EvalRows, validation: EvalR
         scored[name] = fit
     rows = rank([r.row for r in results.values()])
     n_seeds = 1 + max((len(v) for v in (seed_fits or {}).values()), default=0)
-    return Board(results, rows, cuts, scored, null_fits is not None, n_seeds, recommendation(rows))
+    return Board(results, rows, cuts, scored, null_fits is not None, n_seeds, recommendation(rows), signs)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -222,6 +242,15 @@ def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
                                                                   for n in p.crosscoders}, cfgs, **opts)
     seed_fits = seed_fits_of(p, data, cfgs, art, root, opts) if p.seeds else None
     board = score_board(fits, heldout, validation, null_fits=null_fits, seed_fits=seed_fits, n_boot=p.n_boot)
+    if p.causal_prompts:
+        from crosscoder.analysis.causal import organism_probes
+
+        org_cfg = organism.preset(p.organism_preset)
+        probes = organism_probes(pair.tokenizer, org_cfg.behaviour,
+                                 organism.heldout_prompt_sets(org_cfg, p.causal_prompts))
+        board = board._replace(causal=causal_checks(board, pair.base, pair.chat, pair.layer, probes, heldout,
+                                                    max_new_tokens=p.causal_max_new_tokens,
+                                                    unrecovered=p.causal_unrecovered))
     write_board_metrics(root, board, {"parameters": dict(p.values), "configs": {n: c.to_dict() for n, c in cfgs.items()}})
     return board
 
@@ -246,6 +275,109 @@ def seed_fits_of(p, data: MethodData, cfgs: Mapping[str, MethodConfig], art: Pat
         for n, f in fits.items():
             out.setdefault(n, []).append(f)
     return out
+
+
+# ---------------------------------------------------------------------------- the causal check
+@torch.no_grad()
+def live_items(fit: Method, rows: EvalRows, *, chunk: int = 4096) -> Tensor:
+    """The items of ``fit`` that score > 0 on at least one scored token of ``rows`` (the pool of the
+    random-item control), counted ``chunk`` tokens at a time (a 4k-latent dictionary's [tokens, F]
+    scores are never held whole)."""
+    acts = rows.acts_NTSD[rows.mask_NT]
+    count = torch.zeros(fit.n_items, dtype=torch.long)
+    for i in range(0, acts.shape[0], chunk):
+        count += (fit.scores(acts[i:i + chunk]) > 0).sum(0)
+    return torch.nonzero(count).squeeze(1)
+
+
+def causal_checks(board: Board, base_lm, chat_lm, layer: int, probes: Mapping[str, Any], heldout: EvalRows, *,
+                  max_new_tokens: int, unrecovered: bool = False, threshold: float | None = None,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """The causal check of every scored method (in the ranked order): for each decision with a
+    generation test (``probes``: {decision task: ``causal.Probe``}, e.g. ``causal.organism_probes``), the
+    behaviour's rate in greedy generations of the chat model before, with the method's items for it
+    removed (``Method.intervention`` of ``scoreboard.causal_items``) and under the method's control
+    (``Method.control``, drawn from the items live on ``heldout``'s tokens, seeded per check).
+
+    Checked: the decisions a method recovers; with ``unrecovered`` also the others, on their best flagged
+    item (marked "best flagged, not recovered"). A method that flags nothing has no row; a method
+    without an intervention gets one row that says why (``Method.no_intervention``). The rate before is
+    measured once per decision. Rows: method, decision, behaviour, items, removed, control, prompts,
+    before / after / control hits and rates (None where not measured)."""
+    from crosscoder.analysis.causal import intervened
+
+    thr = threshold if threshold is not None else (board.rows[0].threshold if board.rows else 0.9)
+    before: dict[str, Any] = {}
+    out = []
+    for m, r in enumerate(board.rows):
+        fit = board.fits[r.method]
+        if not fit.intervenes:
+            out.append({"method": r.method, "decision": None, "behaviour": None, "items": None, "removed": None,
+                        "control": None, "note": f"no intervention: {fit.no_intervention}"})
+            continue
+        chosen = causal_items(board.results[r.method], fit.flagged_J, threshold=thr)
+        live = None
+        for k, (task, probe) in enumerate(probes.items()):
+            pick = chosen.get(task)
+            if pick is None or not (pick.recovered or unrecovered):
+                continue
+            if live is None:
+                live = live_items(fit, heldout)
+            if task not in before:
+                before[task] = probe.rate(chat_lm, max_new_tokens)
+            iv = fit.intervention(pick.items_J)
+            with intervened(chat_lm, base_lm, layer, iv):
+                after = probe.rate(chat_lm, max_new_tokens)
+            ctrl = fit.control(pick.items_J, live, seed=seed + 1000 * m + k)
+            cafter = None
+            if ctrl is not None:
+                with intervened(chat_lm, base_lm, layer, ctrl):
+                    cafter = probe.rate(chat_lm, max_new_tokens)
+            out.append({"method": r.method, "decision": task, "behaviour": probe.behaviour,
+                        "items": len(pick.items_J), "item ids": pick.items_J.tolist(),
+                        "chosen": "recovering" if pick.recovered else "best flagged, not recovered",
+                        "removed": iv.what, "control": None if ctrl is None else ctrl.what,
+                        "prompts": before[task].n, "before hits": before[task].hits, "before": before[task].rate,
+                        "after hits": after.hits, "after": after.rate,
+                        "control hits": None if cafter is None else cafter.hits,
+                        "control after": None if cafter is None else cafter.rate,
+                        "note": "" if ctrl is not None else "no other live item for a control"})
+    return out
+
+
+def causal_table(board: Board) -> list[dict[str, Any]]:
+    """The causal check for the page: per method and decision checked, the items removed and the
+    behaviour's rate (hits / prompts) before, after and under the control."""
+    def rate(hits, n):
+        return "" if hits is None else f"{hits / n:.2f} ({hits}/{n})"
+
+    rows = []
+    for c in board.causal or []:
+        if c["decision"] is None:
+            rows.append({"method": c["method"], "behaviour": "", "items removed": "", "before": "", "after": "",
+                         "control": "", "after control": c["note"]})
+            continue
+        n = c["prompts"]
+        mark = "" if c["chosen"] == "recovering" else " (best flagged, not recovered)"
+        rows.append({"method": c["method"], "behaviour": c["behaviour"], "items removed": f"{c['items']}{mark}",
+                     "before": rate(c["before hits"], n), "after": rate(c["after hits"], n),
+                     "control": c["control"] or "", "after control": rate(c["control hits"], n) or c["note"]})
+    return rows
+
+
+def causal_note(board: Board) -> str:
+    """What the page says about the causal check: not run, nothing to check, or which decisions it covers."""
+    if board.causal is None:
+        return "The causal check is off in this profile (causal_prompts = 0)."
+    checked = [c for c in board.causal if c["decision"] is not None]
+    if not checked:
+        return ("No method recovers a decision that has a generation test, so there is nothing to remove "
+                "(set causal_unrecovered to check each method's best flagged item anyway).")
+    unrec = any(c["chosen"] != "recovering" for c in checked)
+    return ("Checked, per method: each decision with a generation test (the end-of-turn decision has none) that "
+            "the method recovers" + (", and the others on its best flagged item (marked)." if unrec else
+                                     "; decisions it does not recover are not checked in this profile "
+                                     "(causal_unrecovered)."))
 
 
 # ---------------------------------------------------------------------------- what the page shows
@@ -312,6 +444,14 @@ def cut_table(board: Board) -> list[dict[str, Any]]:
     return [c._asdict() for c in board.cuts.values()]
 
 
+def sign_table(board: Board) -> list[dict[str, Any]]:
+    """The item signs chosen on validation data: per method and item, the sign and the item's best
+    validation AUROC with the fitted and with the flipped sign."""
+    return [{"method": c.method, "item": j, "sign": sgn, "best validation AUROC, fitted sign": a,
+             "flipped": b} for c in board.signs.values()
+            for j, (sgn, a, b) in enumerate(zip(c.signs, c.best_auroc_fitted, c.best_auroc_flipped))]
+
+
 def grid(board: Board) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
     """The figure's data: (per method (ranked) and behaviour the best flagged AUROC and whether recovered,
     {method: items flagged on the null pair} or None when the null pair was not fitted)."""
@@ -323,7 +463,7 @@ def grid(board: Board) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
 
 def write_board_metrics(folder: str | Path, board: Board, extra: Mapping[str, Any]) -> Path:
     """``folder/metrics.json``: the ranked table (``scoreboard.table``), the per-behaviour results, the
-    cuts, the recommendation and ``extra`` (the parameters and method configs)."""
+    cuts and signs, the causal check's rows, the recommendation and ``extra`` (the parameters and method configs)."""
     from crosscoder.atomic import write_json_atomic
 
     def plain(v):
@@ -332,10 +472,13 @@ def write_board_metrics(folder: str | Path, board: Board, extra: Mapping[str, An
     rows = [{k: plain(v) for k, v in r.items()} for r in table(board.rows)]
     beh = [{k: plain(v) for k, v in r.items()} for r in behaviour_table(board)]
     cuts = [{k: plain(v) for k, v in c.items()} for c in cut_table(board)]
+    signs = [{k: plain(v) for k, v in c.items()} for c in sign_table(board)]
+    caus = None if board.causal is None else [{k: plain(v) for k, v in c.items()} for c in board.causal]
     costs = {n: f.cost._asdict() for n, f in board.fits.items()}
     path = Path(folder) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"rows": rows, "behaviours": beh, "cuts": cuts, "recommendation": board.recommendation,
+    write_json_atomic(path, {"rows": rows, "behaviours": beh, "cuts": cuts, "signs": signs, "causal": caus,
+                             "recommendation": board.recommendation,
                              "null_measured": board.null_measured, "n_seeds": board.n_seeds,
                              "costs": {n: {k: plain(v) for k, v in c.items()} for n, c in costs.items()}, **extra})
     return path

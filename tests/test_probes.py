@@ -97,6 +97,20 @@ def test_probe_table_reads_every_layer_of_every_model():
     got = {(r["task"], r["model"], r["layer"]): r["auroc"] for r in rows}
     assert all(got[("tok7", m, l)] > 0.9 for m in ("base", "chat") for l in (0, 2))
     assert all(got[("random", m, l)] < 0.75 for m in ("base", "chat") for l in (0, 2))
+    # the table keeps only positions some task is eligible at; its fits equal the naive ones on the
+    # full [N, T] grid, also for a task eligible at a subset of the positions
+    tasks["late"] = probes.ProbeTask((ids == 5) & mask & (torch.arange(12) >= 6), mask & (torch.arange(12) >= 6))
+    rows = probes.probe_table({"base": lm_a, "chat": lm_b}, ids, am, tasks, [0, 2], probes.ProbeConfig())
+    train, _ = probes.split_rows(ids.shape[0], probes.ProbeConfig().train_fraction, probes.ProbeConfig().seed)
+    for mname, lm in {"base": lm_a, "chat": lm_b}.items():
+        full = probes.layer_acts(lm, ids, am, [0, 2])
+        for li, layer in enumerate((0, 2)):
+            for tname, task in tasks.items():
+                naive = probes.probe_acts(full[:, :, li], task, train, probes.ProbeConfig())
+                r = next(r for r in rows if (r["task"], r["model"], r["layer"]) == (tname, mname, layer))
+                assert (r["auroc"], r["n_train"], r["n_test"]) == pytest.approx(
+                    (naive.auroc, naive.n_train, naive.n_test), abs=1e-6, nan_ok=True)
+                assert r["separation"] == pytest.approx(probes.separation(full[:, :, li], task), rel=1e-5)
     gap = probes.probe_gap(rows)
     assert {(r["task"], r["layer"]) for r in gap} == {(t, l) for t in tasks for l in (0, 2)}
     r = next(r for r in gap if r["task"] == "tok7" and r["layer"] == 0)

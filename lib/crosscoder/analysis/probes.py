@@ -252,15 +252,17 @@ def decision_tasks(eval_set) -> dict[str, ProbeTask]:
 
 @torch.no_grad()
 def layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: Sequence[int],
-               batch_size: int = 32) -> Tensor:
+               batch_size: int = 32, keep_NT: Tensor | None = None) -> Tensor:
     """Residual streams after ``layers`` of one model, float32 [N, T, L, D] (batched, truncated
-    forward up to the deepest layer)."""
+    forward up to the deepest layer); with ``keep_NT``, only those positions, [P, L, D] in row-major
+    order (what ``x_NTLD[keep_NT]`` would give, without holding every position of every layer)."""
     dev = next(lm.parameters()).device
     out = []
     for i in range(0, input_ids_NT.shape[0], batch_size):
         ids = input_ids_NT[i:i + batch_size].to(dev)
         am = attention_mask_NT[i:i + batch_size].to(dev)
-        out.append(residuals_at(lm, ids, list(layers), am).float().cpu())
+        r = residuals_at(lm, ids, list(layers), am)
+        out.append((r if keep_NT is None else r[keep_NT[i:i + batch_size].to(dev)]).float().cpu())
     return torch.cat(out)
 
 
@@ -290,14 +292,26 @@ def probe_table(models: Mapping[str, object], input_ids_NT: Tensor, attention_ma
     if not layers:
         raise ConfigError("probe_table needs at least one layer")
     train_rows, _ = split_rows(input_ids_NT.shape[0], cfg.train_fraction, cfg.seed)
+    # Only the positions some task is eligible at are kept (every block of both models at every
+    # position of the gemma3 eval set was 2.4 GB a model, and two were alive at once). Each kept
+    # position becomes a row of its own ([P, 1, ...]), in row-major order, so a task's masks select
+    # the same tokens in the same order as on the full [N, T] grid: the fits are unchanged.
+    keep_NT = torch.zeros_like(attention_mask_NT, dtype=torch.bool)
+    for task in tasks.values():
+        keep_NT |= task.eligible_NT.bool()
+    row_P = keep_NT.nonzero()[:, 0]
+    kept = {t: ProbeTask(task.label_NT[keep_NT][:, None], task.eligible_NT[keep_NT][:, None])
+            for t, task in tasks.items()}
     rows = []
     for mname, lm in models.items():
-        acts_NTLD = layer_acts(lm, input_ids_NT, attention_mask_NT, layers)
+        acts_PLD = layer_acts(lm, input_ids_NT, attention_mask_NT, layers, keep_NT=keep_NT)
         for li, layer in enumerate(layers):
-            for tname, task in tasks.items():
-                fit = probe_acts(acts_NTLD[:, :, li], task, train_rows, cfg)
+            x_P1D = acts_PLD[:, li, None]
+            for tname, task in kept.items():
+                fit = probe_acts(x_P1D, task, train_rows[row_P], cfg)
                 rows.append({"task": tname, "model": mname, "layer": int(layer), **fit._asdict(),
-                             "separation": separation(acts_NTLD[:, :, li], task)})
+                             "separation": separation(x_P1D, task)})
+        del acts_PLD, x_P1D  # before the next model's forward
     return rows
 
 

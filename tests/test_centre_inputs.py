@@ -95,6 +95,7 @@ def test_fresh_training_model_is_centred_on_the_norm_split(tmp_path):
     torch.testing.assert_close(model.input_mean_SD, norm.mean(0))
     torch.testing.assert_close(model.normalise(norm).mean(0), torch.zeros(2, 8), atol=1e-5, rtol=0)
     experiment.train_crosscoder(splits, cfg, tcfg, tmp_path / "run", progress=False)
+    assert experiment.seed_replicas(tmp_path, "run", [], splits, progress=False) == {}  # no seed: nothing trained
     again = experiment.seed_replicas(tmp_path, "run", [1], splits, progress=False)[1]
     assert again.cfg.centre_inputs and not torch.equal(again.W_dec_FSD, model.W_dec_FSD)
     torch.testing.assert_close(again.input_mean_SD, norm.mean(0))

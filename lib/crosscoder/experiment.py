@@ -272,6 +272,8 @@ def seed_replicas(artifacts_dir: str | Path, run_name: str, seeds, splits: Split
 
     from crosscoder.train import train_many
 
+    if not seeds:  # a profile that repeats no seed (gemma3-organism's controls)
+        return {}
     run = _run_config(artifacts_dir, run_name)
     tcfgs = [dataclasses.replace(run.train, seed=s) for s in seeds]
     models = [_fresh_model(run.model, t, splits, "auto") for t in tcfgs]

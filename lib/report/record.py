@@ -144,11 +144,17 @@ def write_reproducibility(config: RunsConfig, profile: str, planned: list[Planne
     return record
 
 
-def rss_label(rec: dict) -> str:
-    """A run's recorded peak memory as text: exact, a bound, or unknown (records before it existed)."""
+def rss_gib(rec: dict) -> str:
+    """A run's recorded peak memory in GiB as text: "1.23" (exact), "<= 1.23" (a bound), or "" for
+    records written before it existed."""
     if rec.get("peak_rss_gib") is None:
-        return "peak RSS not recorded"
-    return f"peak RSS {'' if rec.get('peak_rss_exact') else '<= '}{rec['peak_rss_gib']:.2f} GiB"
+        return ""
+    return f"{'' if rec.get('peak_rss_exact') else '<= '}{rec['peak_rss_gib']:.2f}"
+
+
+def rss_label(rec: dict) -> str:
+    """``rss_gib`` for the console."""
+    return f"peak RSS {rss_gib(rec)} GiB" if rss_gib(rec) else "peak RSS not recorded"
 
 
 def _cell(value: Any) -> str:
@@ -188,9 +194,7 @@ def render_reproducibility(rec: dict[str, Any]) -> str:
         "finished kernels): exact where it rose during that run, else a bound (<=).",
         _table(("Run", "Status", "Wall time (s)", "Peak RSS (GiB)"), [
             (f"[{r['name']}]({r['name']}.ipynb)", r["status"],
-             "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}",
-             "" if r.get("peak_rss_gib") is None
-             else f"{'' if r.get('peak_rss_exact') else '<= '}{r['peak_rss_gib']:.2f}")
+             "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}", rss_gib(r))
             for r in rec["runs"]
         ]),
         "## Parameters",

@@ -99,17 +99,16 @@ class Crosscoder(nn.Module):
     def fit_normalisation_(self, norm_raw_NSD: Tensor | None) -> "Crosscoder":
         """Set the input scales (and, with ``cfg.centre_inputs``, the means) from raw activations held
         apart from training (the norm split, BOS excluded). ``None`` keeps scales of 1 (no centring)."""
-        from crosscoder.data.normalise import estimate_input_scale  # no I/O: plain tensor statistics
+        from crosscoder.data.normalise import input_stats  # no I/O: plain tensor statistics
 
         if norm_raw_NSD is None:
             if self.cfg.centre_inputs:
                 raise ConfigError("centre_inputs needs activations to take the mean of (a norm split)")
             return self
-        x = norm_raw_NSD.float()
-        if self.cfg.centre_inputs:
-            self.input_mean_SD.copy_(x.mean(0))
-            x = x - self.input_mean_SD.to(x)
-        self.input_scale_S.copy_(estimate_input_scale(x))
+        scale_S, mean_SD = input_stats(norm_raw_NSD, self.cfg.centre_inputs)
+        self.input_scale_S.copy_(scale_S)
+        if mean_SD is not None:
+            self.input_mean_SD.copy_(mean_SD)
         return self
 
     # ------------------------------------------------------------------ shapes / validation

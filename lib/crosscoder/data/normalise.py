@@ -26,3 +26,11 @@ def estimate_input_scale(acts_NSD: Tensor) -> Tensor:
     if (mean_norm_S == 0).any():
         raise ConfigError("a source has all-zero activations; its normalisation is undefined")
     return (math.sqrt(acts_NSD.shape[-1]) / mean_norm_S).float()
+
+
+def input_stats(acts_NSD: Tensor, centre: bool) -> tuple[Tensor, Tensor | None]:
+    """(scale_S, mean_SD or None) of raw norm-split activations: with ``centre``, the mean of each
+    source and the scale of the centred activations (``CrosscoderConfig.centre_inputs``)."""
+    x = acts_NSD.float()
+    mean_SD = x.mean(0) if centre else None
+    return estimate_input_scale(x - mean_SD if centre else x), mean_SD

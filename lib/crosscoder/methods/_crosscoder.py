@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _check_float, _check_int
+from crosscoder.data.normalise import input_stats
 from crosscoder.distributed import resolve_device
 from crosscoder.methods.base import (CHAT, METHOD_DIR, Cost, Intervention, Method, MethodConfig, MethodData, check_data,
                                      get)
@@ -237,7 +238,7 @@ def from_crosscoder(folder: str | os.PathLike, data: MethodData, *, nu_threshold
     model = Crosscoder(want)
     model.load_state_dict(ckpt.load_crosscoder(folder).state_dict())
     model.eval()
-    scale = Crosscoder(want).fit_normalisation_(data.norm_NSD).input_scale_S
+    scale = input_stats(data.norm_NSD, want.centre_inputs)[0]
     if not torch.allclose(model.input_scale_S, scale, rtol=1e-5):
         raise ConfigError(f"the crosscoder in {folder} normalises by {model.input_scale_S.tolist()} but data.norm_NSD "
                           f"gives {scale.tolist()}: it was trained on other activations; pass the MethodData of its "

@@ -12,6 +12,10 @@ Rows:
 * sparse BatchTopK: ``crosscoder.kernels.batchtopk_step`` (what the trainer runs).
 * sparse BatchTopK + AuxK: the same with half the latents dead, so the AuxK loss (a dense encode
   and decode over the dead latents) runs too: what the trainer pays while latents are dead.
+* bf16 GEMMs (``TrainConfig.bf16_autocast``): the trainer's fused L1 (dense path), sparse BatchTopK
+  and BatchTopK + AuxK steps with ``gemm_dtype`` float32 and bfloat16, timed in turns in one process at
+  the real-LM profile's shape (d 640 x 2, F 4,096, B 1,024, k 32); only on a CPU with bf16 arithmetic
+  (elsewhere torch emulates it and the comparison says nothing about the setting "auto" would pick).
 Each step includes backward, grad-norm clipping and the Adam update.
 """
 
@@ -25,7 +29,7 @@ from crosscoder.kernels import training_step
 from crosscoder.model import Crosscoder
 from crosscoder.train import make_optimizer
 
-from bench._timing import best_time, main
+from bench._timing import best_time, best_times_interleaved, main
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -105,11 +109,47 @@ def bench_shape(d: int, F: int, B: int, k: int, reps: int = 3) -> list[dict]:
     return rows
 
 
+def bf16_rows(d: int, F: int, B: int, k: int, reps: int = 5) -> list[dict]:
+    """The trainer's steps with float32 and with bfloat16 GEMMs, in turns; "x fusedL1" holds the
+    float32 time over the bfloat16 time of the same step (the speed-up)."""
+    from crosscoder.organism.training import cpu_has_bf16  # (loads transformers: only here)
+
+    shape = f"d={d} F={F} B={B}"
+    if not cpu_has_bf16():
+        return [{"shape": shape, "variant": "bf16 GEMMs: skipped (no bf16 in this CPU)", "ms": float("nan"),
+                 "tokens_per_s": float("nan"), "gflops": float("nan"), "roofline_pct": float("nan")}]
+    torch.manual_seed(0)
+    x = torch.randn(B, 2, d)
+    half_dead_F = torch.arange(F) % 2 == 1
+    steps = {"fused L1, dense": lambda m, x_, dt: training_step(m, x_, 2.0, gemm_dtype=dt).loss,
+             f"sparse BatchTopK k={k}": lambda m, x_, dt: training_step(m, x_, 0.0, gemm_dtype=dt).loss,
+             "  + AuxK, half dead": lambda m, x_, dt: training_step(m, x_, 0.0, dead_F=half_dead_F,
+                                                                     auxk_alpha=1 / 32, gemm_dtype=dt).loss}
+    fns = {}
+    for name, loss in steps.items():
+        for dt in (torch.float32, torch.bfloat16):
+            m = Crosscoder(CrosscoderConfig(d_model=d, n_latents=F, sparsity="l1" if "L1" in name else "batchtopk",
+                                            k=k))
+            with torch.no_grad():
+                m.b_enc_F.fill_(-0.02)  # as bench_shape: dense L1 regime (the profile's L1 runs keep 12-46% active)
+            fns[(name, dt)] = train_step_fn(m, lambda m_, x_, f=loss, dt=dt: f(m_, x_, dt), x)
+    t = best_times_interleaved(fns, warmup=1, reps=reps)
+    rows = []
+    for (name, dt), sec in t.items():
+        lp = dt == torch.bfloat16
+        rows.append({"shape": shape, "variant": f"{name} ({'bf16' if lp else 'fp32'} GEMMs)", "ms": sec * 1e3,
+                     "tokens_per_s": B / sec, "gflops": float("nan"), "roofline_pct": float("nan"),
+                     **({"vs_fused_L1": t[(name, torch.float32)] / sec, "note": "x = fp32 time / bf16 time"}
+                        if lp else {})})
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     shapes = [(64, 512, 1024, 16)] if quick else [(256, 4096, 4096, 100), (512, 8192, 4096, 100)]
     rows: list[dict] = []
     for d, F, B, k in shapes:
         rows += bench_shape(d, F, B, k, reps=2 if quick else 3)
+    rows += bf16_rows(64, 512, 1024, 16, reps=2) if quick else bf16_rows(640, 4096, 1024, 32)
     return rows
 
 

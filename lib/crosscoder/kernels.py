@@ -99,30 +99,36 @@ class _FusedL1(torch.autograd.Function):
     choose between this and the sparse step; W_enc and b_enc are inputs for their gradients)."""
 
     @staticmethod
-    def forward(ctx, x_BK, W_enc_KF, b_enc_F, W_dec_FK, b_dec_K, f_BF, pen):
+    def forward(ctx, x_BK, W_enc_KF, b_enc_F, W_dec_FK, b_dec_K, f_BF, pen, x_lp_BK):
         B = x_BK.shape[0]
-        diff_BK = torch.addmm(b_dec_K, f_BF, W_dec_FK).sub_(x_BK)
+        if f_BF.dtype == torch.float32:
+            diff_BK = torch.addmm(b_dec_K, f_BF, W_dec_FK).sub_(x_BK)
+            W_lp_FK = W_dec_FK
+        else:  # bf16 GEMMs: the error, the losses and every sum stay float32
+            W_lp_FK = W_dec_FK.to(f_BF.dtype)
+            diff_BK = (f_BF @ W_lp_FK).float().add_(b_dec_K).sub_(x_BK)
         recon = torch.dot(diff_BK.view(-1), diff_BK.view(-1)) / B
-        fsum_F = f_BF.sum(0)
+        fsum_F = f_BF.sum(0, dtype=torch.float32)
         l1 = torch.dot(fsum_F, pen.weights_F) / B
-        ctx.save_for_backward(x_BK, f_BF, diff_BK, W_dec_FK, fsum_F)
+        ctx.save_for_backward(x_lp_BK, f_BF, diff_BK, W_dec_FK, W_lp_FK, fsum_F)
         ctx.pen = pen
         return recon, l1
 
     @staticmethod
     def backward(ctx, g_recon, g_l1):
-        x_BK, f_BF, diff_BK, W_dec_FK, fsum_F = ctx.saved_tensors
+        x_lp_BK, f_BF, diff_BK, W_dec_FK, W_lp_FK, fsum_F = ctx.saved_tensors
         pen = ctx.pen
-        B = x_BK.shape[0]
+        B, lp = x_lp_BK.shape[0], f_BF.dtype
         gr_BK = diff_BK * (2.0 * g_recon / B)
-        dW_dec = _add_penalty_grad_(f_BF.t() @ gr_BK, W_dec_FK, fsum_F * (g_l1 / B), pen.coef_FS)
         db_dec = gr_BK.sum(0)
+        gr_lp_BK = gr_BK.to(lp)  # (the same tensor in float32)
+        dW_dec = _add_penalty_grad_((f_BF.t() @ gr_lp_BK).float(), W_dec_FK, fsum_F * (g_l1 / B), pen.coef_FS)
         # dL/df = gr @ W_dec^T + (g_l1 / B) * weights; bias add fused into the GEMM.
-        g_f_BF = torch.addmm(pen.weights_F * (g_l1 / B), gr_BK, W_dec_FK.t())
+        g_f_BF = torch.addmm((pen.weights_F * (g_l1 / B)).to(lp), gr_lp_BK, W_lp_FK.t())
         g_pre_BF = torch.ops.aten.threshold_backward(g_f_BF, f_BF, 0.0)
-        dW_enc = x_BK.t() @ g_pre_BF
-        db_enc = g_pre_BF.sum(0)
-        return None, dW_enc, db_enc, dW_dec, db_dec, None, None
+        dW_enc = (x_lp_BK.t() @ g_pre_BF).float()
+        db_enc = g_pre_BF.sum(0, dtype=torch.float32)
+        return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
 
 
 def select_batch_topk(score_BF: Tensor, n_keep: int) -> Tensor:
@@ -329,39 +335,56 @@ L1_SPARSE_MAX_DENSITY: dict[str, float] = {"cpu": 0.078, "cuda": 0.04}
 _L1Parts = tuple[Tensor, Tensor, Tensor]  # (recon, l1, n_active_F)
 
 
-def _l1_dense(model: Crosscoder, x_BK: Tensor, f_BF: Tensor, pen: _Penalty) -> _L1Parts:
+def _l1_dense(model: Crosscoder, x_BK: Tensor, f_BF: Tensor, pen: _Penalty, x_lp_BK: Tensor) -> _L1Parts:
     K, F = x_BK.shape[1], f_BF.shape[1]
     recon, l1 = _FusedL1.apply(x_BK, model.W_enc_SDF.view(K, F), model.b_enc_F, model.W_dec_FSD.view(F, K),
-                               model.b_dec_SD.view(-1), f_BF, pen)
+                               model.b_dec_SD.view(-1), f_BF, pen, x_lp_BK)
     return recon, l1, (f_BF > 0).sum(0)
 
 
-def _l1_sparse(model: Crosscoder, x_BK: Tensor, f_BF: Tensor, pen: _Penalty) -> _L1Parts:
+def _l1_sparse(model: Crosscoder, x_BK: Tensor, f_BF: Tensor, pen: _Penalty, x_lp_BK: Tensor) -> _L1Parts:
     (B, K), F = x_BK.shape, f_BF.shape[1]
     idx_N = f_BF.view(-1).nonzero().squeeze(1)  # ascending: token-major, as CSR wants
     act = _Active.index(idx_N // F, idx_N % F, B, F)
+    # the sparse products are float32 only (torch's CPU CSR kernels have no bf16)
     recon, l1 = _SparseL1.apply(x_BK, model.W_enc_SDF.view(K, F), model.b_enc_F, model.W_dec_FSD.view(F, K),
-                                model.b_dec_SD.view(-1), f_BF.view(-1).index_select(0, idx_N), act, pen)
+                                model.b_dec_SD.view(-1), f_BF.view(-1).index_select(0, idx_N).float(), act, pen)
     return recon, l1, act.n_active_F
 
 
-def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, path: str = "auto") -> StepLoss:
+def _check_gemm_dtype(gemm_dtype: torch.dtype) -> None:
+    if gemm_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"gemm_dtype must be torch.float32 or torch.bfloat16, got {gemm_dtype}")
+
+
+def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, path: str = "auto",
+            gemm_dtype: torch.dtype = torch.float32) -> StepLoss:
     """Loss of an L1 crosscoder on a batch. ``path``: "dense" (the fused five-GEMM kernel),
     "sparse" (decode and gradients from the active entries only) or "auto": sparse when the
     batch's active fraction is at most ``L1_SPARSE_MAX_DENSITY`` for the device. Both paths give
-    the same loss and gradients up to float summation order (tests/test_sparse_l1.py)."""
+    the same loss and gradients up to float summation order (tests/test_sparse_l1.py).
+
+    ``gemm_dtype`` torch.bfloat16: the dense GEMMs (the encoder, and the dense path's decode and
+    three gradient products) take bfloat16 copies of their operands, as ``torch.autocast`` would;
+    the weights, their gradients, the reconstruction error, the losses and every sum stay float32.
+    (torch.autocast itself cannot run these kernels: its casts do not reach the backward of an
+    autograd Function, and the CSR products have no bfloat16 kernel on the CPU.)"""
+    _check_gemm_dtype(gemm_dtype)
     B = x_BSD.shape[0]
     K = model.cfg.n_sources * model.cfg.d_model
     x_BK = x_BSD.reshape(B, K)
+    x_lp_BK = x_BK.to(gemm_dtype)
     with torch.no_grad():
-        f_BF = torch.addmm(model.b_enc_F, x_BK, model.W_enc_SDF.view(K, -1)).relu_()
+        W_enc_KF = model.W_enc_SDF.view(K, -1)
+        f_BF = torch.addmm(model.b_enc_F.to(gemm_dtype), x_lp_BK, W_enc_KF.to(gemm_dtype)).relu_()
     if path == "auto":
         max_density = L1_SPARSE_MAX_DENSITY.get(x_BK.device.type, -1.0)
         sparse = max_density >= 0 and int(torch.count_nonzero(f_BF)) <= max_density * f_BF.numel()
         path = "sparse" if sparse else "dense"
     if path not in ("dense", "sparse"):
         raise ValueError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
-    recon, l1, n_active_F = (_l1_sparse if path == "sparse" else _l1_dense)(model, x_BK, f_BF, _penalty(model))
+    recon, l1, n_active_F = (_l1_sparse if path == "sparse" else _l1_dense)(model, x_BK, f_BF, _penalty(model),
+                                                                           x_lp_BK)
     l0 = n_active_F.sum() / B
     zero = l0.new_zeros(())
     return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, zero, n_active_F, zero)
@@ -401,7 +424,7 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
         top_Bk = top_Bk.gather(1, order)
         row_Bk = torch.arange(B, device=x_BK.device)[:, None].expand_as(pick_Bk)
         keep = top_Bk > 0  # ReLU: a selected zero activation contributes nothing
-        row_N, pick_N, score_N = row_Bk[keep], pick_Bk[keep], top_Bk[keep]
+        row_N, pick_N, score_N = row_Bk[keep], pick_Bk[keep], top_Bk[keep].float()  # (bf16 GEMM: scores in bf16)
         col_N = dead_J.index_select(0, pick_N)
         vals_N = score_N / w_J.index_select(0, pick_N) if w_J is not None else score_N
         act = _Active.index(row_N, col_N, B, F)
@@ -413,9 +436,14 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
 
 
 def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = None, k_aux: int = 0,
-                   auxk_alpha: float = 0.0) -> StepLoss:
+                   auxk_alpha: float = 0.0, gemm_dtype: torch.dtype = torch.float32) -> StepLoss:
     """Loss of a BatchTopK crosscoder on a batch, decoding only the k*B active latents; with
-    ``dead_F`` and ``auxk_alpha`` > 0, plus ``auxk_alpha`` times the AuxK loss of those latents."""
+    ``dead_F`` and ``auxk_alpha`` > 0, plus ``auxk_alpha`` times the AuxK loss of those latents.
+
+    ``gemm_dtype`` torch.bfloat16: the one dense GEMM (the encoder's ranking scores) in bfloat16, so
+    the selection and the active values carry bfloat16 rounding; everything after it is float32
+    (the sparse products have no bfloat16 kernel on the CPU)."""
+    _check_gemm_dtype(gemm_dtype)
     B = x_BSD.shape[0]
     cfg = model.cfg
     K, F = cfg.n_sources * cfg.d_model, cfg.n_latents
@@ -423,15 +451,17 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
     W_enc_KF = model.W_enc_SDF.view(K, F)
     with torch.no_grad():
         w_F = model.rank_weights_F()
+        x_lp_BK = x_BK.to(gemm_dtype)
         if w_F is not None:
             # Rank on relu(pre) * w without an extra [B, F] pass: scale the encoder columns
             # (w > 0), then recover f = score / w on the k*B selected entries only.
-            score_BF = torch.addmm(model.b_enc_F * w_F, x_BK, W_enc_KF * w_F).relu_()
+            score_BF = torch.addmm((model.b_enc_F * w_F).to(gemm_dtype), x_lp_BK,
+                                   (W_enc_KF * w_F).to(gemm_dtype)).relu_()
         else:
-            score_BF = torch.addmm(model.b_enc_F, x_BK, W_enc_KF).relu_()
+            score_BF = torch.addmm(model.b_enc_F.to(gemm_dtype), x_lp_BK, W_enc_KF.to(gemm_dtype)).relu_()
         n_keep = min(cfg.k * B, B * F)
         idx_N = select_batch_topk(score_BF, n_keep)
-        score_N = score_BF.view(-1).index_select(0, idx_N)
+        score_N = score_BF.view(-1).index_select(0, idx_N).float()
         # AuxK ranks the dead latents by the same scores: keep their columns, not the [B, F] block.
         use_aux = dead_F is not None and auxk_alpha > 0 and bool(dead_F.any())
         # (index_select by the dead latents' indices: the same columns as score_BF[:, dead_F], 1.5-4x
@@ -459,8 +489,8 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
 
 
 def training_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, dead_F: Tensor | None = None,
-                  k_aux: int = 0, auxk_alpha: float = 0.0) -> StepLoss:
+                  k_aux: int = 0, auxk_alpha: float = 0.0, gemm_dtype: torch.dtype = torch.float32) -> StepLoss:
     """Dispatch to the fused kernel of the model's sparsity type (the AuxK terms: BatchTopK only)."""
     if model.cfg.sparsity == "l1":
-        return l1_step(model, x_BSD, l1_coeff)
-    return batchtopk_step(model, x_BSD, dead_F=dead_F, k_aux=k_aux, auxk_alpha=auxk_alpha)
+        return l1_step(model, x_BSD, l1_coeff, gemm_dtype=gemm_dtype)
+    return batchtopk_step(model, x_BSD, dead_F=dead_F, k_aux=k_aux, auxk_alpha=auxk_alpha, gemm_dtype=gemm_dtype)

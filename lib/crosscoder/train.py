@@ -343,6 +343,13 @@ class Trainer:
         # the host and are moved per step, accumulators live beside the weights (no per-step sync).
         self.device = model.W_dec_FSD.device
         self.opt = make_optimizer(self.params, tcfg)
+        # Resolved once per run; "auto" asks the hardware (the LM fine-tune's rule: CUDA, or a CPU
+        # with bf16 arithmetic), imported only then since its module loads transformers.
+        self.bf16 = bool(tcfg.bf16_autocast)
+        if tcfg.bf16_autocast == "auto":
+            from crosscoder.organism.training import use_bf16_autocast
+            self.bf16 = use_bf16_autocast("auto", self.device)
+        self.gemm_dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.log_path = self.run_dir / LOG
         # A finished run with this config is loaded (no step left); else resume or start afresh.
         self.result = _finished_run(self.final_dir, model, self.run_cfg) if resume else None
@@ -389,7 +396,7 @@ class Trainer:
         use_aux = model.cfg.sparsity == "batchtopk" and tcfg.auxk_alpha > 0
         dead_F = acc.since_fired_F >= tcfg.auxk_dead_tokens if use_aux else None
         out = training_step(model, x, tcfg.l1_coeff_at(step), dead_F=dead_F, k_aux=tcfg.auxk_k,
-                            auxk_alpha=tcfg.auxk_alpha)
+                            auxk_alpha=tcfg.auxk_alpha, gemm_dtype=self.gemm_dtype)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         n_active_F, min_score = out.n_active_F, out.min_score
@@ -479,6 +486,7 @@ class Trainer:
             "train_dead_frac": float((self.acc.active_F == 0).double().mean()),
         }
         metrics["world_size"] = self.world
+        metrics["bf16_gemms"] = self.bf16  # bf16_autocast as resolved on this machine
         if self.rank == 0:
             if self.heldout is not None:
                 metrics["heldout"] = summarize(model, self.heldout)

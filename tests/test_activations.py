@@ -260,12 +260,22 @@ def test_shard_rows_matches_host_reference(model_dtype):
     scale = 1e4 if model_dtype == torch.float16 else 3e4  # fp16 storage of the others overflows some
     acts = (torch.randn(3, 7, 2, 5, generator=g) * scale).to(model_dtype)
     b, p = seqs.body_mask().nonzero(as_tuple=True)
+    overflowed = False
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        got = shard_rows(seqs, acts, 11, dtype)
         want = acts[b, p].float().to(dtype)
+        if not want.isfinite().all():  # float16 storage of values beyond 65504: refused, not stored as inf
+            overflowed = True
+            with pytest.raises(ConfigError, match="overflows the float16 storage dtype"):
+                shard_rows(seqs, acts, 11, dtype)
+            fits = acts.float().clamp(-6e4, 6e4).to(model_dtype)
+            want = fits[b, p].float().to(dtype)
+            got = shard_rows(seqs, fits, 11, dtype)
+        else:
+            got = shard_rows(seqs, acts, 11, dtype)
         assert got["acts"].dtype == dtype and torch.equal(got["acts"], want)
         assert torch.equal(got["seq"], b + 11) and torch.equal(got["pos"], p.to(torch.int32))
         assert torch.equal(got["token"], ids[b, p].to(torch.int32)) and got["acts"].shape[0] == 3 * 6 - 3
+    assert overflowed == (model_dtype != torch.float16)  # the refusal was exercised
     bad = acts.clone()
     bad[2, 3, 1, 0] = float("inf")
     with pytest.raises(ConfigError, match="NaN/Inf"):
@@ -454,3 +464,85 @@ def test_two_rank_extraction_equals_one_rank_and_resumes_across_world_sizes(worl
     in_process(*extract[2:], str(tmp_path / "w3"))
     assert kept.stat().st_mtime_ns == before  # not re-extracted
     assert _cache_files(tmp_path / "w3") == ref  # no progress file left, nothing lost or duplicated
+
+
+def _tiny_gemma3_pair(tok, layer=2):
+    """A (base, chat) pair of tiny random Gemma 3 models (sliding and full attention layers) on ``tok``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from crosscoder.data.pair import ModelPair
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                               sliding_window=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                               eos_token_id=1, attn_implementation="eager")
+        models.append(Gemma3ForCausalLM(cfg).eval().requires_grad_(False))
+    return ModelPair(models[0], models[1], tok, layer, 32)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_length_sorted_forward_batches_store_the_stream_order_rows(world, arch, monkeypatch):
+    """extract_rows batching by length (each batch padded to its own longest row) stores the rows of
+    batching in stream order and of a naive unpadded forward of each sequence alone, in stream order,
+    while the forwards see fewer positions."""
+    from crosscoder.data import pair as pair_mod
+    from crosscoder.data.cache import extract_rows
+    from crosscoder.data.text import iter_sequences
+
+    dirs, data = world
+    pair = load_pair(_pair_cfg(dirs, layer=2))
+    if arch == "gemma3":
+        pair = _tiny_gemma3_pair(pair.tokenizer)
+    items = [x for _, x in zip(range(30), iter_sequences(_data_cfg(data), pair.tokenizer))]
+    lengths = [len(ids) for ids, _ in items]
+    assert len(set(lengths)) > 5 and max(lengths) == 24  # full text rows and shorter conversations
+
+    positions = []
+    real_extract = cache_mod.extract_pair
+    monkeypatch.setattr(cache_mod, "extract_pair", lambda p, ids, *a: positions.append(ids.numel()) or real_extract(p, ids, *a))
+    got = extract_rows(pair, items, 100, torch.float32, forward_batch=4)
+    sorted_positions, positions[:] = sum(positions), []
+    old = extract_rows(pair, items, 100, torch.float32, forward_batch=4, by_length=False)
+    assert sorted_positions < sum(positions)
+
+    naive: dict[str, list] = {"acts": [], "token": [], "seq": [], "pos": []}
+    for i, (ids, _) in enumerate(items):
+        x = torch.tensor([ids])
+        h = torch.stack([pair_mod.residual_after(lm, x, pair.layer) for lm in pair.models], 2)[0, 1:]
+        naive["acts"].append(h)
+        naive["token"].append(torch.tensor(ids[1:], dtype=torch.int32))
+        naive["seq"].append(torch.full((len(ids) - 1,), 100 + i, dtype=torch.int64))
+        naive["pos"].append(torch.arange(1, len(ids), dtype=torch.int32))
+    naive = {k: torch.cat(v) for k, v in naive.items()}
+    for ref in (old, naive):
+        for k in ("token", "seq", "pos"):
+            assert torch.equal(got[k], ref[k]), k
+        torch.testing.assert_close(got["acts"], ref["acts"], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_cache_option(world, tmp_path):
+    """bf16_autocast: validated, left out of the key when off (older caches keep theirs), a separate
+    cache when on, whose activations are the float32 ones to bf16 precision but not the same."""
+    import dataclasses
+
+    from crosscoder.config import config_hash
+    from crosscoder.data.cache import cache_key
+
+    with pytest.raises(ConfigError, match="bf16_autocast must be true or false"):
+        CacheConfig(n_train_sequences=8, bf16_autocast="auto")
+    p, d, off = _cache_cfgs(world, dtype="float32")
+    assert "bf16_autocast" not in off.to_dict() and CacheConfig.from_dict(off.to_dict()) == off
+    before = {k: v for k, v in dataclasses.asdict(off).items() if k != "bf16_autocast"}  # the dict before the field
+    assert cache_key(p, d, off) == config_hash({"pair": p.to_dict(), "data": d.to_dict(), "cache": before}, 16)
+    on = CacheConfig.from_dict({**off.to_dict(), "bf16_autocast": True})
+    assert on.bf16_autocast and cache_key(p, d, on) != cache_key(p, d, off)
+    a32 = build_activation_cache(p, d, off, tmp_path, progress=False).load("heldout")
+    c16 = build_activation_cache(p, d, on, tmp_path, progress=False)
+    assert c16.manifest["configs"]["cache"]["bf16_autocast"] is True
+    a16 = c16.load("heldout")
+    assert a16.shape == a32.shape and not torch.equal(a16, a32)
+    rel = (a16 - a32).norm(dim=-1) / a32.norm(dim=-1)
+    assert float(rel.median()) < 0.03

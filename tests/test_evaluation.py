@@ -134,3 +134,43 @@ def test_ce_recovered_is_the_same_projected_in_chunks_of_any_size():
                 # float32 sums in another order: ~1e-6 relative on each CE, more on the ratios of their differences
                 tol = 1e-3 if k.startswith("ce_recovered") else 1e-5
                 assert part[name][k] == pytest.approx(v, rel=tol, abs=1e-6), (chunk, name, k)
+
+
+def test_both_definitions_at_once_equal_one_at_a_time_and_ours_by_hand():
+    """The training page asks for both definitions: one pass shares the clean, splice and mean
+    forwards and their logits, and must give each definition's numbers as a call of its own does
+    (padding and a given mean included); ours is checked by hand too (body zeroed, BOS prediction
+    not scored)."""
+    import torch.nn.functional as F_nn
+
+    from crosscoder.analysis.ce import ce_recovered_definitions
+
+    lms = [_lm(0), _lm(1)]
+    ids = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(5))
+    ids[:, 0] = 2
+    am = torch.ones_like(ids)
+    am[1, 8:] = 0
+    cc = _identity_crosscoder()
+    with torch.no_grad():
+        cc.W_dec_FSD.mul_(0.6)
+    for mean in (None, torch.randn(2, D, generator=torch.Generator().manual_seed(1))):
+        both = ce_recovered_definitions(lms, cc, ids, 1, attention_mask_NT=am, mean_raw_SD=mean, batch_size=4,
+                                        position_chunk=7)
+        for d in ("ours", "kissane"):
+            alone = ce_recovered(lms, cc, ids, 1, attention_mask_NT=am, mean_raw_SD=mean, batch_size=4, definition=d)
+            for name in alone:
+                for k, v in alone[name].items():
+                    assert both[d][name][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (d, name, k)
+    lm, name = lms[1], "chat"
+    full = ids[am.bool().all(1)]  # the unpadded rows, by hand
+    with torch.no_grad():
+        cap = []
+        with residual_hook(lm, 1, capture=cap):
+            lm(input_ids=full)
+        zeroed = cap[0].clone()
+        zeroed[:, 1:] = 0.0
+        with residual_hook(lm, 1, replace=zeroed):
+            logits = lm(input_ids=full).logits
+    want = F_nn.cross_entropy(logits[:, 1:-1].reshape(-1, 64), full[:, 2:].reshape(-1))
+    ours = ce_recovered_definitions(lms, cc, full, 1, batch_size=4, definitions=("ours",))["ours"][name]
+    assert ours["ce_zero"] == pytest.approx(float(want), rel=1e-5)

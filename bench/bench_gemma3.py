@@ -21,6 +21,12 @@ Rows:
   cast to the float16 storage dtype). Unit: positions (B x T, padding included: what the forwards
   compute) / s through both models. Target: >= 0.90 x the plain forward. float32, and bfloat16 when
   the CPU has bf16 arithmetic (``training.cpu_has_bf16``).
+* **extraction (shard)**: ``crosscoder.data.cache.extract_rows``, the cache's whole per-shard work, on
+  32 documents in forward batches of 8, float32 weights. Baseline: forward batches taken in stream order,
+  each padded to its longest row (the cache before length sorting). Against it: batches of similar
+  length (the cache's default), and the same under bf16 autocast (``CacheConfig.bf16_autocast``) when
+  the CPU has bf16 arithmetic. Timed interleaved; the sorted rows are asserted equal to the stream-order
+  ones (float rounding). Unit: real tokens / s through both models.
 * **fine-tune**: ``organism.training.train_lm`` with the ``gemma3`` preset's ``chat_train`` recipe
   (frozen embeddings, logits on targets only, chunked loss, bf16 autocast "auto"), one step per
   call, on 8 rows of 128 tokens packed as the organism packs them (``training.pack``). Baseline: a
@@ -46,7 +52,7 @@ import glob
 import os
 
 import torch
-from crosscoder.data.cache import shard_rows
+from crosscoder.data.cache import extract_rows, shard_rows
 from crosscoder.data.pair import ModelPair, ModelPairConfig, extract_pair, load_pair
 from crosscoder.data.text import batch_sequences
 from crosscoder.organism.config import preset
@@ -187,6 +193,42 @@ def extraction_rows(pair: ModelPair, docs: list[Document], what: str, weights: s
     return rows
 
 
+def shard_extraction_rows(pair: ModelPair, docs: list[Document], what: str, weights: str, reps: int,
+                          forward_batch: int = 8) -> list[dict]:
+    """The cache's per-shard extraction: stream-order batches vs length-sorted, and + bf16 autocast."""
+    if pair.tokenizer is None:  # random models: only the padding id is read
+        from types import SimpleNamespace
+
+        pair = pair._replace(tokenizer=SimpleNamespace(pad_token_id=PAD))
+    items = [(d.ids, False) for d in docs]
+    n_real = sum(len(d.ids) for d in docs)
+    stream_pos = sum(len(items[j : j + forward_batch]) * max(len(x) for x, _ in items[j : j + forward_batch])
+                     for j in range(0, len(items), forward_batch))
+    lens = sorted(len(x) for x, _ in items)
+    sorted_pos = sum(len(lens[j : j + forward_batch]) * lens[j : j + forward_batch][-1]
+                     for j in range(0, len(lens), forward_batch))
+    kw = {"forward_batch": forward_batch}
+    fns = {
+        "stream": lambda: extract_rows(pair, items, 0, torch.float32, by_length=False, **kw),
+        "sorted": lambda: extract_rows(pair, items, 0, torch.float32, **kw),
+    }
+    if cpu_has_bf16():
+        fns["sorted+bf16"] = lambda: extract_rows(pair, items, 0, torch.float32, bf16_autocast=True, **kw)
+    ref, got = fns["stream"](), fns["sorted"]()
+    diff = float((got["acts"] - ref["acts"]).abs().max())
+    assert torch.equal(got["seq"], ref["seq"]) and torch.equal(got["pos"], ref["pos"])
+    assert torch.allclose(got["acts"], ref["acts"], rtol=1e-5, atol=1e-5 * float(ref["acts"].abs().max())), diff
+    with torch.no_grad():
+        t = best_times_interleaved(fns, warmup=1, reps=reps)
+    shape = f"float32, {len(docs)} docs, batches of {forward_batch}, block {pair.layer}"
+    names = {"stream": f"stream-order batches ({stream_pos} positions)",
+             "sorted": f"length-sorted batches ({sorted_pos} positions)",
+             "sorted+bf16": "length-sorted + bf16 autocast"}
+    return [{"section": "extraction (shard)", "shape": shape, "variant": names[k], "ms": t[k] * 1e3,
+             "tokens_per_s": n_real / t[k], "vs_plain": t["stream"] / t[k], "weights": weights,
+             "inputs": f"{len(docs)} {what}, {n_real} real tokens", "max_abs_diff": diff} for k in fns]
+
+
 def finetune_rows(model, docs: list[Document], B: int, T: int, what: str, weights: str, steps: int,
                   reps: int) -> list[dict]:
     ids, target = pack(docs, T, PAD)  # packed as the organism packs its training rows
@@ -273,6 +315,8 @@ def run(quick: bool = False, only: str | None = None) -> list[dict]:
         docs, what = documents(T, vocab)
         if "extraction" in parts:
             rows += extraction_rows(pair, docs[:B], what, weights, reps)
+            if dt == torch.float32:  # the cache's shard path, against its stream-order batches
+                rows += shard_extraction_rows(pair, docs[: 4 * B], what, weights, reps, forward_batch=B)
         if dt == torch.float32 and "fine-tune" in parts:  # the organism fine-tunes the float32 base
             base = pair.base
             del pair
@@ -289,12 +333,13 @@ def format_rows(rows: list[dict]) -> str:
     from bench.bench_train import format_rows as train_format
 
     out = []
-    for section, unit in (("extraction", "tok/s"), ("fine-tune", "real tok/s")):
+    for section, unit in (("extraction", "tok/s"), ("extraction (shard)", "real tok/s"), ("fine-tune", "real tok/s")):
         sec = [r for r in rows if r["section"] == section]
         if not sec:
             continue
-        ms = "ms" if section == "extraction" else "ms/step"
-        head = f"{'shape':<46} {'variant':<48} {ms:>9} {unit:>10} {'x plain':>8}"
+        ms = "ms/step" if section == "fine-tune" else "ms"
+        vs = "x stream" if section == "extraction (shard)" else "x plain"
+        head = f"{'shape':<46} {'variant':<48} {ms:>9} {unit:>10} {vs:>8}"
         out += [f"### {section}: {sec[0]['weights']}; {sec[0]['inputs']}", head, "-" * len(head)]
         for r in sec:
             out.append(f"{r['shape']:<46} {r['variant']:<48} {r['ms']:>9.1f} {r['tokens_per_s']:>10.1f} "
@@ -302,6 +347,8 @@ def format_rows(rows: list[dict]) -> str:
         if section == "extraction":
             out.append("max |extract_pair - plain| = "
                        + ", ".join(f"{r['max_abs_diff']:.2g} ({r['shape'].split(',')[0]})" for r in sec[::3]))
+        if section == "extraction (shard)":
+            out.append(f"max |length-sorted - stream-order| = {sec[0]['max_abs_diff']:.2g} (float32)")
         out.append("")
     cc = [r for r in rows if r["section"] == "crosscoder"]
     if cc:

@@ -13,9 +13,10 @@ latents' reconstruction from the chat model (ablation); ``coeff = +1`` in the ba
 chat decoder contribution exactly where and as strongly as the latent fires (latent patching).
 Plain steering (``steer``) adds a fixed vector at every position and needs no crosscoder.
 
-To keep lockstep exact, generation re-runs the full sequence at every step (no KV cache): the
-partner must see the whole context, and the organism's models are small enough that the quadratic
-cost is seconds.
+Generation (``crosscoder.generation.greedy_generate``) uses a KV cache: at each step the target sees
+only the new token and the partner runs in lockstep on it with a KV cache of its own, started with the
+target's and keeping the same rows (``generation.select_rows``). Every position is edited once, from
+the same pair of activations a full re-run would compute, so the edit is the same as without a cache.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from torch import Tensor
 
 from crosscoder.config import ConfigError
-from crosscoder.data.pair import decoder_layers, residual_after
+from crosscoder import generation
+from crosscoder.data.pair import decoder, decoder_layers
 from crosscoder.model import Crosscoder
 from crosscoder.organism.evaluate import answer_opening, response_tests, whole_word
 
@@ -51,30 +53,72 @@ def _replace(output, new: Tensor):
     return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
 
+class _Stop(Exception):
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+
+def _residual_upto(lm, ids: Tensor, layer: int, mask: Tensor | None, pos: Tensor | None, cache) -> Tensor:
+    """The residual after block ``layer`` of ``lm`` on ``ids`` [B, T, D], running blocks 0..layer only;
+    with ``cache`` (the earlier positions' keys and values, blocks 0..layer) extended by these."""
+
+    def stop(_module, _inputs, output):
+        raise _Stop(_hidden(output))
+
+    dec = decoder(lm)
+    kv = {generation.cache_kwarg(dec): cache} if cache is not None else {}
+    handle = decoder_layers(lm)[layer].register_forward_hook(stop)
+    try:
+        dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=cache is not None, **kv)
+    except _Stop as s:
+        return s.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block {layer} was never reached")  # pragma: no cover
+
+
+def _cache_len(cache) -> int:
+    if cache is None:
+        return 0
+    return cache.get_seq_length() if hasattr(cache, "get_seq_length") else len(cache)
+
+
 @contextlib.contextmanager
 def edit_residual(target_lm, partner_lm, layer: int, delta: Callable[[Tensor, Tensor | None], Tensor], *,
                   target_source: int = 1) -> Iterator[None]:
     """While active, every forward of ``target_lm`` has its residual after block ``layer`` shifted by
     ``delta(h_ND, pair_NSD)`` at every position: ``h_ND`` the target's unedited residual (raw, float32,
     one row per position), ``pair_NSD`` the pair's activations [N, 2 (base, chat), D] of the same
-    positions with ``partner_lm`` run in lockstep on the same ids up to the same layer (the target in
-    slot ``target_source``), or None when ``partner_lm`` is None (an edit that reads the target alone).
-    ``delta`` returns what to add, [N, D]. Forwards must pass ``input_ids`` covering the whole sequence
-    (no KV cache): the machinery every intervention of this module (and each diffing method's,
+    positions with ``partner_lm`` run in lockstep on the same ids, mask and positions up to the same
+    layer (the target in slot ``target_source``), or None when ``partner_lm`` is None (an edit that
+    reads the target alone). ``delta`` returns what to add, [N, D], one row per position independently.
+    Forwards must pass ``input_ids``. A forward with a KV cache works when the cache was empty at the
+    first forward under this edit (``generation.greedy_generate`` does so): the partner then keeps a
+    cache of its own in step; a cache filled elsewhere is refused, as the partner never saw its
+    context. The machinery every intervention of this module (and each diffing method's,
     ``methods.Method.intervention``) runs on."""
     if target_source not in (0, 1):
         raise ConfigError(f"target_source must be 0 (base) or 1 (chat), got {target_source!r}")
-    state: dict = {"ids": None, "mask": None}
+    state: dict = {"ids": None, "mask": None, "pos": None, "cache": None, "partner_cache": None, "use": None}
 
     def grab_ids(_module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise RuntimeError("edit_residual needs forwards called with input_ids")
-        past = kwargs.get("past_key_values")
-        if past is not None and (past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)) > 0:
-            raise RuntimeError("edit_residual: a forward with a KV cache sees only the new tokens, so the "
-                               "partner model cannot be run in lockstep; generate with use_cache=False")
-        state["ids"], state["mask"] = ids, kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.update(ids=ids, mask=kwargs.get("attention_mask"), pos=kwargs.get("position_ids"), use=None)
+        if partner_lm is None or cache is None:
+            return
+        seen = _cache_len(cache)
+        if seen == 0:  # a new generation: the partner starts a cache that keeps the target's rows
+            partner_cache = generation.new_cache(partner_lm)
+            setattr(cache, generation.FOLLOWERS, getattr(cache, generation.FOLLOWERS, []) + [partner_cache])
+            state.update(cache=cache, partner_cache=partner_cache)
+        elif state["cache"] is not cache or _cache_len(state["partner_cache"]) != seen:
+            raise RuntimeError("edit_residual: this forward's KV cache holds a context the partner model never "
+                               "saw (filled before the edit began, or without it), so it cannot run in "
+                               "lockstep; generate with crosscoder.generation.greedy_generate or use_cache=False")
+        state["use"] = state["partner_cache"]
 
     @torch.no_grad()
     def edit(_module, _inputs, output):
@@ -84,15 +128,16 @@ def edit_residual(target_lm, partner_lm, layer: int, delta: Callable[[Tensor, Te
         if partner_lm is not None:
             ids = state["ids"]
             if ids is None or ids.shape[:2] != h_BTD.shape[:2]:
-                raise RuntimeError("edit_residual: the block saw a different sequence than the model's input_ids "
-                                   "(generation with a KV cache?); pass use_cache=False")
-            other_BTD = residual_after(partner_lm, ids, layer, state["mask"])
+                raise RuntimeError("edit_residual: the block saw a different sequence than the model's input_ids")
+            other_BTD = _residual_upto(partner_lm, ids, layer, state["mask"], state["pos"], state["use"])
             both = (h_BTD, other_BTD) if target_source == 0 else (other_BTD, h_BTD)
             pair = torch.stack(both, dim=2).reshape(B * T, 2, D).float()
         d_ND = delta(h_BTD.reshape(B * T, D).float(), pair)
         return _replace(output, h_BTD + d_ND.reshape(B, T, D).to(h_BTD.dtype).to(h_BTD.device))
 
-    handles = [target_lm.register_forward_pre_hook(grab_ids, with_kwargs=True),
+    # on the decoder stack (not the LM): a forward of the LM calls it with the same keywords, and
+    # generation calls it directly to skip the full-vocabulary head
+    handles = [decoder(target_lm).register_forward_pre_hook(grab_ids, with_kwargs=True),
                decoder_layers(target_lm)[layer].register_forward_hook(edit)]
     try:
         yield
@@ -113,8 +158,8 @@ def edit_latents(target_lm, partner_lm, crosscoder: Crosscoder, latents: Tensor 
     ids, ``edit_residual``). ``write_source`` picks the decoder half d_j comes from (default: the
     target's). ``directions_JD`` replaces the decoder rows by other raw directions (controls: random
     directions of the same norms), keeping f_j. Yields a dict whose ``"f_sum"`` accumulates sum_j f_j
-    over edited positions (to check the latents actually fired). Forwards must pass ``input_ids``
-    covering the whole sequence (no KV cache).
+    over edited positions (to check the latents actually fired; with a KV cache each position counts
+    once, padding included). Forwards as ``edit_residual`` says.
     """
     if crosscoder.cfg.n_sources != 2:
         raise ConfigError("edit_latents needs a two-source (model-diffing) crosscoder")
@@ -161,46 +206,17 @@ def random_directions_like(directions_JD: Tensor, seed: int = 0) -> Tensor:
     return r / r.norm(dim=-1, keepdim=True) * directions_JD.float().norm(dim=-1, keepdim=True)
 
 
-@torch.no_grad()
 def greedy_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                    batch_size: int = 32, until: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
-    """Greedy continuations (new token ids, stop token excluded) of token-id prompts.
-
-    Prompts of equal length are batched (no padding, so positions and attention are those of an
-    unbatched call); every step re-runs the whole sequence without a KV cache, which hooks such as
-    ``edit_latents`` need. ``until(new_ids)``: a row also stops once this is True (a behaviour test
-    whose outcome is settled, see ``organism_settled``); greedy decoding makes every row's tokens a
-    prefix of what a longer budget would give, so stopping early changes no settled outcome.
+                    batch_size: int = 64, until: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuations (new token ids, stop token excluded) of token-id prompts: the rows of
+    ``generation.greedy_generate`` (left-padded batches, a KV cache, each row leaving the batch when it
+    ends), under whatever hooks are active. ``until(new_ids)``: a row also stops once this is True (a
+    behaviour test whose outcome is settled, see ``organism_settled``); greedy decoding makes every
+    row's tokens a prefix of what a longer budget would give, so stopping early changes no settled
+    outcome.
     """
-    dev = next(lm.parameters()).device
-    stop = set(int(s) for s in stop_ids)
-    out: list[list[int] | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    lm.eval()
-    for _length, idx in sorted(by_len.items()):
-        for j in range(0, len(idx), batch_size):
-            chunk = idx[j:j + batch_size]
-            ids = torch.tensor([list(prompts[i]) for i in chunk], device=dev)
-            new = [[] for _ in chunk]
-            done = [False] * len(chunk)
-            for _ in range(max_new_tokens):
-                logits = lm(input_ids=ids, use_cache=False).logits[:, -1]
-                nxt = logits.argmax(-1)
-                for b, t in enumerate(nxt.tolist()):
-                    if not done[b]:
-                        if t in stop:
-                            done[b] = True
-                        else:
-                            new[b].append(t)
-                            done[b] = until is not None and until(new[b])
-                if all(done):
-                    break
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-            for i, n in zip(chunk, new):
-                out[i] = n
-    return out  # type: ignore[return-value]
+    return [g.ids for g in generation.greedy_generate(lm, prompts, max_new_tokens, stop_ids, batch_size=batch_size,
+                                                      until=until)]
 
 
 class Rate(NamedTuple):

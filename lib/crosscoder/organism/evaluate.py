@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -194,10 +193,11 @@ class Response(NamedTuple):
     """True if the model emitted <end_of_turn> (or <eos>) within the token budget."""
 
 
-@torch.no_grad()
 def greedy_responses(model: PreTrainedModel, tokenizer, user_prompts: Sequence[str],
                      max_new_tokens: int, batch_size: int = 64, *, padded: bool = False) -> list[Response]:
-    """Greedy model turns for single-turn chat prompts rendered with the chat template.
+    """Greedy model turns for single-turn chat prompts rendered with the chat template, ended by
+    <end_of_turn> or <eos> (``crosscoder.generation.greedy_generate``: a KV cache, each row leaving the
+    batch once it has ended).
 
     Prompts are batched by token length so no padding is needed: positions and attention are then
     exactly those of an unbatched call. ``padded`` batches prompts of any length with left padding
@@ -205,25 +205,13 @@ def greedy_responses(model: PreTrainedModel, tokenizer, user_prompts: Sequence[s
     large-vocabulary model costs about the same for 1 row as for 64 (it reads every weight once),
     so few wide batches beat many narrow ones.
     """
-    if padded:
-        return _greedy_padded(model, tokenizer, user_prompts, max_new_tokens, batch_size)
+    from crosscoder.generation import greedy_generate
+
     stop = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
-    encoded = _chat_prompts(tokenizer, user_prompts)
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, e in enumerate(encoded):
-        by_len[len(e)].append(i)
-    out: list[Response | None] = [None] * len(encoded)
-    model.eval()
-    for length, idx in sorted(by_len.items()):
-        for j in range(0, len(idx), batch_size):
-            chunk = idx[j:j + batch_size]
-            ids = torch.tensor([encoded[i] for i in chunk])
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(chunk, gen[:, length:].tolist()):
-                out[i] = _cut_at_stop(row, stop, tokenizer)
-    return out  # type: ignore[return-value]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gens = greedy_generate(model, _chat_prompts(tokenizer, user_prompts), max_new_tokens, stop,
+                           batch_size=batch_size, padded=padded, pad_id=pad)
+    return [Response(tokenizer.decode(g.ids), g.ended) for g in gens]
 
 
 def _chat_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
@@ -232,29 +220,10 @@ def _chat_prompts(tokenizer, user_prompts: Sequence[str]) -> list[list[int]]:
     return [list(e["input_ids"]) if hasattr(e, "keys") else list(e) for e in encoded]
 
 
-def _cut_at_stop(row: list[int], stop: list[int], tokenizer) -> Response:
-    ended = any(t in stop for t in row)
-    if ended:
-        row = row[:min(row.index(t) for t in stop if t in row)]
-    return Response(tokenizer.decode(row), ended)
-
-
-@torch.no_grad()
 def _greedy_padded(model, tokenizer, user_prompts: Sequence[str], max_new_tokens: int,
                    batch_size: int) -> list[Response]:
-    stop = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
-    encoded, pad = _chat_prompts(tokenizer, user_prompts), tokenizer.pad_token_id
-    model.eval()
-    out = []
-    for j in range(0, len(encoded), batch_size):
-        chunk = encoded[j:j + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in chunk])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in chunk])
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=stop, pad_token_id=pad)
-        out += [_cut_at_stop(row, stop, tokenizer) for row in gen[:, width:].tolist()]
-    return out
+    """``greedy_responses`` with left-padded batches of ``batch_size``."""
+    return greedy_responses(model, tokenizer, user_prompts, max_new_tokens, batch_size, padded=True)
 
 
 class PromptSets(NamedTuple):
@@ -319,8 +288,12 @@ def behaviour_rates(model: PreTrainedModel, tokenizer, prompts: PromptSets, cfg:
     ``end_of_turn_rate`` (behaviour 1) is the fraction of all
     generations that close their turn with <end_of_turn> within the budget.
     """
-    res = {name: greedy_responses(model, tokenizer, p, max_new_tokens, padded=padded)
-           for name, p in prompts._asdict().items() if p}
+    sets = {name: p for name, p in prompts._asdict().items() if p}
+    # one call for every set: fewer, wider batches (a row's tokens do not depend on its batch)
+    flat = greedy_responses(model, tokenizer, [q for p in sets.values() for q in p], max_new_tokens, padded=padded)
+    res, start = {}, 0
+    for name, p in sets.items():
+        res[name], start = flat[start:start + len(p)], start + len(p)
     tests = response_tests(cfg)
 
     def rate(name: str, test) -> float:

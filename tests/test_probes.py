@@ -87,6 +87,13 @@ def test_probe_table_reads_every_layer_of_every_model():
     am[::3, 9:] = False  # some padding
     acts = probes.layer_acts(lm_a, ids, am, [0, 2], batch_size=7)
     assert torch.allclose(acts, residuals_at(lm_a, ids, [0, 2], am), atol=1e-5)
+    # the kept positions come from length-sorted batches cut at their longest sequence: the same
+    # residuals, in row-major order
+    keep = am & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(9)) < 0.5)
+    torch.testing.assert_close(probes.layer_acts(lm_a, ids, am, [0, 2], batch_size=7, keep_NT=keep), acts[keep],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="padding positions"):
+        probes.layer_acts(lm_a, ids, am, [0, 2], keep_NT=~am)
     # A lexical label (token id 7) is decodable from every layer of any model.
     mask = am.clone()
     mask[:, 0] = False

@@ -255,15 +255,40 @@ def layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: Sequ
                batch_size: int = 32, keep_NT: Tensor | None = None) -> Tensor:
     """Residual streams after ``layers`` of one model, float32 [N, T, L, D] (batched, truncated
     forward up to the deepest layer); with ``keep_NT``, only those positions, [P, L, D] in row-major
-    order (what ``x_NTLD[keep_NT]`` would give, without holding every position of every layer)."""
+    order (what ``x_NTLD[keep_NT]`` would give, without holding every position of every layer).
+
+    With ``keep_NT`` (real tokens only; right-padded sequences) the forwards run on batches of
+    similar lengths cut at their longest sequence (``latents.length_batches``): a causal model's
+    real positions do not read the padding after them, and the organism's evaluation set is 43%
+    real tokens."""
     dev = next(lm.parameters()).device
+    if keep_NT is not None:
+        return _kept_layer_acts(lm, input_ids_NT, attention_mask_NT, list(layers), batch_size, keep_NT.bool(), dev)
     out = []
     for i in range(0, input_ids_NT.shape[0], batch_size):
         ids = input_ids_NT[i:i + batch_size].to(dev)
         am = attention_mask_NT[i:i + batch_size].to(dev)
-        r = residuals_at(lm, ids, list(layers), am)
-        out.append((r if keep_NT is None else r[keep_NT[i:i + batch_size].to(dev)]).float().cpu())
+        out.append(residuals_at(lm, ids, list(layers), am).float().cpu())
     return torch.cat(out)
+
+
+def _kept_layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: list[int], batch_size: int,
+                     keep_NT: Tensor, dev) -> Tensor:
+    from crosscoder.analysis.latents import _check_right_padded, length_batches
+
+    _check_right_padded(attention_mask_NT)
+    if bool((keep_NT & ~attention_mask_NT.bool()).any()):
+        raise ValueError("keep_NT marks padding positions; keep real tokens only")
+    rank_NT = keep_NT.reshape(-1).long().cumsum(0).view(keep_NT.shape) - 1  # row-major index of each kept position
+    out = None
+    for rows, L in length_batches(attention_mask_NT, batch_size):
+        r = residuals_at(lm, input_ids_NT[rows, :L].to(dev), layers, attention_mask_NT[rows, :L].to(dev))
+        keep = keep_NT[rows, :L]
+        vals = r[keep.to(dev)].float().cpu()
+        if out is None:
+            out = torch.zeros(int(keep_NT.sum()), len(layers), vals.shape[-1])
+        out[rank_NT[rows, :L][keep]] = vals
+    return out
 
 
 def separation(acts_NTD: Tensor, task: ProbeTask) -> float:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from crosscoder.analysis.ground_truth import decision_table, ground_truth_table, planted_precision
-from crosscoder.analysis.latents import latent_acts
+from crosscoder.analysis.latents import latent_acts, latent_acts_many
 from crosscoder.analysis.metrics import DiffGeometry, class_counts, classify_latents, diff_geometry, evaluate
 from crosscoder.analysis.probes import decision_tasks
 from crosscoder.analysis.scaling import LatentScaling, latent_scaling
@@ -156,8 +156,17 @@ def decision_recovery(model: Crosscoder, pair: ModelPair, eval_set, info: DiffIn
 
 def live_latent_acts(model: Crosscoder, pair: ModelPair, eval_set, info: DiffInfo) -> Tensor:
     """Activations [N, T, J] of every live latent (``info.alive_F``, in index order) on the eval set."""
-    live = torch.nonzero(info.alive_F).squeeze(1)
-    return latent_acts(model, pair, eval_set.input_ids_NT, eval_set.attention_mask_NT, live)
+    return live_latent_acts_many({"": model}, pair, eval_set, {"": info})[""]
+
+
+def live_latent_acts_many(models: dict[str, Crosscoder], pair: ModelPair, eval_set,
+                          infos: dict[str, DiffInfo]) -> dict[str, Tensor]:
+    """``live_latent_acts`` of several crosscoders of the same pair, from one pass of the language
+    models over the eval set (the pass is nearly all of the cost; the encoders are cheap)."""
+    names = list(models)
+    got = latent_acts_many([models[n] for n in names], pair, eval_set.input_ids_NT, eval_set.attention_mask_NT,
+                           [torch.nonzero(infos[n].alive_F).squeeze(1) for n in names])
+    return dict(zip(names, got))
 
 
 def behaviour_recovery(model: Crosscoder, pair: ModelPair, eval_set, candidates: Tensor,

@@ -103,28 +103,87 @@ def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, 
     return latent_acts_many([model], pair, input_ids_NT, attention_mask_NT, [latents], batch=batch)[0]
 
 
+def length_batches(attention_mask_NT: Tensor, batch: int) -> list[tuple[Tensor, int]]:
+    """(rows, length) batches of right-padded sequences for a forward: the rows sorted by length
+    (longest first, ties in row order) and cut into ``batch``-sized groups, each run only up to its
+    longest sequence. A causal model's outputs at real tokens do not depend on later (padding)
+    columns, so this gives the same activations as full-width batches while running only the real
+    tokens: the gemma3 organism's evaluation set is 43% real tokens, its held-out set 62%."""
+    lengths = attention_mask_NT.long().sum(1)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    return [(rows, max(1, int(lengths[rows[0]]))) for rows in order.split(batch)]
+
+
+def _check_right_padded(attention_mask_NT: Tensor) -> None:
+    lengths = attention_mask_NT.long().sum(1)
+    if not bool((attention_mask_NT.bool() == (torch.arange(attention_mask_NT.shape[1]) < lengths[:, None])).all()):
+        raise ValueError("sequences must be right-padded (attention mask 1...1 0...0)")
+
+
 @torch.no_grad()
 def latent_acts_many(models: Sequence[Crosscoder], pair: ModelPair, input_ids_NT: torch.Tensor,
                      attention_mask_NT: torch.Tensor, latents: Sequence[torch.Tensor | list[int] | None], *,
                      batch: int = 16) -> list[torch.Tensor]:
     """``latent_acts`` of several crosscoders of the same pair (e.g. two seeds) on the same sequences,
-    running the language models once per batch instead of once per crosscoder."""
+    running the language models once per batch instead of once per crosscoder. Batches are of
+    similar lengths and cut at their longest sequence (``length_batches``)."""
+    _check_right_padded(attention_mask_NT)
     cols = [torch.arange(m.cfg.n_latents) if j is None else torch.as_tensor(j, dtype=torch.long)
             for m, j in zip(models, latents)]
     for m in models:
         m.eval()
-    out: list[list[torch.Tensor]] = [[] for _ in models]
-    for i in range(0, input_ids_NT.shape[0], batch):
-        ids, am = input_ids_NT[i : i + batch], attention_mask_NT[i : i + batch].long()
-        acts = extract_pair(pair, ids, am).float()  # [B, T, S, D]
-        B, T = ids.shape
+    N, T = input_ids_NT.shape
+    out = [torch.zeros(N, T, len(J)) for J in cols]
+    for rows, L in length_batches(attention_mask_NT, batch):
+        ids, am = input_ids_NT[rows, :L], attention_mask_NT[rows, :L].long()
+        acts = extract_pair(pair, ids, am).float()  # [B, L, S, D]
+        B = len(rows)
         body = am.bool().clone()
         body[:, 0] = False
         for m, J, acc in zip(models, cols, out):
-            x = acts.to(m.W_dec_FSD.device).reshape(B * T, *acts.shape[2:])
-            f = m.encode(m.normalise(x))[:, J].view(B, T, -1).cpu()
-            acc.append(f * body[..., None])
-    return [torch.cat(acc) for acc in out]
+            x = acts.to(m.W_dec_FSD.device).reshape(B * L, *acts.shape[2:])
+            f = m.encode(m.normalise(x))[:, J].view(B, L, -1).cpu()
+            acc[rows, :L] = f * body[..., None]
+    return out
+
+
+class TokenRows(NamedTuple):
+    """Cached activations of the body tokens (not BOS, not padding) of a set of sequences."""
+
+    acts_RSD: Tensor
+    """Raw activations [R, S, D] in the cache's storage dtype."""
+    seq_R: Tensor
+    """Sequence of each row (index into the cached sequences)."""
+    pos_R: Tensor
+    """Token position of each row."""
+
+
+def heldout_rows(cache) -> TokenRows:
+    """The held-out split of an ``ActivationCache`` with each row's (sequence, position) in
+    ``cache.heldout_sequences()``: the activations every held-out statistic (density, Δnorm
+    classes, Latent Scaling) is computed from."""
+    acts, _, seq, pos = cache.load("heldout", with_index=True)
+    return TokenRows(acts, seq.long(), pos.long())
+
+
+@torch.no_grad()
+def latent_acts_from_rows(models: Sequence[Crosscoder], rows: TokenRows, shape_NT: tuple[int, int],
+                          latents: Sequence[torch.Tensor | list[int] | None], *, chunk: int = 4096
+                          ) -> list[torch.Tensor]:
+    """``latent_acts_many`` read from cached activations (``heldout_rows``) instead of running the
+    language models: [N, T, J] per crosscoder, 0 on BOS and padding (the cache has no rows there).
+    Equal to it up to the cache's storage precision (float16: about 1e-3 of an activation)."""
+    cols = [torch.arange(m.cfg.n_latents) if j is None else torch.as_tensor(j, dtype=torch.long)
+            for m, j in zip(models, latents)]
+    out = [torch.zeros(*shape_NT, len(J)) for J in cols]
+    for m in models:
+        m.eval()
+    for s in range(0, rows.acts_RSD.shape[0], chunk):
+        seq, pos = rows.seq_R[s:s + chunk], rows.pos_R[s:s + chunk]
+        for m, J, acc in zip(models, cols, out):
+            x = rows.acts_RSD[s:s + chunk].to(m.W_dec_FSD.device).float()
+            acc[seq, pos] = m.encode(m.normalise(x))[:, J].cpu()
+    return out
 
 
 def sample_by_class(classes: list[str], n_per_class: int, seed: int = 0,

@@ -243,3 +243,31 @@ def test_dominated_purity_finds_each_planted_familys_own_cluster():
     text = families.summary_finding(summary)
     assert "seed ARI 0.60 on 40 latents" in text and "no bootstrap" in text
     assert "template, user and model have no family" in text
+
+
+@pytest.mark.parametrize("method", ["signature", "cooccurrence", "decoder"])
+def test_one_tree_cut_at_every_k_equals_a_fit_per_k(method):
+    """``cluster_ks`` fits once and cuts the tree at each k: the labels of a fit per k, numbering
+    included (the page names families by their label)."""
+    g = torch.Generator().manual_seed(4)
+    f = (torch.rand(400, 60, generator=g) < 0.15) * torch.rand(400, 60, generator=g)
+    ctx, pos = torch.randint(len(cl.CONTEXTS), (400,), generator=g), torch.randint(1, 128, (400,), generator=g)
+    view = cl.features(method, f, ctx, pos, torch.randn(60, 12, generator=g).numpy())
+    ks = [2, 4, 7, 12, 30]
+    got = cl.cluster_ks(method, ks, **view)
+    for k in ks:
+        np.testing.assert_array_equal(got[k], cl.cluster(method, k, **view))
+
+
+def test_jaccard_is_exact_on_the_sparse_and_the_dense_path():
+    """Sparse latents (BatchTopK) take scipy's sparse product, dense ones (L1: ~12% of latents fire
+    per token) a BLAS product of the tokens where anything fires: both give the naive counts."""
+    g = torch.Generator().manual_seed(2)
+    for density, dense in ((0.01, False), (0.3, True)):
+        f = (torch.rand(300, 80, generator=g) < density) * torch.rand(300, 80, generator=g)
+        f[::7] = 0.0  # tokens where nothing fires (BOS, padding)
+        assert cl._dense_is_faster((f > 0).sum(1), 80) is dense
+        b = (f > 0).double()
+        inter = b.T @ b
+        naive = (inter / (b.sum(0)[:, None] + b.sum(0)[None, :] - inter).clamp_min(1e-12)).numpy()
+        np.testing.assert_array_equal(cl.jaccard_similarity(f), naive)

@@ -15,7 +15,7 @@ from crosscoder.analysis.browser import (ACT_LEVELS, best_decisions, browser_pay
 from crosscoder.analysis.latents import latent_acts, promoted_tokens, top_contexts
 from crosscoder.analysis.probes import ProbeTask
 from crosscoder.config import CrosscoderConfig
-from crosscoder.data.pair import ModelPairConfig, load_pair
+from crosscoder.data.pair import ModelPairConfig, extract_pair, load_pair
 from crosscoder.model import Crosscoder
 from crosscoder.organism.tokenizer import train_tokenizer
 
@@ -44,10 +44,34 @@ def setup(tmp_path_factory):
     return pair, model, ids, am
 
 
+def _per_token(model: Crosscoder, threshold: float = 0.05) -> Crosscoder:
+    """A copy with an inference threshold: its activations of a token do not depend on the rest of
+    the batch (BatchTopK without one does), so differently batched passes can be compared."""
+    import copy
+
+    out = copy.deepcopy(model).eval()
+    out.threshold.fill_(threshold)
+    return out
+
+
+def _cached_rows(pair, ids, am, dtype=torch.float32, seed=0):
+    """What an activation cache holds for these sequences: the body tokens' activations, in a
+    shuffled row order (readers must not rely on it)."""
+    from crosscoder.analysis.latents import TokenRows
+
+    acts = extract_pair(pair, ids, am).float()
+    body = am.bool().clone()
+    body[:, 0] = False
+    seq, pos = body.nonzero(as_tuple=True)
+    perm = torch.randperm(len(seq), generator=torch.Generator().manual_seed(seed))
+    return TokenRows(acts[seq, pos][perm].to(dtype), seq[perm], pos[perm])
+
+
 def test_top_windows_equal_naive_reference(setup):
     pair, model, ids, am = setup
+    model = _per_token(model)  # latent_acts batches by length, top_windows in row order
     tw = top_windows(model, pair, ids, am, k=4, before=3, after=2, batch=3)
-    f_NTF = latent_acts(model, pair, ids, am, batch=3)  # BatchTopK without a threshold: batch-dependent
+    f_NTF = latent_acts(model, pair, ids, am, batch=3)
     tc = top_contexts(f_NTF, k=4)
     fired = tw.vals_FK > 0
     assert fired.any()
@@ -72,6 +96,56 @@ def test_latent_acts_of_several_crosscoders_equal_one_at_a_time(setup):
     torch.testing.assert_close(got[0], latent_acts(model, pair, ids, am, batch=4), rtol=0, atol=0)
     torch.testing.assert_close(got[1], latent_acts(other, pair, ids, am, picked, batch=4), rtol=0, atol=0)
     assert got[1].shape == (*ids.shape, 3) and bool((got[1] > 0).any())
+
+
+def test_length_batches_equal_one_full_width_batch(setup):
+    """Sequences run in length-sorted batches cut at their longest one give the activations of one
+    full-width batch of every sequence (0 on BOS and padding), in the callers' row order."""
+    from crosscoder.analysis.latents import latent_acts_many, length_batches
+
+    pair, model, ids, am = setup
+    am = am.clone()
+    am[7, 4:], am[9, 8:] = 0, 0  # three lengths
+    model = _per_token(model)
+    x = extract_pair(pair, ids, am).float()
+    body = am.bool().clone()
+    body[:, 0] = False
+    want = model.encode(model.normalise(x.reshape(-1, *x.shape[2:]))).view(*ids.shape, -1) * body[..., None]
+    got = latent_acts_many([model], pair, ids, am, [None], batch=4)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    batches = length_batches(am, 4)
+    assert [(r.tolist(), L) for r, L in batches] == [([0, 1, 2, 4], 9), ([5, 6, 8, 10], 9), ([9, 3, 7], 8)]
+    with pytest.raises(ValueError, match="right-padded"):
+        latent_acts_many([model], pair, ids, am.flip(1), [None])
+
+
+def test_cached_rows_give_the_language_models_activations(setup):
+    """Held-out latent activations and top windows read from cached activations equal those of a
+    fresh pass of the language models (exactly with a float32 cache; to float16 precision with the
+    cache's usual dtype), and the browser's contexts are the same."""
+    from crosscoder.analysis.latents import latent_acts_from_rows, latent_acts_many
+
+    pair, model, ids, am = setup
+    model = _per_token(model)
+    torch.manual_seed(1)
+    other = Crosscoder(CrosscoderConfig(d_model=32, n_latents=16, n_sources=2, sparsity="l1")).eval()
+    rows = _cached_rows(pair, ids, am)
+    want = latent_acts_many([model, other], pair, ids, am, [None, [3, 0, 7]])
+    got = latent_acts_from_rows([model, other], rows, tuple(ids.shape), [None, [3, 0, 7]], chunk=10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    lm_tw = top_windows(model, pair, ids, am, k=3, before=3, after=2, batch=3)
+    for cached in (rows, _cached_rows(pair, ids, am, torch.float16, seed=1)):
+        tw = top_windows(model, None, ids, am, k=3, before=3, after=2, batch=3, rows=cached)
+        tol = 1e-5 if cached.acts_RSD.dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(tw.vals_FK, lm_tw.vals_FK, atol=tol, rtol=tol)
+        torch.testing.assert_close(tw.acts_FKW, lm_tw.acts_FKW, atol=tol, rtol=tol)
+        if cached is rows:
+            assert torch.equal(tw.rows_FK, lm_tw.rows_FK) and torch.equal(tw.pos_FK, lm_tw.pos_FK)
+    classes, cols = ["shared"] * 24, {"Δnorm": torch.linspace(0, 1, 24)}
+    kw = dict(n_contexts=3, before=3, after=2, chunk_size=10)
+    assert browser_payload(model, pair, ids, am, classes, cols, rows=rows, **kw) == \
+        browser_payload(model, pair, ids, am, classes, cols, **kw)
 
 
 def test_promoted_token_ids_equal_one_by_one(setup):
@@ -214,3 +288,23 @@ def test_page_has_an_auroc_filter_only_with_ground_truth(setup, tmp_path):
     assert seen["hub"] == {"auroc inputs": 0, "label selects": 0, "headers": ["latent", "class", "Δnorm"]}
     assert seen["organism"] == {"auroc inputs": 2, "label selects": 1,
                                 "headers": ["latent", "class", "decision", "Δnorm", "AUROC"]}
+
+
+def test_families_hand_back_the_activations_of_clustered_latents(setup):
+    """The latents page's cards read their latents' held-out activations from the families'
+    clustering pass (``families.clustered_acts``): those of a fresh ``latent_acts`` pass."""
+    from crosscoder.analysis import families
+    from crosscoder.data.text import Sequences
+
+    pair, model, ids, am = setup
+    model = _per_token(model, 0.0)
+    held = Sequences(ids, am, torch.zeros(len(ids), dtype=torch.bool))
+    alive = latent_acts(model, pair, ids, am).amax(dim=(0, 1)) > 0
+    fam = families.find_families(model, None, pair, held, alive, None, ks=(2, 3), n_boot=2)
+    live = torch.nonzero(alive).squeeze(1).tolist()
+    picked = [live[-1], live[0], live[2]]
+    torch.testing.assert_close(families.clustered_acts(fam, picked), latent_acts(model, pair, ids, am, picked))
+    dead = [j for j in range(model.cfg.n_latents) if j not in live]
+    if dead:
+        with pytest.raises(ValueError, match="not clustered"):
+            families.clustered_acts(fam, dead[:1])

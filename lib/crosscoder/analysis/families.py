@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from crosscoder.analysis import clustering as cl
-from crosscoder.analysis.latents import context_html, latent_acts, latent_acts_many, promoted_tokens
+from crosscoder.analysis.latents import (TokenRows, context_html, latent_acts_from_rows, latent_acts_many,
+                                         promoted_tokens)
 from crosscoder.analysis.metrics import DiffGeometry
 from crosscoder.data.pair import ModelPair
 from crosscoder.model import Crosscoder
@@ -45,12 +46,13 @@ class Families(NamedTuple):
 
 def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, held, alive_F: Tensor,
                   other_alive_F: Tensor | None, *, ks=(4, 6, 8, 12, 16), match_cos: float = 0.9, n_boot: int = 5,
-                  seed: int = 0) -> Families:
+                  seed: int = 0, rows: TokenRows | None = None) -> Families:
     """Cluster ``model``'s live latents by the most stable view and size (bootstrap over held-out
     sequences, and ARI against ``other``, a second seed, on latents matched at decoder cosine >=
     ``match_cos``), then score the families against token context classes beside a shuffled null.
     Without ``other`` (None) stability is the bootstrap ARI alone and the decoder view is not tried
-    (it needs a second seed to be judged)."""
+    (it needs a second seed to be judged). ``rows``: the held-out sequences' cached activations
+    (``latents.heldout_rows``), encoded instead of running the language models."""
     from crosscoder.analysis.seeds import match_latents
 
     live = torch.nonzero(alive_F).squeeze(1)
@@ -58,11 +60,14 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
     ctx = cl.context_labels(ids, am, held.is_chat_N, pair.tokenizer)
     dec = cl.decoder_features(model.W_dec_FSD, live)
     seed_view, pairs = None, []
-    if other is None:
-        f = latent_acts(model, pair, ids, am, live)
-    else:
+    models, cols = [model], [live]
+    if other is not None:
         live_b = torch.nonzero(other_alive_F).squeeze(1)
-        f, f_b = latent_acts_many([model, other], pair, ids, am, [live, live_b])  # one pass of the LMs
+        models, cols = [model, other], [live, live_b]
+    f, *f_other = (latent_acts_from_rows(models, rows, tuple(ids.shape), cols) if rows is not None else
+                   latent_acts_many(models, pair, ids, am, cols))  # one pass of the LMs for both seeds
+    if other is not None:
+        f_b = f_other[0]
         m = match_latents(model, other, live, live_b)
         col_b = {int(j): c for c, j in enumerate(live_b.tolist())}
         pairs = [(a, col_b[int(b)]) for a, (b, cos) in enumerate(zip(m.best_latent.tolist(), m.best_cos.tolist()))
@@ -94,6 +99,16 @@ def find_families(model: Crosscoder, other: Crosscoder | None, pair: ModelPair, 
                **{f"own_family_purity_{k}": v for k, v in cl.dominated_purity(facts).items()},
                **{f"null_own_family_purity_{k}": v for k, v in cl.dominated_purity(null_facts).items()}}
     return Families(live, choice, labels, facts, null_facts, summary, view, f, ctx, ids)
+
+
+def clustered_acts(fam: Families, latents: list[int]) -> Tensor:
+    """Activations [N, T, J] of ``latents`` (clustered ones, e.g. a sample of live latents) on the
+    held-out sequences, read from ``fam`` instead of running the language models again."""
+    column = {j: c for c, j in enumerate(fam.latents.tolist())}
+    missing = [j for j in latents if j not in column]
+    if missing:
+        raise ValueError(f"latents {missing[:5]} were not clustered (dead on the held-out set?)")
+    return fam.f_NTJ[..., [column[j] for j in latents]]
 
 
 def measured(summary: dict, key: str) -> bool:

@@ -241,7 +241,7 @@ class Group(NamedTuple):
 
 EXPERIMENT = (Group(ExperimentConfig, ("organism_preset", "base_model", "chat_model", "layer", "text_source",
                                        "chat_source", "chat_fraction", "context_length", "n_train_sequences",
-                                       "n_heldout_sequences", "n_norm_sequences")),
+                                       "n_heldout_sequences", "n_norm_sequences", "cache_dtype")),
               Group(ArtifactOptions, ("artifacts_dir",)))
 
 

@@ -55,12 +55,43 @@ def test_cache_drift_labels_tokens_by_their_sequence():
     base = torch.ones(6, 4)
     chat = base.clone()
     chat[seq == 1] *= 2.0  # only the chat sequence's tokens move (drift exactly 1)
-    cache = SimpleNamespace(
-        load=lambda split, with_index=False: (torch.stack([base, chat], 1), None, seq, None),
-        heldout_sequences=lambda: SimpleNamespace(is_chat_N=torch.tensor([False, True, False])))
+    norm = torch.stack([torch.zeros(4, 4), torch.zeros(4, 4)], 1)
+    norm[:2, 0] = 2.0  # the base model's norm-split mean: 1.0 in every dimension
+
+    def load(split, with_index=False):
+        assert (split == "heldout") == with_index
+        return (torch.stack([base, chat], 1), None, seq, None) if with_index else norm
+
+    cache = SimpleNamespace(load=load, heldout_sequences=lambda: SimpleNamespace(is_chat_N=torch.tensor([False, True, False])))
     rows = {r["kind"]: r for r in drift.cache_drift(cache)}
     assert rows["text"]["tokens"] == 3 and rows["chat"]["tokens"] == 3
     assert rows["text"]["median drift"] == 0.0 and rows["chat"]["median drift"] == pytest.approx(1.0)
+    # every base row equals the base mean (ones): the centred drift divides by a zero norm
+    assert rows["chat"]["median drift (centred)"] == float("inf")
+
+
+def test_centred_drift_matches_per_token_loop():
+    """The centred column against a loop: ||h_chat - h_base|| / ||h_base - mean_base|| per token; a
+    large constant added to every activation shrinks the plain drift, never the centred one."""
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(40, 2, 6, generator=g)
+    acts[:, 1] += 0.3 * torch.randn(40, 6, generator=g)
+    is_chat = torch.arange(40) % 4 == 0
+    offset = torch.zeros(6)
+    offset[2] = 50.0  # one direction carrying most of the norm, as gemma-3-270m's residual
+    mean = acts.mean(0)
+    for shift in (0.0, 1.0):
+        a = acts + shift * offset
+        rows = {r["kind"]: r for r in drift.drift_rows(a, is_chat, mean + shift * offset)}
+        for kind, keep in (("text", ~is_chat), ("chat", is_chat)):
+            cen = [float((a[i, 1] - a[i, 0]).norm() / (a[i, 0] - mean[0] - shift * offset).norm())
+                   for i in range(40) if keep[i]]
+            assert rows[kind]["median drift (centred)"] == pytest.approx(sorted(cen)[(len(cen) - 1) // 2], rel=1e-5)
+    plain = {r["kind"]: r["median drift"] for r in drift.drift_rows(acts + offset, is_chat)}
+    assert plain["text"] < 0.2 * rows["text"]["median drift (centred)"]
+    assert "median drift (centred)" not in drift.drift_rows(acts, is_chat)[0]
+    with pytest.raises(ValueError, match="mean_SD"):
+        drift.drift_rows(acts, is_chat, torch.zeros(6))
 
 
 def test_describe_names_a_pretrained_base_and_its_licence(tmp_path):

@@ -414,6 +414,26 @@ def test_type_problem_reads_annotations():
     assert report.type_problem([1, 2], p("x", (1,), None, "")) is None
     assert report.type_problem({"a": 1}, p("x", {}, None, "")) is None
     assert report.type_problem(1.0, p("x", 1, "float", "")) is None  # annotation wins over default
+    # a union written as the schema renders it (TrainConfig.bf16_autocast: true, false or "auto")
+    for ann in ("Union[bool, str]", "bool | str"):
+        assert report.type_problem("auto", p("x", False, ann, "")) is None
+        assert report.type_problem(True, p("x", False, ann, "")) is None
+        assert "bool or str" in report.type_problem(3, p("x", False, ann, ""))
+
+
+def test_union_parameter_is_declared_so_the_runner_reads_it():
+    """papermill's parser reads the annotation the schema writes for a union, and the cell still runs."""
+    from crosscoder import schema
+
+    cell = schema.render_parameters_cell(schema.STAGES["train_crosscoder"])
+    line = next(ln for ln in cell.splitlines() if ln.startswith("bf16_autocast"))
+    assert line.startswith('bf16_autocast: "Union[bool, str]" = False')
+    ns: dict = {}
+    exec(cell, ns)  # noqa: S102 - the notebook's own parameters cell
+    assert ns["bf16_autocast"] is False
+    params = report.inspect_parameters(ROOT / "notebooks" / "03_train_crosscoder.ipynb")
+    assert params["bf16_autocast"].annotation == "Union[bool, str]"
+    assert report.type_problem("auto", params["bf16_autocast"]) is None
 
 
 # ----------------------------------------------------------------------------------------------

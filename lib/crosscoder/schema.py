@@ -486,7 +486,12 @@ def render_parameters_cell(stage: Stage) -> str:
     """The ``parameters`` cell of the stage's notebook: one line per parameter, default and doc."""
     lines = [f"# Defaults from crosscoder.schema.STAGES[{stage.name!r}]; runs.yaml and papermill -p override them."]
     for p in stage.parameters().values():
-        lines.append(f"{p.name} = {_literal(p.default)}  # {p.doc}")
+        # a union (e.g. ``bool | str`` for true / false / "auto") is written out, as a string (never
+        # evaluated) in the ``Union[...]`` form papermill's parameter parser reads: the runner checks a
+        # profile's value against it, else against the default's type alone
+        members = [m.strip() for m in p.annotation.split("|")]
+        ann = f': "Union[{", ".join(members)}]"' if len(members) > 1 else ""
+        lines.append(f"{p.name}{ann} = {_literal(p.default)}  # {p.doc}")
     lines += [RESERVED_DOCS[r].format(stage=stage.name) for r in stage.reserved]
     return "\n".join(lines)
 

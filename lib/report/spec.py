@@ -413,8 +413,23 @@ def _is_instance(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
+def _union_types(annotation: str | None) -> list[type] | None:
+    """The member types of a union annotation of known types ("bool | str", "Union[bool, str]"), else None."""
+    ann = (annotation or "").strip().strip("'\"").replace(" ", "")
+    m = re.fullmatch(r"(?:typing\.)?Union\[(.*)\]", ann)
+    parts = [p for p in (m.group(1).split(",") if m else ann.split("|")) if p != "None"]
+    types = [_TYPES.get(p.split("[")[0].lower()) for p in parts]
+    return types if len(types) > 1 and all(types) else None
+
+
 def type_problem(value: Any, param: NotebookParameter) -> str | None:
     """Why ``value`` cannot replace the notebook default (None if it can)."""
+    union = _union_types(param.annotation)
+    if union is not None and value is not None:
+        if any(_is_instance(value, t) for t in union):
+            return None
+        return (f"has type {type(value).__name__} ({value!r}) but the notebook expects "
+                f"{' or '.join(t.__name__ for t in union)} (default {param.default!r})")
     ann_type, ann_none = _annotation_info(param.annotation)
     expected = ann_type or (None if param.default is None else type(param.default))
     if expected is tuple:

@@ -16,9 +16,9 @@ Rows:
   activation cache calls it (``load_pair``; the cache's ``batch_sequences`` inputs, padded to the
   longest, with their attention mask: 8 documents, up to 128 tokens). Baseline: the plain truncated
   forward of the same two models: embedding, the two attention masks and the rotary tables, blocks
-  0..9 by hand, nothing else. Timed interleaved (best of 3), asserted to give the same activations.
+  0..LAYER by hand, nothing else. Timed interleaved (best of 3), asserted to give the same activations.
   Also ``extract_pair`` + ``shard_rows`` (the rest of the cache's per-batch work: body rows picked,
-  cast to the float16 storage dtype). Unit: positions (B x T, padding included: what the forwards
+  cast to the profile's float32 storage dtype). Unit: positions (B x T, padding included: what the forwards
   compute) / s through both models. Target: >= 0.90 x the plain forward. float32, and bfloat16 when
   the CPU has bf16 arithmetic (``training.cpu_has_bf16``).
 * **extraction (shard)**: ``crosscoder.data.cache.extract_rows``, the cache's whole per-shard work, on
@@ -63,8 +63,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from bench._timing import best_times_interleaved
 
-LAYER = 9
-"""gemma3-organism reads the residual stream after block 9 of 18."""
+LAYER = 12
+"""gemma3-organism reads the residual stream after block 12 of 18 (where its fine-tune writes the
+planted decisions), stored as float32: values there reach 86,508, past float16's range."""
+STORAGE = torch.float32
 PAD, BOS = 0, 2
 
 
@@ -177,7 +179,7 @@ def extraction_rows(pair: ModelPair, docs: list[Document], what: str, weights: s
         "plain": lambda: [plain_truncated(lm, seqs.input_ids_NT, seqs.attention_mask_NT, layer) for lm in pair.models],
         "ours": lambda: extract_pair(pair, seqs.input_ids_NT, seqs.attention_mask_NT, None),
         "ours+rows": lambda: shard_rows(seqs, extract_pair(pair, seqs.input_ids_NT, seqs.attention_mask_NT, None),
-                                        0, torch.float16),
+                                        0, STORAGE),
     }
     with torch.no_grad():
         t = best_times_interleaved(fns, warmup=1, reps=reps)

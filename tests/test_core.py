@@ -361,6 +361,35 @@ def test_resume_is_bit_identical(tmp_path, sparsity):
     assert again.resumed_from == tc.n_steps
 
 
+def test_stored_run_on_other_activations_is_refused(tmp_path):
+    """Same config, other data (as another read layer gives): neither the finished run nor an
+    interrupted run's checkpoint is taken for this one; the fitted normalisation tells them apart."""
+    sc = SyntheticConfig(d_model=16, n_shared=20, n_base_only=4, n_chat_only=4)
+    acts, ho = sample(sc, 4096).acts_NSD, sample(sc, 1024, seed_offset=1).acts_NSD
+    cfg = CrosscoderConfig(d_model=16, n_latents=48, sparsity="l1")
+    tc = TrainConfig(n_steps=20, batch_size=256, lr=3e-3, l1_coeff=0.5, log_every=5, checkpoint_every=10,
+                     eval_every=20)
+
+    def fresh(data):
+        m = Crosscoder(cfg, generator=torch.Generator().manual_seed(0))
+        m.input_scale_S.copy_(estimate_input_scale(data))
+        return m
+
+    train(fresh(ho), TensorBatches(acts, 256), tc, tmp_path / "done", heldout_raw_NSD=ho, progress=False)
+    with pytest.raises(ConfigError, match="other activations"):
+        train(fresh(3 * ho), TensorBatches(3 * acts, 256), tc, tmp_path / "done", heldout_raw_NSD=3 * ho,
+              progress=False)
+    with pytest.raises(Crash):
+        train(fresh(ho), CrashingBatches(acts, 256, crash_at=15), tc, tmp_path / "cut", heldout_raw_NSD=ho,
+              progress=False)
+    with pytest.raises(ConfigError, match="other activations"):
+        train(fresh(3 * ho), TensorBatches(3 * acts, 256), tc, tmp_path / "cut", heldout_raw_NSD=3 * ho,
+              progress=False)
+    # the same data still resumes and is then found finished
+    assert train(fresh(ho), TensorBatches(acts, 256), tc, tmp_path / "cut", heldout_raw_NSD=ho,
+                 progress=False).resumed_from == 10
+
+
 def test_train_many_shares_batches_and_equals_separate_runs(tmp_path):
     from crosscoder.train import train_many
 

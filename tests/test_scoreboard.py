@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from fakes import StandInMethod
 from sklearn.metrics import roc_auc_score
 
 from crosscoder import methods
@@ -361,32 +362,18 @@ def test_tune_cut_flags_the_planted_position_on_validation_data(tmp_path):
     assert none.recovered == 0 and none.precision == 0.0
 
 
-class _Fixed(methods.Method):
+class _Fixed(StandInMethod):
     """A method with fixed items (the chat − base projection on fixed unit directions), all flagged, no cut:
-    a stand-in next to ADL on the board (not registered)."""
+    a stand-in next to ADL on the board."""
 
     name = "fixed"
 
     def __init__(self, directions_JD, seconds=1.0):
-        super().__init__(methods.MethodConfig(), directions_JD.shape[1], torch.arange(len(directions_JD)),
-                         {"cost": Cost(seconds, None, 64, 1000)._asdict()})
+        super().__init__(directions_JD.shape[1], len(directions_JD), seconds=seconds, tokens=1000)
         self.directions_JD = directions_JD
-
-    n_items = property(lambda self: len(self.directions_JD))
 
     def _scores(self, acts, positions):
         return (acts[:, 1] - acts[:, 0]) @ self.directions_JD.t()
-
-    def tensors(self):
-        return {}
-
-    @classmethod
-    def _from_tensors(cls, *a):
-        raise NotImplementedError
-
-    @classmethod
-    def _fit(cls, *a, **k):
-        raise NotImplementedError
 
 
 def test_score_board_tunes_on_validation_and_reports_on_heldout(tmp_path):

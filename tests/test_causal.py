@@ -15,6 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 from crosscoder.analysis import causal
 from crosscoder.config import ConfigError, CrosscoderConfig
 from crosscoder.data.pair import residual_after
+from crosscoder.generation import cache_kwarg
 from crosscoder.model import Crosscoder
 
 V, D, TRIGGER, Z, LAYER = 16, 32, 5, 9, 0
@@ -134,8 +135,8 @@ def test_kv_cache_forward_is_refused_and_bad_directions_rejected(planted):
     with causal.edit_latents(chat, base, cc, [0], LAYER, target_source=1):
         out = chat(input_ids=ids, use_cache=True)
         with pytest.raises(RuntimeError, match="KV cache"):
-            chat(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True,
-                 position_ids=torch.tensor([[ids.shape[1]]]), cache_position=torch.tensor([ids.shape[1]]))
+            chat(input_ids=ids[:, -1:], use_cache=True, position_ids=torch.tensor([[ids.shape[1]]]),
+                 cache_position=torch.tensor([ids.shape[1]]), **{cache_kwarg(chat): out.past_key_values})
 
 
 def test_causal_table_finds_the_planted_latent_and_its_controls_do_not(planted):

@@ -218,6 +218,9 @@ def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
         raise ConfigError("the scoreboard scores methods against an organism's planted behaviours; set "
                           "organism_preset (hub model pairs have no ground truth)")
     art, root = Path(p.artifacts_dir), Path(p.artifacts_dir) / "scoreboard"
+    # The null organism is built (when missing) before this pair's models are loaded, and its activations
+    # are read without its models: on gemma-3-270m each pair is 2.1 GB in float32, a fine-tune several.
+    nexp = experiment.resolve(p.null_experiment(), progress=progress) if p.null_pair else None
     pair = experiment.model_pair(exp)
     marker = pair.tokenizer.convert_tokens_to_ids(CHAT_MARKER)
     data = MethodData.from_cache(experiment.activation_cache(exp, pair=pair, progress=progress), chat_marker_id=marker)
@@ -231,11 +234,8 @@ def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
     folders = {n: art / n / "crosscoder" for n in p.crosscoders}
     fits = fit_methods(p.methods, data, root / "fits", folders, cfgs, **opts)
     null_fits = None
-    if p.null_pair:
-        nexp = experiment.resolve(p.null_experiment(), progress=progress)
-        npair = experiment.model_pair(nexp)
-        ndata = MethodData.from_cache(experiment.activation_cache(nexp, pair=npair, progress=progress),
-                                      chat_marker_id=marker)
+    if nexp is not None:
+        ndata = MethodData.from_cache(experiment.activation_cache(nexp, progress=progress), chat_marker_id=marker)
         nsplits = experiment.splits_from(ndata.train_NSD, ndata.heldout_NSD, ndata.norm_NSD)
         experiment.null_replicas(art, p.crosscoders, nsplits, art / "null", progress=progress)  # the controls' folders
         null_fits = fit_methods(p.methods, ndata, root / "null", {n: art / "null" / n / "crosscoder"

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from crosscoder.analysis.browser import (ACT_LEVELS, best_decisions, browser_payload, promoted_token_ids, top_windows,
                                          write_browser)
@@ -17,30 +16,14 @@ from crosscoder.analysis.probes import ProbeTask
 from crosscoder.config import CrosscoderConfig
 from crosscoder.data.pair import ModelPairConfig, extract_pair, load_pair
 from crosscoder.model import Crosscoder
-from crosscoder.organism.tokenizer import train_tokenizer
-
-TEXTS = [" ".join(("the cat sat on a mat while the dog ran far away from home").split()[i % 5:]) for i in range(60)]
-
+from fakes import padded_ids, tiny_pair
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    for name, seed in (("base", 0), ("chat", 1)):
-        torch.manual_seed(seed)
-        Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    pair = load_pair(ModelPairConfig(base=str(root / "base"), chat=str(root / "chat"), layer=0, dtype="float32",
-                                     device="cpu"))
+    pair = tiny_pair(tmp_path_factory.mktemp("browser"))
     torch.manual_seed(0)
     model = Crosscoder(CrosscoderConfig(d_model=32, n_latents=24, n_sources=2, sparsity="batchtopk", k=6)).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(6, len(tok), (11, 9), generator=g)
-    ids[:, 0] = tok.bos_token_id
-    am = torch.ones_like(ids)
-    am[3, 6:] = 0  # a padded sequence
-    ids[3, 6:] = tok.pad_token_id
+    ids, am = padded_ids(pair.tokenizer)
     return pair, model, ids, am
 
 
@@ -101,7 +84,8 @@ def test_latent_acts_of_several_crosscoders_equal_one_at_a_time(setup):
 def test_length_batches_equal_one_full_width_batch(setup):
     """Sequences run in length-sorted batches cut at their longest one give the activations of one
     full-width batch of every sequence (0 on BOS and padding), in the callers' row order."""
-    from crosscoder.analysis.latents import latent_acts_many, length_batches
+    from crosscoder.analysis.latents import latent_acts_many
+    from crosscoder.data.sequence_acts import length_batches
 
     pair, model, ids, am = setup
     am = am.clone()

@@ -152,12 +152,9 @@ def test_reference_drift_is_read_back_from_the_recording_profile(tmp_path, monke
     drift.write_metrics(tmp_path / "artifacts" / "default", 3, rows)
     layer, back = drift.reference(tmp_path / "artifacts" / "default")
     assert layer == 3 and back == rows
-    # nothing recorded there: the toy's own cache is read (built when missing), never a silent default
+    # nothing recorded there: None (the page says how to get it), and nothing is built
     from crosscoder import experiment
 
-    calls = []
-    monkeypatch.setattr(experiment, "resolve", lambda cfg, progress: calls.append(cfg) or SimpleNamespace(cfg=cfg))
-    monkeypatch.setattr(experiment, "activation_cache", lambda exp, progress: "cache")
-    monkeypatch.setattr(drift, "cache_drift", lambda cache: [{"kind": "text", "from": cache}])
-    assert drift.reference(tmp_path / "empty", progress=False) == (3, [{"kind": "text", "from": "cache"}])
-    assert calls == [experiment.ExperimentConfig()] and calls[0].organism_preset == "default"
+    monkeypatch.setattr(experiment, "resolve", lambda *a, **k: pytest.fail("the toy organism was built"))
+    assert drift.reference(tmp_path / "empty") is None and drift.reference("") is None
+    assert "make book" in drift.reference_note(tmp_path / "empty")

@@ -15,7 +15,7 @@ import torch
 
 from crosscoder.data.pair import ModelPair, ModelPairConfig, load_pair
 from crosscoder.data.buffer import StreamingBuffer
-from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache
+from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache, cache_key
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin, default_of
 from crosscoder.distributed import resolve_device
 from crosscoder.model import Crosscoder
@@ -106,7 +106,11 @@ def resolve(cfg: ExperimentConfig, *, progress: bool = True, layers: list[int] |
 
 
 def model_pair(exp: Experiment) -> ModelPair:
-    return load_pair(exp.pair_cfg, need_chat_template=exp.data_cfg.chat_fraction > 0)
+    """The experiment's two models; their activations on evaluation sets (``sequence_acts``) are kept
+    in the activation cache's folder, so that later pages read them instead of running the models."""
+    pair = load_pair(exp.pair_cfg, need_chat_template=exp.data_cfg.chat_fraction > 0)
+    folder = Path(exp.cfg.cache_root) / cache_key(exp.pair_cfg, exp.data_cfg, exp.cache_cfg) / "sequences"
+    return pair._replace(acts_dir=str(folder))
 
 
 def activation_cache(exp: Experiment, *, pair: ModelPair | None = None, progress: bool = True) -> ActivationCache:

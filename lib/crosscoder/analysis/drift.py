@@ -71,19 +71,24 @@ def write_metrics(artifacts_dir: str | Path, layer: int, rows: list[dict[str, An
     update_metrics(folder, {"drift": {"layer": layer, "rows": rows}})
 
 
-def reference(reference_dir: str | Path, *, progress: bool = True) -> tuple[int, list[dict[str, Any]]]:
-    """Another profile's drift ``(layer, drift_rows)``: recorded by its models page under
-    ``reference_dir`` (``write_metrics``), or else the embedded toy organism's, read as the default
-    profile reads it (its layer and held-out split; built here when missing). Shown beside a real
-    LM's so the reader sees how much narrower a fine-tune of a pretrained model is."""
-    from crosscoder import experiment
+def reference(reference_dir: str | Path) -> tuple[int, list[dict[str, Any]]] | None:
+    """Another profile's drift ``(layer, drift_rows)`` as its models page recorded it under
+    ``reference_dir`` (``write_metrics``); None when that profile was not built in this checkout.
+    Shown beside a real LM's so the reader sees how much narrower a fine-tune of a pretrained model
+    is. Not built here when missing: the toy organism's build and cache cost the gemma3 profile 6.4 of
+    its 60 minutes (session 13) for one row of context, which the default book (and the hosted
+    report, which builds both) records anyway."""
     from crosscoder.checkpoint import read_metrics
 
     rec = read_metrics(Path(reference_dir) / METRICS_FOLDER).get("drift") if reference_dir else None
-    if rec:
-        return rec["layer"], rec["rows"]
-    exp = experiment.resolve(experiment.ExperimentConfig(), progress=progress)
-    return exp.cfg.layer, cache_drift(experiment.activation_cache(exp, progress=progress))
+    return (rec["layer"], rec["rows"]) if rec else None
+
+
+def reference_note(reference_dir: str | Path) -> str:
+    """What the page says when ``reference`` found nothing under ``reference_dir``."""
+    return (f"The toy organism's drift is not beside it: nothing is recorded under `{reference_dir}` in this "
+            f"checkout. Build the default book first (`make book`) and rebuild this page to see it; the hosted "
+            f"report builds both.")
 
 
 def organism_drift_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:

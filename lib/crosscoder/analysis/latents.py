@@ -10,7 +10,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from crosscoder.data.pair import ModelPair, extract_pair
+from crosscoder.data.pair import ModelPair
+from crosscoder.data.sequence_acts import check_right_padded, length_batches, sequence_acts
 from crosscoder.model import Crosscoder
 
 
@@ -103,40 +104,25 @@ def latent_acts(model: Crosscoder, pair: ModelPair, input_ids_NT: torch.Tensor, 
     return latent_acts_many([model], pair, input_ids_NT, attention_mask_NT, [latents], batch=batch)[0]
 
 
-def length_batches(attention_mask_NT: Tensor, batch: int) -> list[tuple[Tensor, int]]:
-    """(rows, length) batches of right-padded sequences for a forward: the rows sorted by length
-    (longest first, ties in row order) and cut into ``batch``-sized groups, each run only up to its
-    longest sequence. A causal model's outputs at real tokens do not depend on later (padding)
-    columns, so this gives the same activations as full-width batches while running only the real
-    tokens: the gemma3 organism's evaluation set is 43% real tokens, its held-out set 62%."""
-    lengths = attention_mask_NT.long().sum(1)
-    order = torch.sort(lengths, descending=True, stable=True).indices
-    return [(rows, max(1, int(lengths[rows[0]]))) for rows in order.split(batch)]
-
-
-def _check_right_padded(attention_mask_NT: Tensor) -> None:
-    lengths = attention_mask_NT.long().sum(1)
-    if not bool((attention_mask_NT.bool() == (torch.arange(attention_mask_NT.shape[1]) < lengths[:, None])).all()):
-        raise ValueError("sequences must be right-padded (attention mask 1...1 0...0)")
-
-
 @torch.no_grad()
 def latent_acts_many(models: Sequence[Crosscoder], pair: ModelPair, input_ids_NT: torch.Tensor,
                      attention_mask_NT: torch.Tensor, latents: Sequence[torch.Tensor | list[int] | None], *,
                      batch: int = 16) -> list[torch.Tensor]:
     """``latent_acts`` of several crosscoders of the same pair (e.g. two seeds) on the same sequences,
     running the language models once per batch instead of once per crosscoder. Batches are of
-    similar lengths and cut at their longest sequence (``length_batches``)."""
-    _check_right_padded(attention_mask_NT)
+    similar lengths and cut at their longest sequence (``length_batches``). The models' activations
+    come from ``sequence_acts``: read from the pair's activation cache when a page already ran them."""
+    check_right_padded(attention_mask_NT)
     cols = [torch.arange(m.cfg.n_latents) if j is None else torch.as_tensor(j, dtype=torch.long)
             for m, j in zip(models, latents)]
     for m in models:
         m.eval()
     N, T = input_ids_NT.shape
+    acts_NTSD = sequence_acts(pair, input_ids_NT, attention_mask_NT, batch=batch)
     out = [torch.zeros(N, T, len(J)) for J in cols]
     for rows, L in length_batches(attention_mask_NT, batch):
-        ids, am = input_ids_NT[rows, :L], attention_mask_NT[rows, :L].long()
-        acts = extract_pair(pair, ids, am).float()  # [B, L, S, D]
+        am = attention_mask_NT[rows, :L].long()
+        acts = acts_NTSD[rows, :L]  # [B, L, S, D]
         B = len(rows)
         body = am.bool().clone()
         body[:, 0] = False

@@ -258,7 +258,7 @@ def layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: Sequ
     order (what ``x_NTLD[keep_NT]`` would give, without holding every position of every layer).
 
     With ``keep_NT`` (real tokens only; right-padded sequences) the forwards run on batches of
-    similar lengths cut at their longest sequence (``latents.length_batches``): a causal model's
+    similar lengths cut at their longest sequence (``sequence_acts.length_batches``): a causal model's
     real positions do not read the padding after them, and the organism's evaluation set is 43%
     real tokens."""
     dev = next(lm.parameters()).device
@@ -274,9 +274,9 @@ def layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: Sequ
 
 def _kept_layer_acts(lm, input_ids_NT: Tensor, attention_mask_NT: Tensor, layers: list[int], batch_size: int,
                      keep_NT: Tensor, dev) -> Tensor:
-    from crosscoder.analysis.latents import _check_right_padded, length_batches
+    from crosscoder.data.sequence_acts import check_right_padded, length_batches
 
-    _check_right_padded(attention_mask_NT)
+    check_right_padded(attention_mask_NT)
     if bool((keep_NT & ~attention_mask_NT.bool()).any()):
         raise ValueError("keep_NT marks padding positions; keep real tokens only")
     rank_NT = keep_NT.reshape(-1).long().cumsum(0).view(keep_NT.shape) - 1  # row-major index of each kept position

@@ -66,18 +66,17 @@ class EvalRows(NamedTuple):
 
 
 @torch.no_grad()
-def eval_rows(pair, eval_set, *, batch: int = 32) -> EvalRows:
+def eval_rows(pair, eval_set, *, batch: int = 16) -> EvalRows:
     """``EvalRows`` of an organism's ``EvalSet`` (held-out or validation): both models' activations at
     the pair's layer, extracted ``batch`` rows at a time."""
     from crosscoder.analysis.probes import decision_tasks
-    from crosscoder.data.pair import extract_pair
+    from crosscoder.data.sequence_acts import sequence_acts
 
     ids, am = eval_set.input_ids_NT, eval_set.attention_mask_NT
-    acts = [extract_pair(pair, ids[i:i + batch], am[i:i + batch].long()).float().cpu()
-            for i in range(0, ids.shape[0], batch)]
+    acts = sequence_acts(pair, ids, am, batch=batch)  # read from the pair's cache when a page ran it
     mask = am.bool().clone()
     mask[:, 0] = False
-    return EvalRows(torch.cat(acts), mask, decision_tasks(eval_set))
+    return EvalRows(acts, mask, decision_tasks(eval_set))
 
 
 def method_configs(runs: Mapping[str, RunConfig], *, fit_steps: int, nu_threshold: float = 0.3,

@@ -131,6 +131,10 @@ class ModelPair(NamedTuple):
     """The shared tokenizer (the chat model's, which carries the chat template)."""
     layer: int
     d_model: int
+    acts_dir: str | None = None
+    """Where ``sequence_acts`` keeps both models' activations on fixed sequence sets (evaluation
+    sets) between pages: the pair's activation-cache folder (``experiment.model_pair``); None
+    computes them every time."""
 
     @property
     def models(self) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -487,3 +488,20 @@ def test_notebook_is_narrative_plus_short_calls(path):
             nxt = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
             assert nxt is not None and nxt.cell_type == "markdown" and nxt.source.startswith("*Figure"), \
                 f"{path.name} cell {i}: a figure without a caption cell after it"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_each_page_records_its_own_kernels_peak_memory():
+    """The runner's per-page peak is that page's process alone: a large child first, then a small
+    one reads small (getrusage(RUSAGE_CHILDREN) would report the large one's peak for both)."""
+    import subprocess
+
+    from report.execute import ChildrenPeakRSS
+
+    code = "import time; b = bytearray({n} << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.0)"
+    with ChildrenPeakRSS(interval=0.05) as big:
+        subprocess.run([sys.executable, "-c", code.format(n=300)], check=True)
+    with ChildrenPeakRSS(interval=0.05) as small:
+        subprocess.run([sys.executable, "-c", code.format(n=20)], check=True)
+    assert 300 / 1024 <= big.peak_gib < 0.6
+    assert 0.005 < small.peak_gib < 100 / 1024

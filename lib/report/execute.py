@@ -7,7 +7,9 @@ import fcntl
 import hashlib
 import json
 import re
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -309,25 +311,28 @@ def execute_plan(config: RunsConfig, profile: str, planned: list[PlannedRun],
                 rss_before = kernels_peak_rss_gib()
                 t0 = time.perf_counter()
                 try:
-                    papermill.execute_notebook(
-                        str(run.notebook), str(run.output), parameters=run.parameters,
-                        kernel_name=KERNEL_NAME, progress_bar=True, log_output=log_output,
-                        cwd=str(config.root),
-                    )
+                    with ChildrenPeakRSS() as page_rss:
+                        papermill.execute_notebook(
+                            str(run.notebook), str(run.output), parameters=run.parameters,
+                            kernel_name=KERNEL_NAME, progress_bar=True, log_output=log_output,
+                            cwd=str(config.root),
+                        )
                 except Exception as err:  # noqa: BLE001 -- any failure stops the book; re-raised
                     raise RunFailed(_failure_message(run, config, err)) from err
                 wall = time.perf_counter() - t0
                 rss_after = kernels_peak_rss_gib()
+                # This page's kernel's own high-water mark where /proc shows it; else the running
+                # maximum over every kernel so far, exact only when this page raised it.
+                exact = page_rss.peak_gib > 0 or rss_after > rss_before
+                rss_page = page_rss.peak_gib if page_rss.peak_gib > 0 else rss_after
                 _annotate(p, profile, config, wall)
                 state[run.name] = {
                     "key": p.key, "profile": profile, "status": "done",
                     "notebook": rel_path(run.notebook, config.root),
                     "parameters": run.parameters, "wall_time_s": round(wall, 3),
                     "executed_at": now_utc(), "hardware": hw,
-                    # The kernel's own peak when the running maximum rose during this run; else only
-                    # a bound (an earlier kernel of this build peaked higher).
-                    "peak_rss_gib": round(rss_after, 2),
-                    "peak_rss_exact": rss_after > rss_before,
+                    "peak_rss_gib": round(rss_page, 2),
+                    "peak_rss_exact": exact,
                 }
                 _write_state(config, state)
                 executed.add(run.name)
@@ -335,6 +340,68 @@ def execute_plan(config: RunsConfig, profile: str, planned: list[PlannedRun],
         finally:
             write_reproducibility(config, profile, planned, state, executed, env)
     return state
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux /proc; [] where it is absent)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _hwm_kib(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM, KiB); 0 once it is gone or where /proc lacks it."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class ChildrenPeakRSS:
+    """The largest peak resident memory (VmHWM) of any process below this one while the block runs,
+    read from /proc every ``interval`` seconds by a background thread: one page's kernel on its own.
+    ``getrusage(RUSAGE_CHILDREN)`` gives only the maximum over every kernel of the build so far, so
+    after the largest page each later page would read "at most that". The high-water mark only
+    grows, so sampling misses nothing but the last interval before a process exits. ``peak_gib`` is
+    0 where /proc is not there (macOS, Windows)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak_gib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        todo, seen, peak = _children(os.getpid()), set(), 0
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            peak = max(peak, _hwm_kib(pid))
+            todo += _children(pid)
+        self.peak_gib = max(self.peak_gib, peak / 2**20)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "ChildrenPeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def kernels_peak_rss_gib() -> float:

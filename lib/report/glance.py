@@ -77,8 +77,10 @@ def findings(artifacts_dir: str | Path, crosscoders: list[str]) -> list[Finding]
         if ls:
             text = f"{name}: {ls['chat-only (Δnorm)']} latents chat-only by decoder norm (Δnorm > 0.9)"
             if ls.get("fitted"):
-                text += (f"; Latent Scaling confirms {ls['truly chat-specific']} of them as absent from the base model "
-                         f"and places {_fmt(ls.get('share in base (ν ≥ threshold)'), '.0%')} in the base model")
+                text += (f"; of the {ls['fitted']} active enough to fit, Latent Scaling confirms "
+                         f"{ls['truly chat-specific']} as absent from the base model and finds the other "
+                         f"{_fmt(ls.get('share in base (ν ≥ threshold)'), '.0%')} present in the base model's "
+                         f"activations too (ν^ε or ν^r at or above the threshold: chat-only by decoder norm only)")
             out.append(Finding(text + ".", "model_diff"))
         dec = m.get("decisions")
         if dec and "behaviours" in dec and dec.get("confirmed: latents"):

@@ -14,9 +14,10 @@ from crosscoder.analysis.browser import (ACT_LEVELS, best_decisions, browser_pay
 from crosscoder.analysis.latents import latent_acts, promoted_tokens, top_contexts
 from crosscoder.analysis.probes import ProbeTask
 from crosscoder.config import CrosscoderConfig
-from crosscoder.data.pair import ModelPairConfig, extract_pair, load_pair
+from crosscoder.data.pair import extract_pair
 from crosscoder.model import Crosscoder
 from fakes import padded_ids, tiny_pair
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

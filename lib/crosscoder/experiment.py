@@ -15,7 +15,7 @@ import torch
 
 from crosscoder.data.pair import ModelPair, ModelPairConfig, load_pair
 from crosscoder.data.buffer import StreamingBuffer
-from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache, cache_key
+from crosscoder.data.cache import ActivationCache, CacheConfig, build_activation_cache, cache_folder
 from crosscoder.config import ConfigError, CrosscoderConfig, TrainConfig, _DictMixin, default_of
 from crosscoder.distributed import resolve_device
 from crosscoder.model import Crosscoder
@@ -109,8 +109,8 @@ def model_pair(exp: Experiment) -> ModelPair:
     """The experiment's two models; their activations on evaluation sets (``sequence_acts``) are kept
     in the activation cache's folder, so that later pages read them instead of running the models."""
     pair = load_pair(exp.pair_cfg, need_chat_template=exp.data_cfg.chat_fraction > 0)
-    folder = Path(exp.cfg.cache_root) / cache_key(exp.pair_cfg, exp.data_cfg, exp.cache_cfg) / "sequences"
-    return pair._replace(acts_dir=str(folder))
+    folder = cache_folder(exp.pair_cfg, exp.data_cfg, exp.cache_cfg, exp.cfg.cache_root)
+    return pair._replace(acts_dir=str(folder / "sequences"))
 
 
 def activation_cache(exp: Experiment, *, pair: ModelPair | None = None, progress: bool = True) -> ActivationCache:

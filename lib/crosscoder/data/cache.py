@@ -99,6 +99,11 @@ def cache_key(pair_cfg: ModelPairConfig, data_cfg: DataConfig, cache_cfg: CacheC
     return config_hash({"pair": pair_cfg.to_dict(), "data": data_cfg.to_dict(), "cache": cache_cfg.to_dict()}, 16)
 
 
+def cache_folder(pair_cfg: ModelPairConfig, data_cfg: DataConfig, cache_cfg: CacheConfig, root: str | Path) -> Path:
+    """Where the cache of these configs lives under ``root`` (``cache_key``), whether built or not."""
+    return Path(root) / cache_key(pair_cfg, data_cfg, cache_cfg)
+
+
 class ActivationCache:
     """Read side of a finished cache folder."""
 
@@ -230,7 +235,7 @@ def build_activation_cache(
     each extracts the shards ``i % world_size == rank`` (see the module docstring).
     """
     rank, world = rank_and_world()
-    folder = Path(root) / cache_key(pair_cfg, data_cfg, cache_cfg)
+    folder = cache_folder(pair_cfg, data_cfg, cache_cfg, root)
     if rank == 0:
         ckpt.ensure_writable_dir(folder)
     _barrier(world)  # the other ranks write into the folder rank 0 checked

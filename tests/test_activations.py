@@ -546,3 +546,73 @@ def test_bf16_autocast_cache_option(world, tmp_path):
     assert a16.shape == a32.shape and not torch.equal(a16, a32)
     rel = (a16 - a32).norm(dim=-1) / a32.norm(dim=-1)
     assert float(rel.median()) < 0.03
+
+
+def _load_all(cache):
+    return {s: cache.load(s, with_index=True) for s in ("train", "heldout", "norm")}
+
+
+def test_base_rows_copied_from_a_cache_of_the_same_base(world, tmp_path, monkeypatch):
+    """A pair that shares its base model and data with a finished cache (a fine-tune beside its null
+    fine-tune) copies that cache's base rows and runs only its chat model, bar one checking batch; the
+    cache it writes is identical to one extracted in full. A donor of another base model, or other
+    tokens, or a base that does not reproduce its rows, is not used, with the same result."""
+    import shutil
+    import warnings
+
+    dirs, data = world
+    _, d, c = _cache_cfgs(world)
+    base2 = tmp_path / "base2"  # the same weights in another folder (an organism's own copy of its base)
+    shutil.copytree(dirs["base"], base2)
+    chat2 = AutoModelForCausalLM.from_pretrained(dirs["chat"])
+    with torch.no_grad():
+        for w in chat2.parameters():
+            w.add_(0.01 * torch.randn_like(w))
+    chat2.save_pretrained(tmp_path / "chat2")
+    for f in dirs["chat"].iterdir():  # the tokenizer's files (chat template included)
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, tmp_path / "chat2")
+    p2 = ModelPairConfig(base=str(base2), chat=str(tmp_path / "chat2"), layer=1, dtype="float32", device="cpu")
+    donor = build_activation_cache(_pair_cfg(dirs), d, c, tmp_path / "donor", progress=False)
+    plain = _load_all(build_activation_cache(p2, d, c, tmp_path / "plain", progress=False))
+
+    runs = []
+    real = cache_mod.extract_pair
+    monkeypatch.setattr(cache_mod, "extract_pair", lambda pair, ids, am, layers, sources:
+                        runs.append((sources, ids.shape[0])) or real(pair, ids, am, layers, sources))
+    shared = build_activation_cache(p2, d, c, tmp_path / "shared", progress=False, base_from=donor.folder)
+    for split, want in plain.items():
+        for got, ref in zip(shared.load(split, with_index=True), want):
+            assert torch.equal(got, ref), split
+    assert {sh.get("base_rows_from") for s in ("train", "heldout", "norm")
+            for sh in shared.manifest["splits"][s]["shards"]} == {donor.manifest["key"]}
+    base_rows = sum(n for s, n in runs if "base" in s)
+    assert base_rows == c.forward_batch and sum(n for s, n in runs if s == ("chat",)) == 48 + 16 + 8
+
+    def unused(donor_folder, *, fingerprint=None, expect_warning=None):
+        if fingerprint is not None:
+            monkeypatch.setattr(cache_mod, "model_fingerprint", fingerprint)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = build_activation_cache(p2, d, c, tmp_path / f"try{len(list(tmp_path.iterdir()))}", progress=False,
+                                         base_from=donor_folder)
+        assert not any("base_rows_from" in sh for s in ("train", "heldout", "norm")
+                       for sh in out.manifest["splits"][s]["shards"])
+        for split, want in plain.items():
+            for got, ref in zip(out.load(split, with_index=True), want):
+                assert torch.equal(got, ref), split
+        if expect_warning:
+            assert any(expect_warning in str(w.message) for w in caught)
+
+    # another base model: its fingerprint differs, so the donor is not even opened for rows
+    other_base = build_activation_cache(ModelPairConfig(base=str(dirs["chat"]), chat=str(dirs["base"]), layer=1, dtype="float32",
+                                                        device="cpu"), d, c,
+                                        tmp_path / "swapped", progress=False)
+    unused(other_base.folder)
+    # other tokens (another held-out share, so another training stream): caught shard by shard
+    other_data = build_activation_cache(_pair_cfg(dirs), _data_cfg(data, heldout_permille=300), c,
+                                        tmp_path / "otherdata", progress=False)
+    unused(other_data.folder, expect_warning="does not hold this cache's base rows")
+    # a base model that passes the fingerprint but does not reproduce the rows: the checking batch
+    unused(other_base.folder, fingerprint=lambda name: "same", expect_warning="does not hold this cache's base rows")
+    unused(tmp_path / "nowhere")  # no cache there

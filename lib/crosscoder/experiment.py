@@ -113,9 +113,15 @@ def model_pair(exp: Experiment) -> ModelPair:
     return pair._replace(acts_dir=str(folder / "sequences"))
 
 
-def activation_cache(exp: Experiment, *, pair: ModelPair | None = None, progress: bool = True) -> ActivationCache:
+def activation_cache(exp: Experiment, *, pair: ModelPair | None = None, progress: bool = True,
+                     base_from: Experiment | None = None) -> ActivationCache:
+    """The experiment's activation cache, extracted when missing. ``base_from``: another experiment with
+    the same base model and data (a chat fine-tune beside its null fine-tune): when its cache is built,
+    its base rows are copied and only this pair's chat model runs (``data.cache.base_donor``)."""
+    donor = None if base_from is None else cache_folder(base_from.pair_cfg, base_from.data_cfg, base_from.cache_cfg,
+                                                        base_from.cfg.cache_root)
     return build_activation_cache(exp.pair_cfg, exp.data_cfg, exp.cache_cfg, exp.cfg.cache_root, pair=pair,
-                                  progress=progress)
+                                  progress=progress, base_from=donor)
 
 
 class Splits(NamedTuple):
@@ -299,16 +305,17 @@ class OtherPair(NamedTuple):
 
 
 def other_pair(cfg: ExperimentConfig, artifacts_dir: str | Path, run_names, out_dir: str | Path, *,
-               with_models: bool = False, progress: bool = True) -> OtherPair:
+               with_models: bool = False, progress: bool = True, base_from: Experiment | None = None) -> OtherPair:
     """The finished runs ``run_names`` of ``artifacts_dir`` repeated on the pair of ``cfg`` (e.g. base vs a
     null fine-tune, or an organism variant): resolve it, extract (or load) its activations and train (or
     load) the replicas into ``out_dir`` (``null_replicas``).
 
     The pair's language models are loaded only for the extraction (and freed after it) unless
     ``with_models``: on gemma-3-270m they are 2.1 GB in float32, and the controls page, which held
-    them beside its own pair's while the null organism was fine-tuned, peaked at 10.6 GiB."""
+    them beside its own pair's while the null organism was fine-tuned, peaked at 10.6 GiB. ``base_from``:
+    the experiment whose cache lends its base rows when the two pairs share a base (``activation_cache``)."""
     exp = resolve(cfg, progress=progress)
-    splits = load_splits(activation_cache(exp, progress=progress))
+    splits = load_splits(activation_cache(exp, progress=progress, base_from=base_from))
     pair = model_pair(exp) if with_models else None
     return OtherPair(exp, pair, splits, null_replicas(artifacts_dir, run_names, splits, out_dir, progress=progress))
 

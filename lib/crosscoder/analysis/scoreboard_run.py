@@ -234,7 +234,8 @@ def scoreboard_stage(p, exp, *, progress: bool = False) -> Board:
     fits = fit_methods(p.methods, data, root / "fits", folders, cfgs, **opts)
     null_fits = None
     if nexp is not None:
-        ndata = MethodData.from_cache(experiment.activation_cache(nexp, progress=progress), chat_marker_id=marker)
+        ndata = MethodData.from_cache(experiment.activation_cache(nexp, progress=progress, base_from=exp),
+                                      chat_marker_id=marker)
         nsplits = experiment.splits_from(ndata.train_NSD, ndata.heldout_NSD, ndata.norm_NSD)
         experiment.null_replicas(art, p.crosscoders, nsplits, art / "null", progress=progress)  # the controls' folders
         null_fits = fit_methods(p.methods, ndata, root / "null", {n: art / "null" / n / "crosscoder"

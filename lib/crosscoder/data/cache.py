@@ -24,6 +24,7 @@ whatever the world size, and a run interrupted under one world size resumes unde
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -188,9 +189,10 @@ def shard_rows(seqs: Sequences, acts_BTSD: Tensor, seq_offset: int, dtype: torch
 
 def extract_rows(pair: ModelPair, items: list[tuple[list[int], bool]], seq_start: int, dtype: torch.dtype, *,
                  forward_batch: int = 16, layers: list[int] | None = None, by_length: bool = True,
-                 bf16_autocast: bool = False) -> dict[str, Tensor]:
+                 bf16_autocast: bool = False, sources: tuple[str, ...] = ("base", "chat")) -> dict[str, Tensor]:
     """The cache rows (``shard_rows``) of the sequences ``items``, numbered from ``seq_start``, in
-    stream order: sequence by sequence, each one's positions in order.
+    stream order: sequence by sequence, each one's positions in order. ``sources``: the models run
+    (``extract_pair``; one of them when the other's rows come from elsewhere).
 
     ``by_length``: the forward batches hold sequences of similar length (sorted by length, then cut
     into ``forward_batch``-row batches), each padded only to its own longest row, and the rows are put
@@ -208,7 +210,7 @@ def extract_rows(pair: ModelPair, items: list[tuple[list[int], bool]], seq_start
         idx = order[j : j + forward_batch]
         seqs = batch_sequences([items[i] for i in idx], pad_id(pair.tokenizer))
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-            acts = extract_pair(pair, seqs.input_ids_NT, seqs.attention_mask_NT, layers)
+            acts = extract_pair(pair, seqs.input_ids_NT, seqs.attention_mask_NT, layers, sources)
         r = shard_rows(seqs, acts, 0, dtype)  # rows to the host
         r["seq"] = torch.tensor(idx, dtype=torch.int64)[r["seq"]] + seq_start  # batch row -> stream number
         for k, v in r.items():
@@ -220,6 +222,69 @@ def extract_rows(pair: ModelPair, items: list[tuple[list[int], bool]], seq_start
     return out
 
 
+def model_fingerprint(name: str) -> str:
+    """What identifies a model's weights: the sha256 of its folder's weight and config files (or of a
+    single checkpoint file); a hub name stands for itself."""
+    path = Path(name)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    else:
+        return f"hub:{name}"
+    return config_hash({f.name: ckpt.sha256_file(f) for f in files}, 64)
+
+
+def base_donor(folder: str | Path | None, pair_cfg: ModelPairConfig, data_cfg: DataConfig,
+               cache_cfg: CacheConfig) -> ActivationCache | None:
+    """The finished cache at ``folder`` when its base-model rows can stand in for this cache's, else None.
+
+    Two pairs with one base model (a chat fine-tune and its null fine-tune, or an organism variant)
+    read the same base activations on the same data: the base half of a cache is the same bytes in
+    both. Required here: a finished (base, chat) cache at the same layer, with the same model dtype,
+    storage dtype and extraction settings, and base weights with the same ``model_fingerprint``. The
+    extraction then also checks, shard by shard, that the donor holds the same tokens at the same
+    positions, and once that the base model reproduces the donor's rows of a forward batch;
+    otherwise it runs the base model as usual."""
+    if folder is None or cache_cfg.layers:
+        return None
+    try:
+        donor = ActivationCache(folder)
+    except (FileNotFoundError, ConfigError):
+        return None
+    m = donor.manifest
+    same = (m.get("layers") is None and m["layer"] == pair_cfg.layer and m["configs"]["cache"] == cache_cfg.to_dict()
+            and m["configs"]["pair"]["dtype"] == pair_cfg.dtype
+            and all(m["configs"]["data"].get(k) == v for k, v in data_cfg.to_dict().items()
+                    if k in ("context_length", "chat_fraction", "seed")))
+    if not same or model_fingerprint(m["models"]["base"]) != model_fingerprint(pair_cfg.base):
+        return None
+    return donor
+
+
+def _rows_with_donor_base(pair: ModelPair, items: list, seq_start: int, dtype: torch.dtype, cache_cfg: CacheConfig,
+                          donor_rows: dict[str, Tensor], check_base: bool) -> dict[str, Tensor] | None:
+    """``extract_rows`` of both models with the base model's rows taken from ``donor_rows`` (a donor
+    cache's shard of the same sequences) and only the chat model run; None when the donor's tokens
+    differ or (``check_base``) the base model does not reproduce the donor's rows of the first forward
+    batch (the same batch as in the donor's extraction, so equal up to rounding across machines)."""
+    kw = dict(forward_batch=cache_cfg.forward_batch, bf16_autocast=cache_cfg.bf16_autocast)
+    chat = extract_rows(pair, items, seq_start, dtype, sources=("chat",), **kw)
+    if any(chat[k].shape != donor_rows[k].shape or not torch.equal(chat[k], donor_rows[k].to(chat[k].dtype))
+           for k in ("token", "seq", "pos")):
+        return None
+    if check_base:
+        first = sorted(range(len(items)), key=lambda i: len(items[i][0]))[: cache_cfg.forward_batch]
+        first.sort()  # extract_rows sorts them by length again: the same batch, rows in stream order
+        own = extract_rows(pair, [items[i] for i in first], 0, dtype, sources=("base",), **kw)
+        want = torch.isin(donor_rows["seq"], torch.tensor(first, dtype=torch.int64) + seq_start)
+        theirs = donor_rows["acts"][want, 0].float()
+        tol = max(1e-4, 2 * torch.finfo(dtype).eps) * float(theirs.abs().max())
+        if own["acts"].shape[0] != theirs.shape[0] or float((own["acts"][:, 0].float() - theirs).abs().max()) > tol:
+            return None
+    return {**chat, "acts": torch.stack([donor_rows["acts"][:, 0], chat["acts"][:, 0]], dim=1)}
+
+
 def build_activation_cache(
     pair_cfg: ModelPairConfig,
     data_cfg: DataConfig,
@@ -228,8 +293,13 @@ def build_activation_cache(
     *,
     pair: ModelPair | None = None,
     progress: bool = True,
+    base_from: str | Path | None = None,
 ) -> ActivationCache:
     """Extract (or finish extracting, or just open) the cache for these configs under ``root``.
+
+    ``base_from``: the folder of another pair's finished cache with the same base model and data
+    (``base_donor``): its base rows are copied and only the chat model runs, half the extraction;
+    ignored when it does not qualify. The cache holds the same activations either way.
 
     Inside a ``torch.distributed`` process group every rank must call it with the same arguments;
     each extracts the shards ``i % world_size == rank`` (see the module docstring).
@@ -245,7 +315,8 @@ def build_activation_cache(
     if pair is None:
         pair = load_pair(pair_cfg, need_chat_template=data_cfg.chat_fraction > 0)
     run = _Extraction(folder, manifest or _new_manifest(folder.name, pair_cfg, data_cfg, cache_cfg, pair.d_model),
-                      pair, data_cfg, cache_cfg, rank, world, progress)
+                      pair, data_cfg, cache_cfg, rank, world, progress,
+                      base_donor(base_from, pair_cfg, data_cfg, cache_cfg))
     for split in SPLITS:
         run.split(split)
     if rank == 0:
@@ -297,8 +368,10 @@ class _Extraction:
     shards of each split, recorded in the manifest (one process) or a per-rank progress file."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], pair: ModelPair, data_cfg: DataConfig,
-                 cache_cfg: CacheConfig, rank: int, world: int, progress: bool):
-        self.folder, self.manifest, self.pair = folder, manifest, pair
+                 cache_cfg: CacheConfig, rank: int, world: int, progress: bool,
+                 donor: ActivationCache | None = None):
+        self.folder, self.manifest, self.pair, self.donor = folder, manifest, pair, donor
+        self.base_checked = False
         self.data_cfg, self.cache_cfg, self.rank, self.world, self.progress = data_cfg, cache_cfg, rank, world, progress
         self.mpath = folder / "manifest.json"
         self.progress_path = folder / f".progress-rank{rank}.json"
@@ -339,18 +412,40 @@ class _Extraction:
             if name in known and _verify(self.folder, known[name]):
                 mine.append(known[name])
             else:
-                mine.append(self._write_shard(name, items, i * sps))
+                mine.append(self._write_shard(name, items, i * sps, split))
                 self._record(info, mine)
             bar.update(1)
         bar.close()
         self._finish_split(split, info, mine, n_seq, held_items)
 
-    def _write_shard(self, name: str, items: list, seq_start: int) -> dict[str, Any]:
-        tensors = extract_rows(self.pair, items, seq_start, self.dtype, forward_batch=self.cache_cfg.forward_batch,
-                               layers=self.layers, bf16_autocast=self.cache_cfg.bf16_autocast)
+    def _donor_shard(self, split: str, name: str) -> dict[str, Tensor] | None:
+        if self.donor is None:
+            return None
+        sh = next((sh for sh in self.donor.manifest["splits"][split]["shards"] if sh["file"] == name), None)
+        return None if sh is None else ckpt.load_tensors_checked(self.donor.folder, name, sh["sha256"])
+
+    def _write_shard(self, name: str, items: list, seq_start: int, split: str) -> dict[str, Any]:
+        tensors, base_from = None, None
+        donor_rows = self._donor_shard(split, name)
+        if donor_rows is not None:
+            tensors = _rows_with_donor_base(self.pair, items, seq_start, self.dtype, self.cache_cfg, donor_rows,
+                                            check_base=not self.base_checked)
+            if tensors is None:
+                warnings.warn(f"{self.donor.folder} does not hold this cache's base rows of {name} (other tokens, "
+                              "or the base model does not reproduce them): no longer copying its base rows",
+                              stacklevel=2)
+                self.donor = None
+            else:
+                self.base_checked, base_from = True, self.donor.manifest["key"]
+        if tensors is None:
+            tensors = extract_rows(self.pair, items, seq_start, self.dtype, forward_batch=self.cache_cfg.forward_batch,
+                                   layers=self.layers, bf16_autocast=self.cache_cfg.bf16_autocast)
         digest = _save_shard(tensors, self.folder, name)
-        return {"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
-                "seq_start": seq_start, "seq_end": seq_start + len(items)}
+        entry = {"file": name, "sha256": digest, "n_tokens": int(tensors["acts"].shape[0]),
+                 "seq_start": seq_start, "seq_end": seq_start + len(items)}
+        if base_from is not None:
+            entry["base_rows_from"] = base_from  # provenance: the base half was copied from that cache
+        return entry
 
     def _record(self, info: dict[str, Any], mine: list[dict[str, Any]]) -> None:
         if self.world == 1:

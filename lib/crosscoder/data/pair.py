@@ -261,14 +261,16 @@ def residual_after(lm, input_ids_BT: Tensor, layer: int, attention_mask_BT: Tens
 
 @torch.no_grad()
 def extract_pair(pair: ModelPair, input_ids_BT: Tensor, attention_mask_BT: Tensor | None = None,
-                 layers: list[int] | None = None) -> Tensor:
-    """Activations [B, T, S, D]: S = 2 (base, chat) at ``pair.layer``; or, with ``layers``, S = the
-    listed layers of the BASE model (for a cross-layer crosscoder), one forward up to the deepest."""
+                 layers: list[int] | None = None, sources: tuple[str, ...] = ("base", "chat")) -> Tensor:
+    """Activations [B, T, S, D]: S = 2 (base, chat) at ``pair.layer``, or only the models named in
+    ``sources``; or, with ``layers``, S = the listed layers of the BASE model (for a cross-layer
+    crosscoder), one forward up to the deepest."""
     dev = next(pair.base.parameters()).device
     ids = input_ids_BT.to(dev)
     am = attention_mask_BT.to(dev) if attention_mask_BT is not None else None
     if layers is None:
-        outs = [residual_after(lm, ids, pair.layer, am) for lm in pair.models]
+        lms = {"base": pair.base, "chat": pair.chat}
+        outs = [residual_after(lms[s], ids, pair.layer, am) for s in sources]
         return torch.stack(outs, dim=2)
     return residuals_at(pair.base, ids, layers, am)
 

@@ -12,6 +12,10 @@ kernel's natural output [F, K]:
 
 Beside them, the full BatchTopK crosscoder step (fused loss, backward, clip, the trainer's Adam) at
 the same shape, so the share of the step is visible.
+
+Then the whole step with AuxK at the gemma3 organism's shape (d 640, F 4,096, ~60% of latents dead,
+k_aux 320): float32, where AuxK is sparse products over the selected entries, against bfloat16 GEMMs,
+where AuxK is dense products over the dead latents (``kernels.auxk_loss``), and against no AuxK.
 """
 
 from __future__ import annotations
@@ -58,19 +62,60 @@ def bench_shape(d: int, F: int, B: int, k: int, reps: int = 5) -> list[dict]:
              "tokens_per_s": B / s if name == "full BatchTopK step" else float("nan")} for name, s in t.items()]
 
 
+def bench_auxk(d: int, F: int, B: int, k: int, dead_frac: float, reps: int = 5) -> list[dict]:
+    """The whole BatchTopK training step (the trainer's fused Adam, clip) with AuxK over a fixed set
+    of dead latents, its GEMMs in float32 (AuxK as sparse products over the B * k_aux selected
+    entries) and in bfloat16 (the encoder, and AuxK as dense products over the dead latents), and
+    without AuxK, from the same weights and batch."""
+    from crosscoder.config import CrosscoderConfig, TrainConfig
+    from crosscoder.kernels import training_step
+    from crosscoder.model import Crosscoder
+    from crosscoder.train import make_optimizer
+
+    torch.manual_seed(0)
+    x = torch.randn(B, 2, d)
+    dead_F = torch.rand(F, generator=torch.Generator().manual_seed(1)) < dead_frac
+
+    def step_fn(gemm_dtype, aux):
+        model = Crosscoder(CrosscoderConfig(d_model=d, n_latents=F, sparsity="batchtopk", k=k),
+                           generator=torch.Generator().manual_seed(0))
+        params = list(model.parameters())
+        opt = make_optimizer(params, TrainConfig(lr=1e-4))
+
+        def step():
+            out = training_step(model, x, 0.0, dead_F=dead_F if aux else None, k_aux=d // 2,
+                                auxk_alpha=1 / 32 if aux else 0.0, gemm_dtype=gemm_dtype)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        return step
+
+    fns = {"AuxK, float32 (sparse AuxK)": step_fn(torch.float32, True),
+           "AuxK, bfloat16 GEMMs (dense AuxK)": step_fn(torch.bfloat16, True),
+           "no AuxK, float32": step_fn(torch.float32, False)}
+    t = best_times_interleaved(fns, warmup=1, reps=reps)
+    base = t["AuxK, float32 (sparse AuxK)"]
+    shape = f"d={d} F={F} B={B} k={k} dead={dead_frac:.0%} k_aux={d // 2}"
+    return [{"shape": shape, "variant": name, "ms": s * 1e3, "vs_step_path": s / base, "tokens_per_s": B / s}
+            for name, s in t.items()]
+
+
 def run(quick: bool = False) -> list[dict]:
     shapes = [(64, 512, 1024, 16)] if quick else [(128, 2048, 4096, 32), (256, 4096, 4096, 100)]
     rows: list[dict] = []
     for d, F, B, k in shapes:
         rows += bench_shape(d, F, B, k, reps=2 if quick else 5)
+    # the gemma3 organism's BatchTopK crosscoder: d 640, 4,096 latents, batch 1,024, ~60% dead late in training
+    rows += bench_auxk(64, 512, 256, 16, 0.6, reps=2) if quick else bench_auxk(640, 4096, 1024, 100, 0.6)
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'shape':<28} {'encoder gradient':<30} {'ms':>8} {'x the step path':>16} {'tok/s':>9}"
+    head = f"{'shape':<46} {'variant':<36} {'ms':>8} {'x first row':>12} {'tok/s':>9}"
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r['shape']:<28} {r['variant']:<30} {r['ms']:>8.2f} {r['vs_step_path']:>16.2f} "
+        out.append(f"{r['shape']:<46} {r['variant']:<36} {r['ms']:>8.2f} {r['vs_step_path']:>12.2f} "
                    f"{r['tokens_per_s']:>9.0f}")
     return "\n".join(out)
 

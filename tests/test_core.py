@@ -122,8 +122,9 @@ def test_auxk_matches_naive_loop_and_trains_only_dead_latents():
     dead_F = torch.zeros(40, dtype=torch.bool)
     dead_F[torch.randperm(40, generator=torch.Generator().manual_seed(1))[:15]] = True
     residual = torch.randn(24, 2, 12)
-    for k_aux in (3, 15, 50):  # k_aux above the number of dead latents uses them all
-        got = auxk_loss(m, x, residual, dead_F, k_aux)
+    # k_aux above the number of dead latents uses them all; the sparse and the dense path (float32)
+    for k_aux, dense in ((3, False), (15, False), (50, False), (3, True), (15, True), (50, True)):
+        got = auxk_loss(m, x, residual, dead_F, k_aux, dense=dense)
         grads = torch.autograd.grad(got, [m.W_enc_SDF, m.b_enc_F, m.W_dec_FSD])
         ref = naive_auxk(m, x, residual, dead_F, k_aux)
         ref_grads = torch.autograd.grad(ref, [m.W_enc_SDF, m.b_enc_F, m.W_dec_FSD])
@@ -147,6 +148,30 @@ def test_auxk_matches_naive_loop_and_trains_only_dead_latents():
                               params)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r)
+
+
+def test_auxk_in_bfloat16_is_the_float32_loss_to_bf16_precision():
+    """With bfloat16 GEMMs the step's AuxK term runs as dense bf16 products over the dead latents:
+    the same loss and gradients as the naive float32 loop up to bf16 rounding, none outside them."""
+    m = _model("batchtopk", F=64, k=4)
+    x = torch.randn(48, 2, 12) * 2
+    dead_F = torch.zeros(64, dtype=torch.bool)
+    dead_F[torch.randperm(64, generator=torch.Generator().manual_seed(2))[:30]] = True
+    residual = torch.randn(48, 2, 12)
+    # the scores from the float32 encoder, so that both pick the same latents; only the GEMMs differ
+    with torch.no_grad():
+        rank = (x.reshape(48, -1) @ m.W_enc_SDF.reshape(24, 64)[:, dead_F] + m.b_enc_F[dead_F]).relu()
+        rank *= m.rank_weights_F()[dead_F]
+    params = [m.W_enc_SDF, m.b_enc_F, m.W_dec_FSD]
+    got = auxk_loss(m, x, residual, dead_F, 8, rank_BJ=rank, gemm_dtype=torch.bfloat16)
+    grads = torch.autograd.grad(got, params)
+    ref = naive_auxk(m, x, residual, dead_F, 8)
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert float((g - r).norm() / r.norm()) < 2e-2
+    assert grads[0][:, :, ~dead_F].abs().max() == 0 and grads[2][~dead_F].abs().max() == 0
+    assert not torch.equal(got, ref)  # the bf16 products did run
 
 
 def test_auxk_revives_dead_latents(tmp_path):

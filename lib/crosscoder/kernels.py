@@ -390,8 +390,35 @@ def l1_step(model: Crosscoder, x_BSD: Tensor, l1_coeff: float, *, path: str = "a
     return StepLoss(recon + l1_coeff * l1, recon.detach(), l1.detach(), l0, zero, n_active_F, zero)
 
 
+class _DenseAuxDecode(torch.autograd.Function):
+    """err = A @ W_dec[dead] - e for A the [B, J] matrix of the selected dead latents' values (zero
+    elsewhere), as dense GEMMs over the J dead latents in A's dtype (bfloat16), with the gradients of
+    W_enc, b_enc and W_dec at the dead latents' columns and rows only. Everything outside the GEMMs
+    (the error, the sums, the weights' gradients) is float32."""
+
+    @staticmethod
+    def forward(ctx, W_enc_KF, b_enc_F, W_dec_FK, vals_lp_BJ, dead_J, x_lp_BK, e_BK):
+        W_lp_JK = W_dec_FK.index_select(0, dead_J).to(vals_lp_BJ.dtype)
+        ctx.save_for_backward(vals_lp_BJ, dead_J, x_lp_BK, W_lp_JK)
+        ctx.shapes = (W_enc_KF.shape, W_dec_FK.shape)
+        return (vals_lp_BJ @ W_lp_JK).float().sub_(e_BK)
+
+    @staticmethod
+    def backward(ctx, g_BK):
+        vals_lp_BJ, dead_J, x_lp_BK, W_lp_JK = ctx.saved_tensors
+        (K, F), _ = ctx.shapes
+        g_lp_BK = g_BK.to(vals_lp_BJ.dtype)
+        dW_dec_FK = g_BK.new_zeros(ctx.shapes[1]).index_copy_(0, dead_J, (vals_lp_BJ.t() @ g_lp_BK).float())
+        # dL/dA only where A holds a selected positive value (what ReLU and the selection pass)
+        g_pre_BJ = (g_lp_BK @ W_lp_JK.t()).masked_fill_(vals_lp_BJ == 0, 0)
+        dW_enc_KF = g_BK.new_zeros(K, F).index_copy_(1, dead_J, (x_lp_BK.t() @ g_pre_BJ).float())
+        db_enc_F = g_BK.new_zeros(F).index_copy_(0, dead_J, g_pre_BJ.sum(0, dtype=torch.float32))
+        return dW_enc_KF, db_enc_F, dW_dec_FK, None, None, None, None
+
+
 def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int, *,
-              rank_BJ: Tensor | None = None) -> Tensor:
+              rank_BJ: Tensor | None = None, gemm_dtype: torch.dtype = torch.float32,
+              dense: bool | None = None) -> Tensor:
     """Gao et al. (2024)'s AuxK loss: for each token, the ``k_aux`` dead latents with the largest
     ranking score (``Crosscoder.topk_score``: ReLU pre-activation times the ranking weight, as
     dictionary_learning's BatchTopKCrossCoderTrainer ranks them), decoded without the decoder bias,
@@ -399,11 +426,17 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
     normalised by the residual's variance, so the weight means the same at any scale. Gradients
     reach only the dead latents' parameters.
 
-    Sparse like the main step: only the B * k_aux selected entries are encoded, decoded and
-    differentiated (``_SparseEncode`` / ``_SparseDecode``), not the dense [B, n_dead] block. The
-    caller may pass ``rank_BJ``, the ranking scores of the dead latents (columns in index order)
-    it already has from the BatchTopK selection, which saves the dead latents' encoder pass.
+    float32: sparse like the main step: only the B * k_aux selected entries are encoded, decoded and
+    differentiated (``_SparseEncode`` / ``_SparseDecode``), not the dense [B, n_dead] block.
+    ``gemm_dtype`` bfloat16: dense GEMMs over the [B, n_dead] block in bfloat16 (``_DenseAuxDecode``),
+    which on a CPU with bf16 arithmetic cost less than the float32 sparse products once k_aux is more
+    than a few percent of the dead latents (gemma3 organism shape, k_aux 320 of ~2,500 dead: see
+    bench/bench_batchtopk_step.py). The caller may pass ``rank_BJ``, the ranking scores of the dead
+    latents (columns in index order) it already has from the BatchTopK selection, which saves the dead
+    latents' encoder pass. ``dense``: force either path (None: dense exactly when ``gemm_dtype`` is
+    bfloat16); the dense path in float32 is the tests' check of its gradients against the sparse one.
     """
+    dense = gemm_dtype != torch.float32 if dense is None else dense
     B = x_BSD.shape[0]
     F, K = model.cfg.n_latents, model.cfg.n_sources * model.cfg.d_model
     dead_J = dead_F.nonzero().squeeze(1)
@@ -419,6 +452,17 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
             if w_J is not None:
                 rank_BJ *= w_J
         top_Bk, pick_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
+        if dense:
+            vals_Bk = top_Bk.float() / w_J[pick_Bk] if w_J is not None else top_Bk.float()
+            vals_BJ = torch.zeros(B, dead_J.numel(), dtype=gemm_dtype, device=x_BK.device)
+            vals_BJ.scatter_(1, pick_Bk, vals_Bk.to(gemm_dtype))
+    if dense:
+        e_BK = residual_BSD.reshape(B, K).detach()
+        err_BK = _DenseAuxDecode.apply(W_enc_KF, model.b_enc_F, model.W_dec_FSD.view(F, K), vals_BJ, dead_J,
+                                       x_BK.to(gemm_dtype), e_BK)
+        var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()
+        return (err_BK.pow(2).sum(-1).mean() / var).nan_to_num(0.0)
+    with torch.no_grad():
         # CSR wants each token's latents ascending; dead_J is ascending, so sorting the picks does it
         pick_Bk, order = pick_Bk.sort(dim=1)
         top_Bk = top_Bk.gather(1, order)
@@ -440,9 +484,11 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
     """Loss of a BatchTopK crosscoder on a batch, decoding only the k*B active latents; with
     ``dead_F`` and ``auxk_alpha`` > 0, plus ``auxk_alpha`` times the AuxK loss of those latents.
 
-    ``gemm_dtype`` torch.bfloat16: the one dense GEMM (the encoder's ranking scores) in bfloat16, so
-    the selection and the active values carry bfloat16 rounding; everything after it is float32
-    (the sparse products have no bfloat16 kernel on the CPU)."""
+    ``gemm_dtype`` torch.bfloat16: the dense GEMM (the encoder's ranking scores) in bfloat16, so the
+    selection and the active values carry bfloat16 rounding, and the AuxK term as dense bfloat16
+    GEMMs over the dead latents (``auxk_loss``); the main decode and its gradients stay float32 sparse
+    products (no bfloat16 kernel on the CPU; at k of 100 in 4,096 latents the dense block would cost
+    more)."""
     _check_gemm_dtype(gemm_dtype)
     B = x_BSD.shape[0]
     cfg = model.cfg
@@ -483,7 +529,7 @@ def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = 
     l0 = x_BK.new_tensor(float(col_N.numel())) / B
     loss, aux = recon, recon.new_zeros(())
     if use_aux:
-        aux = auxk_loss(model, x_BSD, -diff, dead_F, k_aux or cfg.d_model // 2, rank_BJ=rank_BJ)
+        aux = auxk_loss(model, x_BSD, -diff, dead_F, k_aux or cfg.d_model // 2, rank_BJ=rank_BJ, gemm_dtype=gemm_dtype)
         loss = recon + auxk_alpha * aux
     return StepLoss(loss, recon.detach(), recon.new_zeros(()), l0, min_score, act.n_active_F, aux.detach())
 

@@ -13,7 +13,7 @@ kernel's natural output [F, K]:
 Beside them, the full BatchTopK crosscoder step (fused loss, backward, clip, the trainer's Adam) at
 the same shape, so the share of the step is visible.
 
-Then the whole step with AuxK at the gemma3 organism's shape (d 640, F 4,096, ~60% of latents dead,
+Then the whole step with AuxK at the gemma3 profile's shape (d 640, F 4,096, k 32, ~60% of latents dead,
 k_aux 320): float32, where AuxK is sparse products over the selected entries, against bfloat16 GEMMs,
 where AuxK is dense products over the dead latents (``kernels.auxk_loss``), and against no AuxK.
 """
@@ -106,8 +106,8 @@ def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     for d, F, B, k in shapes:
         rows += bench_shape(d, F, B, k, reps=2 if quick else 5)
-    # the gemma3 organism's BatchTopK crosscoder: d 640, 4,096 latents, batch 1,024, ~60% dead late in training
-    rows += bench_auxk(64, 512, 256, 16, 0.6, reps=2) if quick else bench_auxk(640, 4096, 1024, 100, 0.6)
+    # the gemma3 profile's BatchTopK crosscoder: d 640, 4,096 latents, k 32, batch 1,024, ~60% dead late in training
+    rows += bench_auxk(64, 512, 256, 16, 0.6, reps=2) if quick else bench_auxk(640, 4096, 1024, 32, 0.6)
     return rows
 
 

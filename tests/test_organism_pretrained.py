@@ -288,6 +288,58 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(family):
         training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)
 
 
+class _RecomputeInBackward(torch.autograd.Function):
+    """The chunked head loss as first written: backward recomputes each chunk's logits, then forms
+    dL/dh. The reference that the forward-formed gradient must equal to the bit."""
+
+    @staticmethod
+    def forward(ctx, h, W, y, chunk, cap):
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            z = (h[i:i + chunk] @ W.T).float()
+            z = torch.tanh(z / cap) * cap if cap else z
+            total = total + torch.nn.functional.cross_entropy(z, y[i:i + chunk], reduction="sum")
+        ctx.save_for_backward(h, W, y)
+        ctx.chunk, ctx.cap = chunk, cap
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        h, W, y = ctx.saved_tensors
+        out = torch.empty_like(h)
+        for i in range(0, h.shape[0], ctx.chunk):
+            z = (h[i:i + ctx.chunk] @ W.T).float()
+            if ctx.cap:
+                t = torch.tanh(z / ctx.cap)
+                z = t * ctx.cap
+            d = torch.softmax(z, dim=-1)
+            d[torch.arange(d.shape[0]), y[i:i + ctx.chunk]] -= 1
+            if ctx.cap:
+                d = d * (1 - t * t)
+            out[i:i + ctx.chunk] = (d.to(W.dtype) @ W).to(h.dtype)
+        return out * g, None, None, None, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [0.0, 30.0])
+def test_chunked_head_gradient_formed_in_forward_equals_the_recomputed_one(dtype, cap):
+    """The fine-tune's head loss forms dL/dh in its forward (two vocabulary products instead of
+    three): the same loss and the same gradient, bit for bit, as recomputing the logits in backward;
+    without a gradient to take it forms none."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(500, 16, generator=g).to(dtype)
+    h0, y = torch.randn(23, 16, generator=g).to(dtype), torch.randint(0, 500, (23,), generator=g)
+    got, want = [], []
+    for fn, out in ((training._ChunkedHeadCE, got), (_RecomputeInBackward, want)):
+        h = h0.clone().requires_grad_()
+        loss = fn.apply(h, W, y, 7, cap)
+        (loss * 0.37).backward()
+        out += [loss.detach(), h.grad]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with torch.no_grad():
+        assert torch.equal(training._ChunkedHeadCE.apply(h0, W, y, 7, cap), want[0])
+
+
 def test_heldout_loss_chunked_path_equals_the_full_loss(monkeypatch):
     from crosscoder.organism import evaluate
 

@@ -99,37 +99,39 @@ def pack(docs: Sequence[Document], seq_len: int, pad_id: int) -> Packed:
 
 class _ChunkedHeadCE(torch.autograd.Function):
     """Sum over rows of cross_entropy(cap(h_M @ W.T), y_M), ``chunk`` rows at a time, without keeping
-    the [M, V] logits: backward recomputes each chunk's logits (a 262k vocabulary makes them the
-    largest tensors of a fine-tuning step: 0.75 GB in float32 for 700 targets, several copies).
-    ``cap`` > 0 applies Gemma 2's soft-capping cap * tanh(z / cap). The embedding ``W`` gets no
-    gradient here (the recipe that uses this freezes it)."""
+    the [M, V] logits (a 262k vocabulary makes them the largest tensors of a fine-tuning step: 0.75 GB
+    in float32 for 700 targets, several copies). ``cap`` > 0 applies Gemma 2's soft-capping
+    cap * tanh(z / cap). The embedding ``W`` gets no gradient here (the recipe that uses this freezes it).
+
+    The loss is a scalar, so dL/dh (softmax - onehot, through the cap, times W) is formed in the
+    forward while each chunk's logits are at hand, and backward only scales it: two [M, V, D]
+    products per step instead of three (the logits were computed again in backward), [M, D] kept
+    instead of h. The same operations on the same values as computing them in backward, so the same
+    gradient to the bit (tests/test_organism_pretrained.py)."""
 
     @staticmethod
     def forward(ctx, h_MD, W_VD, y_M, chunk: int, cap: float):
         total = h_MD.new_zeros((), dtype=torch.float32)
+        grad_MD = torch.empty_like(h_MD) if ctx.needs_input_grad[0] else None
         for i in range(0, h_MD.shape[0], chunk):
+            y = y_M[i:i + chunk]
             z = (h_MD[i:i + chunk] @ W_VD.T).float()
             if cap:
-                z = torch.tanh(z / cap) * cap
-            total = total + F.cross_entropy(z, y_M[i:i + chunk], reduction="sum")
-        ctx.save_for_backward(h_MD, W_VD, y_M)
-        ctx.chunk, ctx.cap = chunk, cap
+                t = torch.tanh(z / cap)
+                z = t * cap
+            total = total + F.cross_entropy(z, y, reduction="sum")
+            if grad_MD is not None:
+                d = torch.softmax(z, dim=-1)  # d CE / d logits = softmax - onehot
+                d[torch.arange(d.shape[0]), y] -= 1
+                if cap:
+                    d = d * (1 - t * t)
+                grad_MD[i:i + chunk] = (d.to(W_VD.dtype) @ W_VD).to(h_MD.dtype)
+        ctx.save_for_backward(grad_MD)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        h_MD, W_VD, y_M = ctx.saved_tensors
-        grad_MD = torch.empty_like(h_MD)
-        for i in range(0, h_MD.shape[0], ctx.chunk):
-            z = (h_MD[i:i + ctx.chunk] @ W_VD.T).float()
-            if ctx.cap:
-                t = torch.tanh(z / ctx.cap)
-                z = t * ctx.cap
-            d = torch.softmax(z, dim=-1)  # d CE / d logits = softmax - onehot
-            d[torch.arange(d.shape[0]), y_M[i:i + ctx.chunk]] -= 1
-            if ctx.cap:
-                d = d * (1 - t * t)
-            grad_MD[i:i + ctx.chunk] = (d.to(W_VD.dtype) @ W_VD).to(h_MD.dtype)
+        (grad_MD,) = ctx.saved_tensors
         return grad_MD * g, None, None, None, None
 
 

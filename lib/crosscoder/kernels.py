@@ -398,7 +398,11 @@ class _DenseAuxDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W_enc_KF, b_enc_F, W_dec_FK, vals_lp_BJ, dead_J, x_lp_BK, e_BK):
-        W_lp_JK = W_dec_FK.index_select(0, dead_J).to(vals_lp_BJ.dtype)
+        # vals_lp_BJ may have more columns than dead_J (zero padding, see auxk_loss): the padded
+        # columns meet zero decoder rows and their gradients are dropped
+        J = dead_J.numel()
+        W_lp_JK = W_dec_FK.new_zeros(vals_lp_BJ.shape[1], W_dec_FK.shape[1], dtype=vals_lp_BJ.dtype)
+        W_lp_JK[:J] = W_dec_FK.index_select(0, dead_J)
         ctx.save_for_backward(vals_lp_BJ, dead_J, x_lp_BK, W_lp_JK)
         ctx.shapes = (W_enc_KF.shape, W_dec_FK.shape)
         return (vals_lp_BJ @ W_lp_JK).float().sub_(e_BK)
@@ -407,13 +411,21 @@ class _DenseAuxDecode(torch.autograd.Function):
     def backward(ctx, g_BK):
         vals_lp_BJ, dead_J, x_lp_BK, W_lp_JK = ctx.saved_tensors
         (K, F), _ = ctx.shapes
+        J = dead_J.numel()
         g_lp_BK = g_BK.to(vals_lp_BJ.dtype)
-        dW_dec_FK = g_BK.new_zeros(ctx.shapes[1]).index_copy_(0, dead_J, (vals_lp_BJ.t() @ g_lp_BK).float())
+        dW_dec_FK = g_BK.new_zeros(ctx.shapes[1]).index_copy_(0, dead_J, (vals_lp_BJ.t() @ g_lp_BK)[:J].float())
         # dL/dA only where A holds a selected positive value (what ReLU and the selection pass)
         g_pre_BJ = (g_lp_BK @ W_lp_JK.t()).masked_fill_(vals_lp_BJ == 0, 0)
-        dW_enc_KF = g_BK.new_zeros(K, F).index_copy_(1, dead_J, (x_lp_BK.t() @ g_pre_BJ).float())
-        db_enc_F = g_BK.new_zeros(F).index_copy_(0, dead_J, g_pre_BJ.sum(0, dtype=torch.float32))
+        dW_enc_KF = g_BK.new_zeros(K, F).index_copy_(1, dead_J, (x_lp_BK.t() @ g_pre_BJ)[:, :J].float())
+        db_enc_F = g_BK.new_zeros(F).index_copy_(0, dead_J, g_pre_BJ[:, :J].sum(0, dtype=torch.float32))
         return dW_enc_KF, db_enc_F, dW_dec_FK, None, None, None, None
+
+
+AUXK_DENSE_COLUMNS = 256
+"""The dense AuxK block's width is the number of dead latents rounded up to a multiple of this. The
+dead count changes every step, and the CPU's bf16 GEMM (oneDNN) keeps a compiled kernel with its
+buffers for every new shape: on the gemma3 profile's BatchTopK crosscoder 200 steps of exact widths
+grew the process by 0.9 GB (float32 sparse AuxK: none). Rounding keeps the shapes to a few."""
 
 
 def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Tensor, k_aux: int, *,
@@ -454,7 +466,8 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
         top_Bk, pick_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
         if dense:
             vals_Bk = top_Bk.float() / w_J[pick_Bk] if w_J is not None else top_Bk.float()
-            vals_BJ = torch.zeros(B, dead_J.numel(), dtype=gemm_dtype, device=x_BK.device)
+            width = -(-dead_J.numel() // AUXK_DENSE_COLUMNS) * AUXK_DENSE_COLUMNS
+            vals_BJ = torch.zeros(B, width, dtype=gemm_dtype, device=x_BK.device)
             vals_BJ.scatter_(1, pick_Bk, vals_Bk.to(gemm_dtype))
     if dense:
         e_BK = residual_BSD.reshape(B, K).detach()

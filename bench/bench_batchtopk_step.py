@@ -25,9 +25,11 @@ import warnings
 import torch
 
 from bench._timing import best_times_interleaved, main
-from bench.bench_methods import _method_step
+from bench.bench_methods import _method_step, _step_fn
 from crosscoder import methods
+from crosscoder.config import CrosscoderConfig
 from crosscoder.kernels import _Active, _sparse_dW_enc, select_batch_topk
+from crosscoder.model import Crosscoder
 
 warnings.filterwarnings("ignore", message=".*Sparse.*")
 
@@ -67,11 +69,6 @@ def bench_auxk(d: int, F: int, B: int, k: int, dead_frac: float, reps: int = 5) 
     of dead latents, its GEMMs in float32 (AuxK as sparse products over the B * k_aux selected
     entries) and in bfloat16 (the encoder, and AuxK as dense products over the dead latents), and
     without AuxK, from the same weights and batch."""
-    from crosscoder.config import CrosscoderConfig, TrainConfig
-    from crosscoder.kernels import training_step
-    from crosscoder.model import Crosscoder
-    from crosscoder.train import make_optimizer
-
     torch.manual_seed(0)
     x = torch.randn(B, 2, d)
     dead_F = torch.rand(F, generator=torch.Generator().manual_seed(1)) < dead_frac
@@ -79,17 +76,8 @@ def bench_auxk(d: int, F: int, B: int, k: int, dead_frac: float, reps: int = 5) 
     def step_fn(gemm_dtype, aux):
         model = Crosscoder(CrosscoderConfig(d_model=d, n_latents=F, sparsity="batchtopk", k=k),
                            generator=torch.Generator().manual_seed(0))
-        params = list(model.parameters())
-        opt = make_optimizer(params, TrainConfig(lr=1e-4))
-
-        def step():
-            out = training_step(model, x, 0.0, dead_F=dead_F if aux else None, k_aux=d // 2,
-                                auxk_alpha=1 / 32 if aux else 0.0, gemm_dtype=gemm_dtype)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        return step
+        return _step_fn(model, x, lam=0.0, dead_F=dead_F if aux else None, k_aux=d // 2,
+                        auxk_alpha=1 / 32 if aux else 0.0, gemm_dtype=gemm_dtype)
 
     fns = {"AuxK, float32 (sparse AuxK)": step_fn(torch.float32, True),
            "AuxK, bfloat16 GEMMs (dense AuxK)": step_fn(torch.bfloat16, True),

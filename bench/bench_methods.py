@@ -37,8 +37,9 @@ warnings.filterwarnings("ignore", message=".*Sparse.*")
 LAMBDA = 2.0
 
 
-def _step_fn(model: Crosscoder, x_BSD: torch.Tensor, constraint=None, lam: float = LAMBDA):
-    """One trainer step of ``model`` on ``x_BSD`` with the method's ``constraint`` hooks."""
+def _step_fn(model: Crosscoder, x_BSD: torch.Tensor, constraint=None, lam: float = LAMBDA, **step_kw):
+    """One trainer step of ``model`` on ``x_BSD`` with the method's ``constraint`` hooks (``step_kw``:
+    ``training_step``'s dead latents, AuxK and GEMM dtype)."""
     params = list(model.parameters())
     opt = make_optimizer(params, TrainConfig(lr=1e-4))
     if constraint is not None:
@@ -46,7 +47,7 @@ def _step_fn(model: Crosscoder, x_BSD: torch.Tensor, constraint=None, lam: float
             constraint.project_weights_(model)
 
     def step():
-        loss = training_step(model, x_BSD, lam).loss
+        loss = training_step(model, x_BSD, lam, **step_kw).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if constraint is not None:

@@ -464,17 +464,27 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
             if w_J is not None:
                 rank_BJ *= w_J
         top_Bk, pick_Bk = rank_BJ.topk(min(k_aux, dead_J.numel()), dim=1, sorted=False)
-        if dense:
+    e_BK = residual_BSD.reshape(B, K).detach()
+    if dense:
+        with torch.no_grad():
             vals_Bk = top_Bk.float() / w_J[pick_Bk] if w_J is not None else top_Bk.float()
             width = -(-dead_J.numel() // AUXK_DENSE_COLUMNS) * AUXK_DENSE_COLUMNS
             vals_BJ = torch.zeros(B, width, dtype=gemm_dtype, device=x_BK.device)
             vals_BJ.scatter_(1, pick_Bk, vals_Bk.to(gemm_dtype))
-    if dense:
-        e_BK = residual_BSD.reshape(B, K).detach()
         err_BK = _DenseAuxDecode.apply(W_enc_KF, model.b_enc_F, model.W_dec_FSD.view(F, K), vals_BJ, dead_J,
                                        x_BK.to(gemm_dtype), e_BK)
-        var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()
-        return (err_BK.pow(2).sum(-1).mean() / var).nan_to_num(0.0)
+    else:
+        err_BK = _sparse_aux_error(model, x_BK, e_BK, dead_J, w_J, top_Bk, pick_Bk)
+    var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()
+    return (err_BK.pow(2).sum(-1).mean() / var).nan_to_num(0.0)
+
+
+def _sparse_aux_error(model: Crosscoder, x_BK: Tensor, e_BK: Tensor, dead_J: Tensor, w_J: Tensor | None,
+                      top_Bk: Tensor, pick_Bk: Tensor) -> Tensor:
+    """AuxK's decode of the selected dead latents (``pick_Bk`` into ``dead_J``, ranking scores
+    ``top_Bk``) minus the residual ``e_BK``, from the B * k_aux selected entries only."""
+    B, K = x_BK.shape
+    F = model.cfg.n_latents
     with torch.no_grad():
         # CSR wants each token's latents ascending; dead_J is ascending, so sorting the picks does it
         pick_Bk, order = pick_Bk.sort(dim=1)
@@ -485,11 +495,8 @@ def auxk_loss(model: Crosscoder, x_BSD: Tensor, residual_BSD: Tensor, dead_F: Te
         col_N = dead_J.index_select(0, pick_N)
         vals_N = score_N / w_J.index_select(0, pick_N) if w_J is not None else score_N
         act = _Active.index(row_N, col_N, B, F)
-    vals = _SparseEncode.apply(W_enc_KF, model.b_enc_F, vals_N, x_BK, act)
-    e_BK = residual_BSD.reshape(B, K).detach()
-    err_BK = _SparseDecode.apply(vals, model.W_dec_FSD.view(F, K), e_BK.new_zeros(K), act) - e_BK
-    var = (e_BK - e_BK.mean(0)).pow(2).sum(-1).mean()
-    return (err_BK.pow(2).sum(-1).mean() / var).nan_to_num(0.0)
+    vals = _SparseEncode.apply(model.W_enc_SDF.view(K, F), model.b_enc_F, vals_N, x_BK, act)
+    return _SparseDecode.apply(vals, model.W_dec_FSD.view(F, K), e_BK.new_zeros(K), act) - e_BK
 
 
 def batchtopk_step(model: Crosscoder, x_BSD: Tensor, *, dead_F: Tensor | None = None, k_aux: int = 0,

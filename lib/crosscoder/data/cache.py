@@ -187,6 +187,11 @@ def shard_rows(seqs: Sequences, acts_BTSD: Tensor, seq_offset: int, dtype: torch
             "seq": (b + seq_offset).to(torch.int64), "pos": p.to(torch.int32)}
 
 
+def _length_order(items: list[tuple[list[int], bool]]) -> list[int]:
+    """Indices of ``items`` by sequence length (stable): the order ``extract_rows`` cuts into forward batches."""
+    return sorted(range(len(items)), key=lambda i: len(items[i][0]))
+
+
 def extract_rows(pair: ModelPair, items: list[tuple[list[int], bool]], seq_start: int, dtype: torch.dtype, *,
                  forward_batch: int = 16, layers: list[int] | None = None, by_length: bool = True,
                  bf16_autocast: bool = False, sources: tuple[str, ...] = ("base", "chat")) -> dict[str, Tensor]:
@@ -203,7 +208,7 @@ def extract_rows(pair: ModelPair, items: list[tuple[list[int], bool]], seq_start
     attention, padded keys masked), so the cache holds the same values up to float rounding of the
     different batch shapes.
     """
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0])) if by_length else list(range(len(items)))
+    order = _length_order(items) if by_length else list(range(len(items)))
     dev = next(pair.base.parameters()).device
     parts: dict[str, list[Tensor]] = {"acts": [], "token": [], "seq": [], "pos": []}
     for j in range(0, len(order), forward_batch):
@@ -274,8 +279,7 @@ def _rows_with_donor_base(pair: ModelPair, items: list, seq_start: int, dtype: t
            for k in ("token", "seq", "pos")):
         return None
     if check_base:
-        first = sorted(range(len(items)), key=lambda i: len(items[i][0]))[: cache_cfg.forward_batch]
-        first.sort()  # extract_rows sorts them by length again: the same batch, rows in stream order
+        first = sorted(_length_order(items)[: cache_cfg.forward_batch])  # extract_rows' first batch, stream order
         own = extract_rows(pair, [items[i] for i in first], 0, dtype, sources=("base",), **kw)
         want = torch.isin(donor_rows["seq"], torch.tensor(first, dtype=torch.int64) + seq_start)
         theirs = donor_rows["acts"][want, 0].float()

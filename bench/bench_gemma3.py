@@ -40,6 +40,11 @@ Rows:
   rows of 128 tokens and conversations of 25-55) when present, else random ids of random lengths.
   Targets: the model's turns of a conversation; a seeded 25% of a text row's tokens (the recipe's
   ``text_loss_fraction``).
+* **CE recovered**: ``crosscoder.analysis.ce.ce_recovered_definitions`` (both definitions, as the
+  training pages call it) of a random 4,096-latent crosscoder on 8 of the documents, batch 8.
+  Baseline: the same call with every ablated forward run from the embedding (the hook overwriting
+  block LAYER's output, before ``residual_hook(skip_earlier=True)``). Timed interleaved (best of
+  reps); the numbers are asserted equal. Unit: positions (B x T) / s.
 * **crosscoder**: ``bench.bench_train.bench_shape`` at d 640, F 4,096, B 1,024, k 32 (the
   gemma3-organism's 4,096 latents): reference L1 (autograd), fused L1, dense and sparse BatchTopK,
   + AuxK, against a plain GEMM, all in the same process.
@@ -53,7 +58,7 @@ import os
 
 import torch
 from crosscoder.data.cache import extract_rows, shard_rows
-from crosscoder.data.pair import ModelPair, ModelPairConfig, extract_pair, load_pair
+from crosscoder.data.pair import ModelPair, ModelPairConfig, decoder_layers, extract_pair, load_pair
 from crosscoder.data.text import batch_sequences
 from crosscoder.organism.config import preset
 from crosscoder.organism.training import (Document, Packed, cpu_has_bf16, masked_lm_loss, pack, train_lm,
@@ -287,7 +292,42 @@ def crosscoder_rows(quick: bool) -> list[dict]:
     return rows
 
 
-PARTS = ("extraction", "fine-tune", "crosscoder")
+def ce_rows(pair: ModelPair, docs: list[Document], what: str, weights: str, reps: int) -> list[dict]:
+    """CE recovered with blocks 0..LAYER skipped in the ablated forwards, against running them."""
+    import contextlib
+
+    import crosscoder.analysis.ce as ce
+    from crosscoder.model import Crosscoder, CrosscoderConfig
+
+    seqs = batch_sequences([(d.ids, False) for d in docs], PAD)
+    (B, T), d = seqs.input_ids_NT.shape, pair.base.config.hidden_size
+    cc = Crosscoder(CrosscoderConfig(d_model=d, n_latents=4096, sparsity="batchtopk", k=32),
+                    generator=torch.Generator().manual_seed(0)).eval()
+    hook = ce.residual_hook
+
+    @contextlib.contextmanager
+    def full_forward(lm, layer, **kw):  # the baseline: every block runs
+        kw.pop("skip_earlier", None)
+        with hook(lm, layer, **kw):
+            yield
+
+    def call(skip: bool):
+        ce.residual_hook = hook if skip else full_forward
+        try:
+            return ce.ce_recovered_definitions(pair.models, cc, seqs.input_ids_NT, pair.layer,
+                                               attention_mask_NT=seqs.attention_mask_NT, batch_size=B)
+        finally:
+            ce.residual_hook = hook
+    assert call(True) == call(False)
+    t = best_times_interleaved({"full": lambda: call(False), "skip": lambda: call(True)}, warmup=0, reps=reps)
+    shape = f"{B}x{T}, block {pair.layer} of {len(decoder_layers(pair.base))}, both definitions"
+    names = {"full": "ablated forwards from the embedding (before)", "skip": "blocks 0..layer skipped (ours)"}
+    return [{"section": "CE recovered", "shape": shape, "variant": name, "ms": t[k] * 1e3,
+             "tokens_per_s": B * T / t[k], "vs_plain": t["full"] / t[k], "weights": weights,
+             "inputs": f"{B} {what}"} for k, name in names.items()]
+
+
+PARTS = ("extraction", "fine-tune", "CE recovered", "crosscoder")
 
 
 def run(quick: bool = False, only: str | None = None) -> list[dict]:
@@ -299,7 +339,7 @@ def run(quick: bool = False, only: str | None = None) -> list[dict]:
     rows: list[dict] = []
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16() else [])
     if "extraction" not in parts:
-        dtypes = [torch.float32] if "fine-tune" in parts else []
+        dtypes = [torch.float32] if {"fine-tune", "CE recovered"} & set(parts) else []
     for dt in dtypes:
         if found is not None:
             base_dir, chat_dir, weights = found
@@ -319,6 +359,8 @@ def run(quick: bool = False, only: str | None = None) -> list[dict]:
             rows += extraction_rows(pair, docs[:B], what, weights, reps)
             if dt == torch.float32:  # the cache's shard path, against its stream-order batches
                 rows += shard_extraction_rows(pair, docs[: 4 * B], what, weights, reps, forward_batch=B)
+        if dt == torch.float32 and "CE recovered" in parts:  # the training pages' float32 models
+            rows += ce_rows(pair, docs[:B], what, weights, reps)
         if dt == torch.float32 and "fine-tune" in parts:  # the organism fine-tunes the float32 base
             base = pair.base
             del pair
@@ -335,12 +377,13 @@ def format_rows(rows: list[dict]) -> str:
     from bench.bench_train import format_rows as train_format
 
     out = []
-    for section, unit in (("extraction", "tok/s"), ("extraction (shard)", "real tok/s"), ("fine-tune", "real tok/s")):
+    for section, unit in (("extraction", "tok/s"), ("extraction (shard)", "real tok/s"), ("fine-tune", "real tok/s"),
+                          ("CE recovered", "tok/s")):
         sec = [r for r in rows if r["section"] == section]
         if not sec:
             continue
         ms = "ms/step" if section == "fine-tune" else "ms"
-        vs = "x stream" if section == "extraction (shard)" else "x plain"
+        vs = {"extraction (shard)": "x stream", "CE recovered": "x before"}.get(section, "x plain")
         head = f"{'shape':<46} {'variant':<48} {ms:>9} {unit:>10} {vs:>8}"
         out += [f"### {section}: {sec[0]['weights']}; {sec[0]['inputs']}", head, "-" * len(head)]
         for r in sec:

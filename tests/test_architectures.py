@@ -125,6 +125,18 @@ def test_splice_of_clean_activation_leaves_loss_unchanged(zoo, family):
         torch.testing.assert_close(spliced, clean)
         with residual_hook(lm, 2, replace=torch.zeros_like(cap[0])):  # the hook really replaces
             assert not torch.isclose(lm(input_ids=ids, labels=ids).loss, clean)
+        # skip_earlier: blocks 0..2 do not run, the logits are those of the full spliced forward
+        other = torch.randn_like(cap[0])
+        with residual_hook(lm, 2, replace=other):
+            want = lm(input_ids=ids).logits
+        ran = []
+        hooks = [b.mlp.register_forward_pre_hook(lambda m, a, k=k: ran.append(k)) for k, b in enumerate(decoder_layers(lm))]
+        with residual_hook(lm, 2, replace=other, skip_earlier=True):
+            got = lm(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+        assert ran == list(range(3, N_LAYERS)) and torch.equal(got, want)
+        assert torch.equal(lm(input_ids=ids, labels=ids).loss, clean)  # the blocks run again afterwards
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

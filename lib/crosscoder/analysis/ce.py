@@ -173,7 +173,8 @@ def ce_recovered_definitions(
             for kind, replaced, values in variants:
                 resid = base_resid.clone()
                 resid[replaced] = values
-                with residual_hook(lm, layer, replace=resid):
+                # blocks 0..layer are not rerun: their output is overwritten at every position
+                with residual_hook(lm, layer, replace=resid, skip_earlier=True):
                     hidden[kind] = _final_hidden(lm, ids, am)
             kl_of = {"splice": "kl_splice", **{f"zero_{d}": f"kl_zero_{d}" for d in definitions}}
             got = _position_losses(lm, hidden, ids, union, position_chunk, kl_of)

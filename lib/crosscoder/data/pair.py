@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -337,12 +338,30 @@ def decoder_layers(lm) -> torch.nn.ModuleList:
                     f"{', '.join(_LAYER_PATHS)} and for a ModuleList of num_hidden_layers blocks")
 
 
-@contextlib.contextmanager
-def residual_hook(lm, layer: int, *, capture: list | None = None, replace: Tensor | None = None) -> Iterator[None]:
-    """While active: record (``capture``) and/or overwrite (``replace``) the output of block ``layer``
-    (the residual stream after it, == HF ``hidden_states[layer + 1]``)."""
+_RETURNS_TUPLE: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+"""Whether a block returns a tuple (older transformers, GPT-2) or the hidden tensor (transformers 5's
+Llama / Gemma families), as seen by ``residual_hook`` the last time the block ran: what a skipped
+block must return in its place."""
 
-    def hook(_module, _inputs, output):
+
+@contextlib.contextmanager
+def residual_hook(lm, layer: int, *, capture: list | None = None, replace: Tensor | None = None,
+                  skip_earlier: bool = False) -> Iterator[None]:
+    """While active: record (``capture``) and/or overwrite (``replace``) the output of block ``layer``
+    (the residual stream after it, == HF ``hidden_states[layer + 1]``).
+
+    ``skip_earlier`` (with ``replace`` of every position): blocks 0..``layer`` are not run, since
+    their output is overwritten anyway; the model still embeds the tokens and builds its masks and
+    rotary tables, and the later blocks see exactly what a full forward with the replacement gives
+    them (so the outputs are identical). Only for full-sequence forwards (no KV cache, which the
+    skipped blocks would leave empty). Until the block has been seen running once (its output
+    form is unknown) the full forward runs."""
+    if skip_earlier and replace is None:
+        raise ValueError("skip_earlier needs replace: the skipped blocks' output must be overwritten")
+    blocks = decoder_layers(lm)
+
+    def hook(module, _inputs, output):
+        _RETURNS_TUPLE[module] = isinstance(output, tuple)
         hidden = output[0] if isinstance(output, tuple) else output
         if capture is not None:
             capture.append(hidden.detach())
@@ -351,8 +370,20 @@ def residual_hook(lm, layer: int, *, capture: list | None = None, replace: Tenso
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return None
 
-    handle = decoder_layers(lm)[layer].register_forward_hook(hook)
+    skipped = []
+    if skip_earlier and blocks[layer] in _RETURNS_TUPLE:
+        as_tuple = _RETURNS_TUPLE[blocks[layer]]
+
+        def passthrough(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) if as_tuple else hidden
+        skipped = list(blocks[: layer + 1])
+        for block in skipped:
+            block.forward = passthrough  # an instance attribute: nn.Module.__call__ looks it up first
+    handle = blocks[layer].register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+        for block in skipped:
+            del block.forward

@@ -283,6 +283,16 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(family):
         fast = training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)
         plain = training.masked_lm_loss(model, ids, tgt, targets_only=True)
     torch.testing.assert_close(fast, plain, rtol=2e-2, atol=2e-2)
+    # the embedding's bf16 copy is kept between calls (the same loss) and made again once it changes
+    W = model.get_output_embeddings().weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)
+        assert training.frozen_cast(W, torch.bfloat16) is training.frozen_cast(W, torch.bfloat16)
+        with torch.no_grad():
+            W.mul_(1.5)
+        moved = training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)
+        assert torch.equal(training.frozen_cast(W, torch.bfloat16), W.to(torch.bfloat16))
+    assert torch.equal(again, fast) and not torch.equal(moved, fast)
     model.get_input_embeddings().weight.requires_grad_(True)
     with pytest.raises(ValueError, match="frozen output embedding"):
         training.masked_lm_loss(model, ids, tgt, targets_only=True, chunk=5)

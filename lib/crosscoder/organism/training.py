@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -135,6 +136,26 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return grad_MD * g, None, None, None, None
 
 
+_CAST_CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor]] = {}
+"""id(weight) -> (weak reference to it, its version, dtype, the cast copy); an entry goes with its weight."""
+
+
+def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, kept from one call to the next while the weight is unchanged (same
+    in-place version counter). The chunked loss's frozen 262k-row embedding cast to bf16 took
+    0.17-0.56 s per fine-tune step of ~4 s on 2 cores (a 335 MB allocation and copy each step);
+    an optimiser step or any in-place write bumps the version and the copy is made again."""
+    if weight.dtype == dtype:
+        return weight
+    key, version = id(weight), weight._version
+    hit = _CAST_CACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == version and hit[2] == dtype:
+        return hit[3]
+    cast = weight.detach().to(dtype)
+    _CAST_CACHE[key] = (weakref.ref(weight, lambda _ref: _CAST_CACHE.pop(key, None)), version, dtype, cast)
+    return cast
+
+
 def masked_lm_loss(model: Gemma2ForCausalLM, ids_BT: torch.Tensor, target_BT: torch.Tensor,
                    reduction: str = "mean", *, targets_only: bool = False, chunk: int = 0) -> torch.Tensor:
     """Next-token cross-entropy over the target tokens (position t predicts token t + 1).
@@ -157,7 +178,7 @@ def masked_lm_loss(model: Gemma2ForCausalLM, ids_BT: torch.Tensor, target_BT: to
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
             if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
                 dtype = torch.get_autocast_dtype("cuda")
-            total = _ChunkedHeadCE.apply(hidden.to(dtype), head.weight.to(dtype), y, chunk, float(cap))
+            total = _ChunkedHeadCE.apply(hidden.to(dtype), frozen_cast(head.weight, dtype), y, chunk, float(cap))
             return total if reduction == "sum" else total / max(1, y.shape[0])
         logits = head(hidden).float()
         if cap:  # Gemma 2 soft-caps its logits; the full forward does it inside the model

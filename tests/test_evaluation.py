@@ -178,3 +178,73 @@ def test_both_definitions_at_once_equal_one_at_a_time_and_ours_by_hand():
     want = F_nn.cross_entropy(logits[:, 1:-1].reshape(-1, 64), full[:, 2:].reshape(-1))
     ours = ce_recovered_definitions(lms, cc, full, 1, batch_size=4, definitions=("ours",))["ours"][name]
     assert ours["ce_zero"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_ce_with_another_crosscoders_baselines_equals_the_full_computation(tmp_path):
+    """The BatchTopK page reuses the L1 page's ablation baselines (same models and sequences): only
+    its splice runs, and its numbers are those of the full computation; baselines of other models
+    are refused."""
+    from crosscoder.analysis.ce import baseline_sums, ce_ratios, ce_recovered_definitions, ce_sums
+
+    lms = [_lm(0), _lm(1)]
+    ids = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(7))
+    ids[:, 0] = 2
+    am = torch.ones_like(ids)
+    am[2, 9:] = 0
+    first, second = _identity_crosscoder(), _identity_crosscoder()
+    with torch.no_grad():
+        first.W_dec_FSD.mul_(0.6)
+        second.W_dec_FSD.mul_(0.8)
+    known = baseline_sums(ce_sums(lms, first, ids, 1, attention_mask_NT=am, batch_size=4))
+    unembedded = []
+    hook = lms[0].get_output_embeddings().register_forward_hook(lambda m, i, o: unembedded.append(o.shape[0]))
+    fast = ce_ratios(ce_sums(lms, second, ids, 1, attention_mask_NT=am, batch_size=4, baselines=known))
+    n_fast = sum(unembedded)
+    unembedded.clear()
+    full = ce_recovered_definitions(lms, second, ids, 1, attention_mask_NT=am, batch_size=4)
+    hook.remove()
+    assert n_fast * 5 == sum(unembedded) * 2  # clean and splice only, instead of 5 projections
+    for d in full:
+        for name in full[d]:
+            for k, v in full[d][name].items():
+                assert fast[d][name][k] == pytest.approx(v, rel=1e-12, abs=1e-12), (d, name, k)
+    assert fast["ours"]["base"]["ce_splice"] != pytest.approx(  # the splice is this crosscoder's
+        ce_recovered_definitions(lms, first, ids, 1, attention_mask_NT=am, batch_size=4)["ours"]["base"]["ce_splice"])
+    with pytest.raises(ValueError, match="not of these models"):
+        ce_sums([_lm(2), _lm(1)], second, ids, 1, attention_mask_NT=am, batch_size=4, baselines=known)
+
+
+def test_experiment_keeps_the_ce_baselines_beside_the_cache(tmp_path, monkeypatch):
+    """experiment.ce_recovered_both: the first crosscoder's call writes the baselines, the next one's
+    reads them (only clean and splice projected) and gives the full computation's numbers; other
+    sequences get their own file."""
+    from types import SimpleNamespace
+
+    from crosscoder import experiment
+    from crosscoder.analysis.ce import ce_recovered_definitions
+    from crosscoder.data.pair import ModelPair
+
+    monkeypatch.setattr(experiment, "cache_folder", lambda *a: tmp_path)
+    exp = SimpleNamespace(pair_cfg=SimpleNamespace(layer=1), data_cfg=None, cache_cfg=None,
+                          cfg=SimpleNamespace(cache_root=str(tmp_path)))
+    lms = [_lm(0), _lm(1)]
+    pair = ModelPair(lms[0], lms[1], None, 1, D)
+    ids = torch.randint(0, 64, (5, 10), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = 2
+    am = torch.ones_like(ids)
+    first, second = _identity_crosscoder(), _identity_crosscoder()
+    with torch.no_grad():
+        first.W_dec_FSD.mul_(0.5)
+        second.W_dec_FSD.mul_(0.9)
+    experiment.ce_recovered_both(exp, pair, first, ids, am)
+    assert len(list((tmp_path / "ce_baselines").glob("*.json"))) == 1
+    calls = []
+    hook = lms[0].get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    got = experiment.ce_recovered_both(exp, pair, second, ids, am)
+    hook.remove()
+    assert len(calls) == 2  # one batch of 5 rows: clean and splice projected, no ablation
+    want = ce_recovered_definitions(lms, second, ids, 1, attention_mask_NT=am)
+    assert got["ours"]["chat"]["ce_recovered"] == pytest.approx(want["ours"]["chat"]["ce_recovered"], rel=1e-12)
+    assert got["kissane"]["base"]["kl_zero"] == pytest.approx(want["kissane"]["base"]["kl_zero"], rel=1e-12)
+    experiment.ce_recovered_both(exp, pair, second, ids[:4], am[:4])
+    assert len(list((tmp_path / "ce_baselines").glob("*.json"))) == 2

@@ -19,6 +19,7 @@ Two definitions of which positions are ablated and scored (``definition=``):
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -117,6 +118,7 @@ def ce_recovered_definitions(
     source_names: Sequence[str] | None = None,
     definitions: Sequence[str] = CE_DEFINITIONS,
     position_chunk: int = 256,
+    baselines: dict | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``ce_recovered`` of several ``definitions`` at once: {definition: {source: {...}}}.
 
@@ -124,7 +126,49 @@ def ce_recovered_definitions(
     is scored, so the clean, splice and mean-ablation forwards and their logits are shared: both
     definitions cost 5 forwards and unembeddings per model and batch instead of 8 (the gemma3
     organism's 262k-token unembedding made the two separate calls most of a training page's CE
-    cell). Equal to separate calls up to float32 summation order."""
+    cell). Equal to separate calls up to float32 summation order. ``baselines``: ``ce_sums``'
+    ``baseline_sums`` of the same models, sequences and settings (another crosscoder's call):
+    only the splice is then computed (``ce_sums``)."""
+    return ce_ratios(ce_sums(lms, crosscoder, input_ids_NT, layer, attention_mask_NT=attention_mask_NT,
+                             mean_raw_SD=mean_raw_SD, batch_size=batch_size, source_names=source_names,
+                             definitions=definitions, position_chunk=position_chunk, baselines=baselines))
+
+
+BASELINE_SUMS = ("clean", "zero", "mean", "kl_zero", "n")
+"""The sums of ``ce_sums`` that do not depend on the crosscoder (the clean, zero- and mean-ablated
+losses, KL of the zero ablation, the number of predictions scored)."""
+
+
+def baseline_sums(sums: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """The crosscoder-independent part of ``ce_sums``' result, to pass as ``baselines`` (JSON-able)."""
+    return {d: {name: {k: acc[k] for k in BASELINE_SUMS} for name, acc in by_source.items()}
+            for d, by_source in sums.items()}
+
+
+@torch.no_grad()
+def ce_sums(
+    lms: Sequence,
+    crosscoder: Crosscoder,
+    input_ids_NT: Tensor,
+    layer: int,
+    *,
+    attention_mask_NT: Tensor | None = None,
+    mean_raw_SD: Tensor | None = None,
+    batch_size: int = 8,
+    source_names: Sequence[str] | None = None,
+    definitions: Sequence[str] = CE_DEFINITIONS,
+    position_chunk: int = 256,
+    baselines: dict | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Summed losses behind ``ce_recovered_definitions``: {definition: {source: {clean, splice, zero,
+    mean, kl_splice, kl_zero, n}}} (float64 sums over the scored predictions; ``ce_ratios`` turns
+    them into the metrics).
+
+    Only the splice depends on the crosscoder. With ``baselines`` (``baseline_sums`` of an earlier
+    call on the same models, sequences and settings) the zero and mean ablations are not run: per
+    model and batch 2 unembeddings (clean, for the splice's KL, and splice) instead of 5, and one
+    ablated forward instead of 4. The clean forward runs either way (it gives the crosscoder's
+    input), and its sums must match the baselines' (else ValueError: not the same models or data)."""
     for d in definitions:
         if d not in CE_DEFINITIONS:
             raise ValueError(f"definition must be one of {CE_DEFINITIONS}, got {d!r}")
@@ -133,6 +177,8 @@ def ce_recovered_definitions(
     if len(lms) != S:
         raise ValueError(f"got {len(lms)} language models for a {S}-source crosscoder")
     names = list(source_names or crosscoder.cfg.source_names)
+    if baselines is not None and sorted(baselines) != sorted(definitions):
+        raise ValueError(f"baselines hold definitions {sorted(baselines)}, not {sorted(definitions)}")
     dev = next(lms[0].parameters()).device
     cc_dev = crosscoder.W_dec_FSD.device  # may differ from the LMs' (e.g. LMs on GPU, crosscoder on CPU)
     sums = {d: {n: {k: torch.zeros((), dtype=torch.float64, device=dev) for k in
@@ -166,32 +212,53 @@ def ce_recovered_definitions(
         sub = {d: (where[d][:, :-1] & where[d][:, 1:])[union[:, :-1] & union[:, 1:]] for d in definitions}
         for s, (lm, name) in enumerate(zip(lms, names)):
             base_resid = acts_BTSD[:, :, s]
-            mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)
             hidden = {"clean": clean_hidden[s]}
-            variants = [("splice", body, recon[:, s]), ("mean", body, mean_D.expand_as(recon[:, s]))]
-            variants += [(f"zero_{d}", where[d], 0.0) for d in definitions]
+            variants = [("splice", body, recon[:, s])]
+            if baselines is None:
+                mean_D = mean_raw_SD[s].to(dev).float() if mean_raw_SD is not None else x[:, s].mean(0)
+                variants += [("mean", body, mean_D.expand_as(recon[:, s]))]
+                variants += [(f"zero_{d}", where[d], 0.0) for d in definitions]
             for kind, replaced, values in variants:
                 resid = base_resid.clone()
                 resid[replaced] = values
                 # blocks 0..layer are not rerun: their output is overwritten at every position
                 with residual_hook(lm, layer, replace=resid, skip_earlier=True):
                     hidden[kind] = _final_hidden(lm, ids, am)
-            kl_of = {"splice": "kl_splice", **{f"zero_{d}": f"kl_zero_{d}" for d in definitions}}
+            kl_of = {"splice": "kl_splice"}
+            if baselines is None:
+                kl_of.update({f"zero_{d}": f"kl_zero_{d}" for d in definitions})
             got = _position_losses(lm, hidden, ids, union, position_chunk, kl_of)
             for d in definitions:
                 acc, m = sums[d][name], sub[d]
                 for k, src in (("clean", "clean"), ("splice", "splice"), ("zero", f"zero_{d}"), ("mean", "mean"),
                                ("kl_splice", "kl_splice"), ("kl_zero", f"kl_zero_{d}")):
-                    acc[k] += got[src][m].double().sum()
+                    if src in got:
+                        acc[k] += got[src][m].double().sum()
                 acc["n"] += m.sum()
     crosscoder.train(was)
+    out = {d: {n: {k: float(v) for k, v in acc.items()} for n, acc in by_source.items()} for d, by_source in sums.items()}
+    if baselines is not None:
+        for d in definitions:
+            for name in names:
+                got, known = out[d][name], baselines[d][name]
+                if got["n"] != known["n"] or not math.isclose(got["clean"], known["clean"], rel_tol=1e-6):
+                    raise ValueError(f"the CE baselines are not of these models and sequences ({d}, {name}: "
+                                     f"{got['n']:.0f} predictions and clean sum {got['clean']:.6g} here, "
+                                     f"{known['n']:.0f} and {known['clean']:.6g} in the baselines); "
+                                     "compute them again without baselines=")
+                got.update({k: float(known[k]) for k in ("zero", "mean", "kl_zero")})
+    return out
+
+
+def ce_ratios(sums: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """``ce_sums``' sums -> {definition: {source: {ce_clean, ce_splice, ..., n_predictions}}}."""
     return {d: _ratios(by_source) for d, by_source in sums.items()}
 
 
-def _ratios(sums: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, float]]:
+def _ratios(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     out = {}
     for name, acc in sums.items():
-        n = float(acc["n"])
+        n = acc["n"]
         if n == 0:
             raise ValueError("no predictions to score: sequences need at least 3 non-pad tokens")
         r = {f"ce_{k}": float(acc[k]) / n for k in ("clean", "splice", "zero", "mean")}

@@ -16,7 +16,7 @@ from crosscoder.organism import build_organism, load_eval_set, load_metrics, pre
 from crosscoder.organism.behaviours import read_chat_jsonl
 from crosscoder.organism.build import base_key, organism_dir
 from crosscoder.organism.config import BehaviourConfig, EvalConfig, LMTrainConfig, ModelConfig, gemma3_config
-from crosscoder.organism.corpus import chapters, load_verses
+from crosscoder.organism.corpus import chapters, corpus_version, load_verses
 from crosscoder.organism.evaluate import Packed, _greedy_padded, greedy_responses, residual_drift
 from crosscoder.organism.tokenizer import train_tokenizer
 from crosscoder.organism import training
@@ -142,6 +142,22 @@ def test_base_key_and_hash_of_a_pretrained_organism(built, base_folder, tmp_path
     assert organism_dir(other, tmp_path) != organism_dir(cfg, tmp_path)
     null = preset("gemma3_null")
     assert null.finetune == "null" and base_key(null) == base_key(preset("gemma3"))
+
+
+def test_a_float32_build_of_an_auto_precision_fine_tune_is_keyed_apart(tmp_path, monkeypatch):
+    """bf16_autocast "auto" trains in float32 on a CPU without bf16 arithmetic: other weights from the
+    same config, so another folder; a build that resolved to bf16 keeps the config's plain hash."""
+    cfg = preset("gemma3")
+    assert cfg.chat_train.bf16_autocast == "auto"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    with_bf16 = organism_dir(cfg, tmp_path)
+    assert with_bf16.name == f"gemma3-{cfg.config_hash(corpus_version())}"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert organism_dir(cfg, tmp_path) != with_bf16
+    cfg.chat_train.bf16_autocast = False  # a fixed precision: one folder on every CPU
+    fixed = organism_dir(cfg, tmp_path)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert organism_dir(cfg, tmp_path) == fixed
 
 
 def test_missing_base_folder_fails_before_any_work(tmp_path):

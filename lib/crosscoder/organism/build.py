@@ -38,7 +38,8 @@ from crosscoder.organism.config import FORMAT_VERSION, OrganismConfig
 from crosscoder.organism.evaluate import (behaviour_rates, build_eval_set, encode_conversation,
                                           heldout_loss, prompt_sets, residual_drift, save_eval_set)
 from crosscoder.organism.tokenizer import SPECIAL_TOKENS, train_tokenizer
-from crosscoder.organism.training import Document, Packed, fragments, new_model, pack, train_lm
+from crosscoder.organism.training import (Document, Packed, fragments, new_model, pack, train_lm,
+                                         use_bf16_autocast)
 
 
 class OrganismPaths(NamedTuple):
@@ -66,8 +67,19 @@ class OrganismPaths(NamedTuple):
 
 
 def organism_dir(cfg: OrganismConfig, root: str | Path) -> Path:
-    """The cache folder of ``cfg`` under ``root``."""
-    return Path(root) / f"{cfg.name}-{cfg.config_hash(corpus_mod.corpus_version())}"
+    """The cache folder of ``cfg`` under ``root``.
+
+    A training run with ``bf16_autocast: "auto"`` trains in bf16 on a CPU with bf16 arithmetic and
+    in float32 elsewhere (an AVX2-only CPU), which gives other weights from the same config: such a
+    float32 build is keyed apart (the runs named in the hash). Builds that resolved to bf16 keep the
+    config's plain hash, the one every published build of those presets has."""
+    key = cfg.config_hash(corpus_mod.corpus_version())
+    runs = ["chat_train"] + ([] if cfg.base_model else ["base_train"])
+    float32 = [r for r in runs if getattr(cfg, r).bf16_autocast == "auto"
+               and not use_bf16_autocast("auto", torch.device("cpu"))]
+    if float32:
+        key = config_hash({"config": key, "auto_resolved_to_float32": float32}, 12)
+    return Path(root) / f"{cfg.name}-{key}"
 
 
 def _paths(folder: Path) -> OrganismPaths:

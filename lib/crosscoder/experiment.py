@@ -208,13 +208,15 @@ def ce_recovered_both(exp: Experiment, pair: ModelPair, crosscoder: Crosscoder, 
     from crosscoder.config import config_hash
 
     ids, am = input_ids_NT.cpu().contiguous(), attention_mask_NT.cpu().contiguous()
+    batch_size = 8  # batches change the float64 sums' order: part of the key
     key = config_hash({"ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape),
                        "mask": hashlib.sha256(am.to(torch.uint8).numpy().tobytes()).hexdigest(),
                        "layer": exp.pair_cfg.layer, "definitions": list(CE_DEFINITIONS),
-                       "sources": list(crosscoder.cfg.source_names), "batch_size": 8, "mean": "batch"}, 16)
+                       "sources": list(crosscoder.cfg.source_names), "batch_size": batch_size, "mean": "batch"}, 16)
     path = cache_folder(exp.pair_cfg, exp.data_cfg, exp.cache_cfg, exp.cfg.cache_root) / "ce_baselines" / f"{key}.json"
     known = json.loads(path.read_text()) if path.is_file() else None
-    sums = ce_sums(pair.models, crosscoder, ids, exp.pair_cfg.layer, attention_mask_NT=am, baselines=known)
+    sums = ce_sums(pair.models, crosscoder, ids, exp.pair_cfg.layer, attention_mask_NT=am, batch_size=batch_size,
+                   definitions=CE_DEFINITIONS, baselines=known)
     if known is None:
         write_json_atomic(path, baseline_sums(sums))
     return ce_ratios(sums)

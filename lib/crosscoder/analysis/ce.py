@@ -118,7 +118,6 @@ def ce_recovered_definitions(
     source_names: Sequence[str] | None = None,
     definitions: Sequence[str] = CE_DEFINITIONS,
     position_chunk: int = 256,
-    baselines: dict | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``ce_recovered`` of several ``definitions`` at once: {definition: {source: {...}}}.
 
@@ -126,12 +125,11 @@ def ce_recovered_definitions(
     is scored, so the clean, splice and mean-ablation forwards and their logits are shared: both
     definitions cost 5 forwards and unembeddings per model and batch instead of 8 (the gemma3
     organism's 262k-token unembedding made the two separate calls most of a training page's CE
-    cell). Equal to separate calls up to float32 summation order. ``baselines``: ``ce_sums``'
-    ``baseline_sums`` of the same models, sequences and settings (another crosscoder's call):
-    only the splice is then computed (``ce_sums``)."""
+    cell). Equal to separate calls up to float32 summation order. ``ce_sums`` with ``baselines``
+    reuses another crosscoder's ablation sums."""
     return ce_ratios(ce_sums(lms, crosscoder, input_ids_NT, layer, attention_mask_NT=attention_mask_NT,
                              mean_raw_SD=mean_raw_SD, batch_size=batch_size, source_names=source_names,
-                             definitions=definitions, position_chunk=position_chunk, baselines=baselines))
+                             definitions=definitions, position_chunk=position_chunk))
 
 
 BASELINE_SUMS = ("clean", "zero", "mean", "kl_zero", "n")

@@ -75,9 +75,8 @@ def organism_dir(cfg: OrganismConfig, root: str | Path) -> Path:
     config's plain hash, the one every published build of those presets has."""
     key = cfg.config_hash(corpus_mod.corpus_version())
     runs = ["chat_train"] + ([] if cfg.base_model else ["base_train"])
-    float32 = [r for r in runs if getattr(cfg, r).bf16_autocast == "auto"
-               and not use_bf16_autocast("auto", torch.device("cpu"))]
-    if float32:
+    float32 = [r for r in runs if getattr(cfg, r).bf16_autocast == "auto"]
+    if float32 and not use_bf16_autocast("auto", torch.device("cpu")):
         key = config_hash({"config": key, "auto_resolved_to_float32": float32}, 12)
     return Path(root) / f"{cfg.name}-{key}"
 
